@@ -1,0 +1,55 @@
+"""Storage backends, and :func:`from_url` to build one from a URL."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from substantial.backends.base import Backend
+from substantial.errors import InvalidArgument
+
+__all__ = ["Backend", "from_url"]
+
+
+def from_url(url: str) -> Backend:
+    """Build a backend from a URL.
+
+    ``memory://``, ``file:///abs/dir`` (or ``file://./rel/dir``),
+    ``sqlite:///path/to.db``, ``redis://[user:pass@]host:port/db?prefix=app``,
+    ``rediss://...``, ``s3://bucket/prefix``. A ``durability=fsync`` query
+    parameter selects power-loss safety on the fs and sqlite backends.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    if scheme == "memory":
+        from substantial.backends.memory import MemoryBackend
+
+        return MemoryBackend()
+    if scheme in ("file", "sqlite"):
+        path = unquote(parts.netloc + parts.path)
+        if not path:
+            raise InvalidArgument(f"{url!r} names no path: use {scheme}:///absolute/path")
+        durability = query.get("durability", "process")
+        if durability not in ("process", "fsync"):
+            raise InvalidArgument(
+                f"durability={durability!r} in {url!r}: use 'process' or 'fsync'"
+            )
+        if scheme == "file":
+            from substantial.backends.fs import FSBackend
+
+            return FSBackend(path, durability=durability)  # type: ignore[arg-type]
+        from substantial.backends.sqlite import SQLiteBackend
+
+        return SQLiteBackend(path, durability=durability)  # type: ignore[arg-type]
+    if scheme in ("redis", "rediss"):
+        from substantial.backends.redis import RedisBackend
+
+        return RedisBackend.from_url(url)
+    if scheme == "s3":
+        from substantial.backends.s3 import S3Backend
+
+        return S3Backend.from_url(url)
+    raise InvalidArgument(
+        f"unknown backend URL scheme {scheme!r} in {url!r}: use memory://, file://, "
+        "sqlite://, redis://, rediss:// or s3://"
+    )

@@ -1,0 +1,413 @@
+"""The Backend contract: the few storage primitives everything else is built on.
+
+A backend stores opaque bytes. It knows nothing about workflows; replay,
+scheduling policy, lease renewal and compaction live above it. Every
+backend passes the same conformance suite (``tests/test_backend_contract.py``).
+
+Guarantees every implementation gives:
+
+* ``append`` is create-if-absent: of many concurrent writers at one position
+  exactly one succeeds and the others get :class:`PositionTaken`. No reader
+  ever observes a partially written entry, even after a crash mid-write.
+* ``post_event`` stores an event once per ``event_id``; the inbox is read in
+  arrival order.
+* ``due`` answers from a time-ordered index without scanning every run.
+* Lease operations are atomic compare-and-set on (owner, expiry). Leases only
+  avoid wasted work: correctness comes from ``append``'s fencing.
+
+See docs/PROTOCOL.md for the layout each backend uses.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import os
+import re
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import orjson
+
+from substantial.errors import CorruptRecord, InvalidArgument, PositionTaken, ProtocolMismatch
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Backend",
+    "Durability",
+    "Event",
+    "Lease",
+    "RunInfo",
+    "RunStatus",
+    "Waker",
+    "host_owner_is_dead",
+    "make_owner",
+    "validate_id",
+]
+
+PROTOCOL_VERSION = 1
+
+RunStatus = Literal["active", "completed", "failed", "cancelled", "reverted", "continued"]
+TERMINAL_STATUSES: frozenset[str] = frozenset(
+    {"completed", "failed", "cancelled", "reverted", "continued"}
+)
+RUN_STATUSES: frozenset[str] = TERMINAL_STATUSES | {"active"}
+
+Durability = Literal["process", "fsync"]
+"""``process``: a write survives the writing process being killed (it reached the OS).
+``fsync``: a write survives power loss (it reached the disk)."""
+
+_ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:=+-]{0,199}")
+
+
+def validate_id(kind: str, value: str) -> str:
+    """Check that ``value`` is usable as a run or event id on every backend."""
+    if not isinstance(value, str) or _ID_RE.fullmatch(value) is None:
+        raise InvalidArgument(
+            f"invalid {kind} {value!r}: use 1-200 characters from A-Z a-z 0-9 _ . : = + -, "
+            "not starting with '.', '-', ':', '=' or '+'"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """Metadata of one run, kept beside its log for listing and lookup.
+
+    The log is the source of truth; this record is an index that the worker
+    keeps in step with it.
+    """
+
+    run_id: str
+    workflow: str
+    status: RunStatus
+    created_at: float
+    updated_at: float
+    version: str | None = None
+    protocol: int = PROTOCOL_VERSION
+    error: str | None = None
+
+    def with_status(self, status: RunStatus, error: str | None = None) -> RunInfo:
+        """Return a copy with a new status and ``updated_at`` set to now."""
+        return replace(self, status=status, updated_at=time.time(), error=error)
+
+    def to_bytes(self) -> bytes:
+        """Encode as the JSON object stored by every backend."""
+        return orjson.dumps(
+            {
+                "run_id": self.run_id,
+                "workflow": self.workflow,
+                "status": self.status,
+                "created_at": self.created_at,
+                "updated_at": self.updated_at,
+                "version": self.version,
+                "protocol": self.protocol,
+                "error": self.error,
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, run_id: str, data: bytes) -> RunInfo:
+        """Decode stored metadata, raising :class:`CorruptRecord` if it is malformed."""
+        try:
+            obj = orjson.loads(data)
+            protocol = int(obj["protocol"])
+            status = obj["status"]
+            if status not in RUN_STATUSES:
+                raise ValueError(f"unknown status {status!r}")
+            info = cls(
+                run_id=str(obj["run_id"]),
+                workflow=str(obj["workflow"]),
+                status=status,
+                created_at=float(obj["created_at"]),
+                updated_at=float(obj["updated_at"]),
+                version=obj.get("version"),
+                protocol=protocol,
+                error=obj.get("error"),
+            )
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise CorruptRecord(run_id, "meta", str(exc)) from exc
+        if protocol > PROTOCOL_VERSION:
+            raise ProtocolMismatch(
+                f"run {run_id!r} was written with storage protocol {protocol}, this version of "
+                f"substantial reads up to {PROTOCOL_VERSION}: upgrade substantial"
+            )
+        return info
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event in a run's inbox."""
+
+    event_id: str
+    data: bytes
+    posted_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Who holds a run, and until when (epoch seconds)."""
+
+    run_id: str
+    owner: str
+    expires_at: float
+
+
+class Waker:
+    """An in-process wake-up signal, usable from any event loop.
+
+    Workers sleep on :meth:`wait`; anything that makes work due calls
+    :meth:`notify`. Cross-process signals (sockets, pub/sub, LISTEN) feed the
+    same waker, so the worker has one thing to wait on.
+    """
+
+    def __init__(self) -> None:
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
+
+    def notify(self) -> None:
+        """Wake every waiter, from any thread."""
+        for loop, fut in list(self._waiters):
+            if loop.is_closed():
+                continue
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is loop:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                loop.call_soon_threadsafe(_resolve, fut)
+
+    async def wait(self, timeout: float) -> bool:
+        """Sleep until notified or ``timeout`` seconds pass; return True if notified."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        key = (loop, fut)
+        self._waiters.add(key)
+        try:
+            await asyncio.wait_for(fut, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._waiters.discard(key)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+_HOST = socket.gethostname()
+
+
+def _process_start_ticks(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name may contain spaces and parentheses: fields start after the last ')'.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return fields[19].decode() if len(fields) > 19 else None
+
+
+def make_owner(tag: str = "") -> str:
+    """Return a lease-owner id naming this host and process uniquely.
+
+    The process start time is part of it, so a recycled pid is never mistaken
+    for the original owner.
+    """
+    pid = os.getpid()
+    ticks = _process_start_ticks(pid) or "0"
+    suffix = os.urandom(4).hex()
+    return f"{_HOST}/{pid}/{ticks}/{tag}{suffix}"
+
+
+def host_owner_is_dead(owner: str) -> bool:
+    """Tell whether ``owner`` is a process on this host that no longer runs.
+
+    Lets a new worker take over at once from a worker killed on the same
+    machine, instead of waiting for its lease to expire. Owners on other
+    hosts are never judged dead here: their leases expire by time.
+    """
+    parts = owner.split("/")
+    if len(parts) != 4 or parts[0] != _HOST:
+        return False
+    try:
+        pid = int(parts[1])
+    except ValueError:
+        return False
+    ticks = _process_start_ticks(pid)
+    return ticks is None or (parts[2] != "0" and ticks != parts[2])
+
+
+class Backend(abc.ABC):
+    """Storage for run logs, inboxes, the due index, leases and run metadata.
+
+    All methods are coroutines and may raise :class:`BackendUnavailable`
+    when the store cannot be reached; writes that raise it either did not
+    happen or can be retried as they are.
+    """
+
+    #: Short name used in URLs, logs and benchmarks.
+    name: str = "abstract"
+
+    def __init__(self) -> None:
+        self.waker = Waker()
+
+    # -- the log ----------------------------------------------------------
+
+    @abc.abstractmethod
+    async def append(self, run_id: str, position: int, entry: bytes) -> None:
+        """Store ``entry`` at ``position`` of the run's log if that position is free.
+
+        An entry is one atomic unit holding one or more records. Raises
+        :class:`PositionTaken` if the position already holds an entry; the
+        stored entry is left untouched. Concurrent callers at one position:
+        exactly one succeeds.
+        """
+
+    @abc.abstractmethod
+    async def read_log(self, run_id: str, start: int = 0) -> list[bytes]:
+        """Return the entries at ``start``, ``start+1``, ... up to the first free position."""
+
+    # -- the inbox --------------------------------------------------------
+
+    @abc.abstractmethod
+    async def post_event(self, run_id: str, event_id: str, data: bytes) -> bool:
+        """Add an event to the run's inbox unless ``event_id`` is already there.
+
+        Returns True if stored now, False if an event with that id was
+        already in the inbox (the stored one is kept).
+        """
+
+    @abc.abstractmethod
+    async def read_inbox(self, run_id: str) -> list[Event]:
+        """Return the run's pending events in arrival order."""
+
+    @abc.abstractmethod
+    async def ack_events(self, run_id: str, event_ids: Sequence[str]) -> None:
+        """Remove events from the inbox once the log has recorded them; unknown ids are ignored."""
+
+    # -- the due index ----------------------------------------------------
+
+    @abc.abstractmethod
+    async def schedule(self, run_id: str, at: float) -> None:
+        """Set the time (epoch seconds) at which the run is next due, replacing any earlier one."""
+
+    @abc.abstractmethod
+    async def unschedule(self, run_id: str) -> None:
+        """Remove the run from the due index (it waits for an event, or it ended)."""
+
+    @abc.abstractmethod
+    async def due(self, now: float, limit: int = 100) -> list[tuple[str, float]]:
+        """Return up to ``limit`` ``(run_id, at)`` with ``at <= now``, earliest first."""
+
+    @abc.abstractmethod
+    async def next_due_at(self) -> float | None:
+        """Return the earliest scheduled time in the index, or None if it is empty."""
+
+    # -- leases -----------------------------------------------------------
+
+    @abc.abstractmethod
+    async def acquire_lease(
+        self, run_id: str, owner: str, ttl: float, *, steal_from: str | None = None
+    ) -> bool:
+        """Take the run's lease for ``ttl`` seconds.
+
+        Succeeds if no lease exists, it has expired, it is already held by
+        ``owner`` (a renewal), or it is held by ``steal_from``. Atomic.
+        """
+
+    @abc.abstractmethod
+    async def release_lease(self, run_id: str, owner: str) -> None:
+        """Drop the lease if ``owner`` holds it; otherwise do nothing."""
+
+    @abc.abstractmethod
+    async def get_lease(self, run_id: str) -> Lease | None:
+        """Return the current lease, expired or not, or None."""
+
+    # -- run metadata -----------------------------------------------------
+
+    @abc.abstractmethod
+    async def put_run(self, info: RunInfo) -> None:
+        """Create or replace the run's metadata (atomically: readers see old or new)."""
+
+    @abc.abstractmethod
+    async def get_run(self, run_id: str) -> RunInfo | None:
+        """Return the run's metadata, or None if there is no such run."""
+
+    @abc.abstractmethod
+    async def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[RunInfo]:
+        """Return runs ordered by run id, after the id ``after``, filtered by status/workflow."""
+
+    # -- lifecycle and wake-ups -------------------------------------------
+
+    async def wait_for_work(self, timeout: float) -> bool:
+        """Sleep until something may have become due, or ``timeout`` seconds pass.
+
+        Backends with a cross-process signal feed it into ``self.waker``;
+        the fallback is a plain timed sleep (polling).
+        """
+        return await self.waker.wait(timeout)
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, not abstract
+        """Release connections and files; the backend is unusable afterwards."""
+
+    # -- shared helpers built on the primitives ---------------------------
+
+    async def create_run(self, info: RunInfo, entry: bytes, due_at: float) -> bool:
+        """Write a new run's first entry, metadata and schedule; False if it existed.
+
+        The first entry at position 0 is the fence: of two starts with one
+        run id, one wins. A start that crashed half-way is completed by a
+        retry with the same id. Backends with transactions override this to
+        do all three at once.
+        """
+        validate_id("run id", info.run_id)
+        try:
+            await self.append(info.run_id, 0, entry)
+        except PositionTaken:
+            if await self.get_run(info.run_id) is None:
+                await self.put_run(info)
+                await self.schedule(info.run_id, due_at)
+            return False
+        await self.put_run(info)
+        await self.schedule(info.run_id, due_at)
+        return True
+
+    async def send_event(self, run_id: str, event_id: str, data: bytes) -> bool:
+        """Post an event and make the run due now, so a worker picks it up."""
+        stored = await self.post_event(run_id, event_id, data)
+        await self.schedule(run_id, time.time())
+        return stored
+
+    async def try_lease(self, run_id: str, owner: str, ttl: float) -> bool:
+        """Take the lease, or take it over from a dead process on this host."""
+        if await self.acquire_lease(run_id, owner, ttl):
+            return True
+        lease = await self.get_lease(run_id)
+        if lease is not None and lease.owner != owner and host_owner_is_dead(lease.owner):
+            return await self.acquire_lease(run_id, owner, ttl, steal_from=lease.owner)
+        return False
+
+    def describe(self) -> str:
+        """Return a short human-readable description, e.g. for the CLI."""
+        return self.name
+
+
+def encode_json(obj: Any) -> bytes:
+    """Encode with orjson; the one JSON encoder backends use for their own records."""
+    return orjson.dumps(obj)

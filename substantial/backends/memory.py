@@ -1,0 +1,152 @@
+"""An in-process backend: for tests, examples and the ``testing`` helpers.
+
+Nothing survives the process. Every method completes without yielding to
+the event loop between its check and its write, which makes each one atomic
+for all tasks of the process.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Sequence
+
+from substantial.backends.base import Backend, Event, Lease, RunInfo, validate_id
+from substantial.errors import PositionTaken
+
+__all__ = ["MemoryBackend"]
+
+
+class MemoryBackend(Backend):
+    """Keep everything in dictionaries of this process."""
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logs: dict[str, list[bytes]] = {}
+        self.inboxes: dict[str, dict[str, Event]] = {}
+        self._due: list[tuple[float, str]] = []
+        self._due_at: dict[str, float] = {}
+        self.leases: dict[str, Lease] = {}
+        self.runs: dict[str, bytes] = {}
+
+    async def append(self, run_id: str, position: int, entry: bytes) -> None:
+        """Store the entry if ``position`` is the next free slot or beyond it."""
+        validate_id("run id", run_id)
+        log = self.logs.setdefault(run_id, [])
+        if position < len(log):
+            raise PositionTaken(run_id, position)
+        if position > len(log):
+            # Gaps cannot be represented by a list; the engine never creates them.
+            raise ValueError(f"position {position} leaves a gap in run {run_id!r}")
+        log.append(bytes(entry))
+
+    async def read_log(self, run_id: str, start: int = 0) -> list[bytes]:
+        """Return entries from ``start``."""
+        return list(self.logs.get(run_id, ())[start:])
+
+    async def post_event(self, run_id: str, event_id: str, data: bytes) -> bool:
+        """Add the event unless its id is already pending."""
+        validate_id("event id", event_id)
+        inbox = self.inboxes.setdefault(run_id, {})
+        if event_id in inbox:
+            return False
+        inbox[event_id] = Event(event_id, bytes(data), time.time())
+        self.waker.notify()
+        return True
+
+    async def read_inbox(self, run_id: str) -> list[Event]:
+        """Return pending events in insertion (arrival) order."""
+        return list(self.inboxes.get(run_id, {}).values())
+
+    async def ack_events(self, run_id: str, event_ids: Sequence[str]) -> None:
+        """Forget consumed events."""
+        inbox = self.inboxes.get(run_id)
+        if inbox:
+            for event_id in event_ids:
+                inbox.pop(event_id, None)
+
+    async def schedule(self, run_id: str, at: float) -> None:
+        """Place the run in the sorted due list."""
+        self._remove_due(run_id)
+        bisect.insort(self._due, (at, run_id))
+        self._due_at[run_id] = at
+        if at <= time.time():
+            self.waker.notify()
+
+    async def unschedule(self, run_id: str) -> None:
+        """Drop the run from the due list."""
+        self._remove_due(run_id)
+
+    def _remove_due(self, run_id: str) -> None:
+        old = self._due_at.pop(run_id, None)
+        if old is not None:
+            i = bisect.bisect_left(self._due, (old, run_id))
+            del self._due[i]
+
+    async def due(self, now: float, limit: int = 100) -> list[tuple[str, float]]:
+        """Return the earliest due runs."""
+        end = bisect.bisect_right(self._due, (now, "\U0010ffff"))
+        return [(run_id, at) for at, run_id in self._due[: min(end, limit)]]
+
+    async def next_due_at(self) -> float | None:
+        """Return the earliest scheduled time."""
+        return self._due[0][0] if self._due else None
+
+    async def acquire_lease(
+        self, run_id: str, owner: str, ttl: float, *, steal_from: str | None = None
+    ) -> bool:
+        """Take the lease if free, expired, ours or held by ``steal_from``."""
+        now = time.time()
+        lease = self.leases.get(run_id)
+        if (
+            lease is None
+            or lease.expires_at <= now
+            or lease.owner == owner
+            or (steal_from is not None and lease.owner == steal_from)
+        ):
+            self.leases[run_id] = Lease(run_id, owner, now + ttl)
+            return True
+        return False
+
+    async def release_lease(self, run_id: str, owner: str) -> None:
+        """Drop our lease."""
+        lease = self.leases.get(run_id)
+        if lease is not None and lease.owner == owner:
+            del self.leases[run_id]
+
+    async def get_lease(self, run_id: str) -> Lease | None:
+        """Return the lease, if any."""
+        return self.leases.get(run_id)
+
+    async def put_run(self, info: RunInfo) -> None:
+        """Store metadata."""
+        self.runs[info.run_id] = info.to_bytes()
+
+    async def get_run(self, run_id: str) -> RunInfo | None:
+        """Load metadata."""
+        data = self.runs.get(run_id)
+        return None if data is None else RunInfo.from_bytes(run_id, data)
+
+    async def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[RunInfo]:
+        """Return runs in id order, filtered."""
+        out: list[RunInfo] = []
+        for run_id in sorted(self.runs):
+            if after is not None and run_id <= after:
+                continue
+            info = RunInfo.from_bytes(run_id, self.runs[run_id])
+            if (status is None or info.status == status) and (
+                workflow is None or info.workflow == workflow
+            ):
+                out.append(info)
+                if len(out) >= limit:
+                    break
+        return out

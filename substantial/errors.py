@@ -1,0 +1,176 @@
+"""The one exception tree of Substantial.
+
+::
+
+    SubstantialError
+    ├── BackendError                 storage said no, or could not be reached
+    │   ├── BackendUnavailable       the store is down or timed out; retry later
+    │   ├── PositionTaken            another writer extended the log first (fencing)
+    │   ├── CorruptRecord            a stored record cannot be decoded
+    │   └── ProtocolMismatch         data written by an incompatible protocol version
+    ├── InvalidArgument              bad input from the caller (also a ValueError)
+    ├── SerializationError           a value cannot be stored as JSON (also a TypeError)
+    ├── UnknownWorkflow              no registered workflow has that name
+    ├── RunNotFound                  no run has that id
+    ├── NonDeterminismError          replay asked for a different step than the log holds
+    ├── StepFailed                   a ``save`` step failed after its last retry
+    ├── StepTimeout                  a ``save`` step ran longer than its timeout
+    ├── ReceiveTimeout               ``receive`` waited longer than its timeout
+    ├── WorkflowFailed               ``result()`` of a run that ended in failure
+    ├── RunCancelled                 ``result()`` of a cancelled run
+    ├── RunReverted                  ``result()`` of a reverted run
+    └── ResultTimeout                ``result(timeout=...)`` expired first
+
+Driver errors are translated in one place per backend with
+``raise Mapped(msg) from exc`` so callers only ever see this tree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "BackendError",
+    "BackendUnavailable",
+    "CorruptRecord",
+    "InvalidArgument",
+    "NonDeterminismError",
+    "PositionTaken",
+    "ProtocolMismatch",
+    "ReceiveTimeout",
+    "ResultTimeout",
+    "RunCancelled",
+    "RunNotFound",
+    "RunReverted",
+    "SerializationError",
+    "StepFailed",
+    "StepTimeout",
+    "SubstantialError",
+    "UnknownWorkflow",
+    "WorkflowFailed",
+]
+
+
+class SubstantialError(Exception):
+    """Base class of every error Substantial raises."""
+
+
+class BackendError(SubstantialError):
+    """The storage backend refused an operation or could not perform it."""
+
+
+class BackendUnavailable(BackendError):
+    """The store could not be reached or did not answer in time.
+
+    Nothing was written, or the write is idempotent and can be retried as is.
+    """
+
+
+class PositionTaken(BackendError):
+    """Another writer already holds this position of the run's log.
+
+    This is the fencing signal: the writer that gets it has lost the run and
+    must stop extending its log.
+    """
+
+    def __init__(self, run_id: str, position: int) -> None:
+        super().__init__(
+            f"position {position} of run {run_id!r} is already written by another writer; "
+            "this worker no longer owns the run and must re-read its log"
+        )
+        self.run_id = run_id
+        self.position = position
+
+
+class CorruptRecord(BackendError):
+    """A stored log entry, event or metadata record cannot be decoded."""
+
+    def __init__(self, run_id: str, position: int | str, detail: str) -> None:
+        super().__init__(
+            f"record {position} of run {run_id!r} is corrupt ({detail}); "
+            "the rest of the log is intact: inspect it with `substantial runs show`, "
+            "restore the record from a backup, or cancel the run"
+        )
+        self.run_id = run_id
+        self.position = position
+
+
+class ProtocolMismatch(BackendError):
+    """Data was written with a storage protocol this version cannot read."""
+
+
+class InvalidArgument(SubstantialError, ValueError):
+    """The caller passed a value Substantial cannot accept."""
+
+
+class SerializationError(SubstantialError, TypeError):
+    """A value cannot be encoded as JSON for the log; nothing was written."""
+
+
+class UnknownWorkflow(SubstantialError):
+    """A run names a workflow that no registered function provides."""
+
+
+class RunNotFound(SubstantialError):
+    """No run with that id exists in the backend."""
+
+
+class NonDeterminismError(SubstantialError):
+    """Replay asked for a different primitive than the log recorded.
+
+    The workflow's code changed in a way that is incompatible with runs
+    already in flight, or it branches on something that is not recorded
+    (wall clock, randomness, I/O outside ``save``).
+    """
+
+    def __init__(self, run_id: str, position: int, recorded: Any, requested: Any) -> None:
+        super().__init__(
+            f"run {run_id!r} is not deterministic at step {position}: the log recorded "
+            f"{recorded}, but the code now asks for {requested}. Keep the old code path for "
+            "runs in flight (see `Context.patched` / workflow versions), or cancel the run."
+        )
+        self.run_id = run_id
+        self.position = position
+        self.recorded = recorded
+        self.requested = requested
+
+
+class StepFailed(SubstantialError):
+    """A ``save`` step raised on its last attempt; the failure is recorded."""
+
+    def __init__(self, step: str, error_type: str, message: str, attempts: int) -> None:
+        super().__init__(f"step {step!r} failed after {attempts} attempt(s): {error_type}: {message}")
+        self.step = step
+        self.error_type = error_type
+        self.message = message
+        self.attempts = attempts
+
+
+class StepTimeout(SubstantialError):
+    """A ``save`` step ran longer than its ``timeout``."""
+
+
+class ReceiveTimeout(SubstantialError):
+    """``receive`` waited longer than its ``timeout`` for an event."""
+
+
+class WorkflowFailed(SubstantialError):
+    """The run ended because the workflow raised."""
+
+    def __init__(self, run_id: str, error_type: str, message: str) -> None:
+        super().__init__(f"run {run_id!r} failed: {error_type}: {message}")
+        self.run_id = run_id
+        self.error_type = error_type
+        self.message = message
+
+
+class RunCancelled(SubstantialError):
+    """The run was cancelled before it finished."""
+
+
+class RunReverted(SubstantialError):
+    """The run called ``revert()``: its compensations ran and it ended."""
+
+
+class ResultTimeout(SubstantialError, TimeoutError):
+    """``result(timeout=...)`` expired before the run finished."""

@@ -1,0 +1,47 @@
+"""Fixtures shared by every suite: one ``harness`` per backend under test.
+
+``SUBSTANTIAL_TEST_BACKENDS=memory,fs`` narrows the set while developing;
+CI runs them all, and a backend whose server cannot start fails its tests.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import FSHarness, Harness, MemoryHarness, SQLiteHarness
+
+ALL_BACKENDS = ["memory", "fs", "sqlite"]
+BACKENDS = [
+    b for b in os.environ.get("SUBSTANTIAL_TEST_BACKENDS", ",".join(ALL_BACKENDS)).split(",") if b
+]
+
+
+@pytest.fixture
+def memory_harness() -> Harness:
+    return MemoryHarness()
+
+
+@pytest.fixture
+def fs_harness(tmp_path: Path) -> Harness:
+    return FSHarness(tmp_path / "store")
+
+
+@pytest.fixture
+def sqlite_harness(tmp_path: Path) -> Harness:
+    return SQLiteHarness(tmp_path / "store.db")
+
+
+@pytest.fixture(params=BACKENDS)
+async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    h: Harness = request.getfixturevalue(f"{request.param}_harness")
+    yield h
+    await h.aclose()
+
+
+@pytest.fixture
+async def backend(harness: Harness):  # type: ignore[no-untyped-def]
+    return await harness.open()
