@@ -14,10 +14,15 @@ import pytest
 
 from tests.harness import FSHarness, Harness, MemoryHarness, SQLiteHarness
 
+# Each server backend lives in tests/backend_<name>.py (its server fixture and harness).
+pytest_plugins: list[str] = []
+
 ALL_BACKENDS = ["memory", "fs", "sqlite"]
 BACKENDS = [
     b for b in os.environ.get("SUBSTANTIAL_TEST_BACKENDS", ",".join(ALL_BACKENDS)).split(",") if b
 ]
+# Backends whose store other processes can open: the multi-process race and crash tests.
+SHARED_BACKENDS = [b for b in BACKENDS if b != "memory"]
 
 
 @pytest.fixture
@@ -37,6 +42,13 @@ def sqlite_harness(tmp_path: Path) -> Harness:
 
 @pytest.fixture(params=BACKENDS)
 async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    h: Harness = request.getfixturevalue(f"{request.param}_harness")
+    yield h
+    await h.aclose()
+
+
+@pytest.fixture(params=SHARED_BACKENDS)
+async def shared_harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     h: Harness = request.getfixturevalue(f"{request.param}_harness")
     yield h
     await h.aclose()

@@ -89,9 +89,8 @@ async def test_32_concurrent_appenders_exactly_one_wins(harness: Harness) -> Non
     assert decode_entry("race", 1, log[1])[0]["value"] == f"w{winner}"
 
 
-async def test_32_concurrent_processes_exactly_one_wins(harness: Harness) -> None:
-    if not harness.shared_across_processes:
-        pytest.skip("an in-process store cannot be shared with other processes")
+async def test_32_concurrent_processes_exactly_one_wins(shared_harness: Harness) -> None:
+    harness = shared_harness
     backend = await harness.open()
     await backend.append("prace", 0, entry("base"))
     start_at = time.time() + 2.5
@@ -344,9 +343,8 @@ async def test_wait_times_out_when_nothing_happens(backend: Backend) -> None:
 # -- crash safety -----------------------------------------------------------
 
 
-async def test_kill_9_mid_append_never_leaves_a_half_entry(harness: Harness) -> None:
-    if not harness.shared_across_processes:
-        pytest.skip("an in-process store cannot be killed from outside")
+async def test_kill_9_mid_append_never_leaves_a_half_entry(shared_harness: Harness) -> None:
+    harness = shared_harness
     backend = await harness.open()
     for round_ in range(4):
         proc = subprocess.Popen(
