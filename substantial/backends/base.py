@@ -89,10 +89,16 @@ class RunInfo:
     version: str | None = None
     protocol: int = PROTOCOL_VERSION
     error: str | None = None
+    #: The run's return value once completed (or ``{"next": run_id}`` once continued).
+    output: Any = None
+    #: Position of the log's latest snapshot: replay reads from here (a hint; 0 is always safe).
+    log_start: int = 0
 
-    def with_status(self, status: RunStatus, error: str | None = None) -> RunInfo:
+    def with_status(
+        self, status: RunStatus, *, error: str | None = None, output: Any = None
+    ) -> RunInfo:
         """Return a copy with a new status and ``updated_at`` set to now."""
-        return replace(self, status=status, updated_at=time.time(), error=error)
+        return replace(self, status=status, updated_at=time.time(), error=error, output=output)
 
     def to_bytes(self) -> bytes:
         """Encode as the JSON object stored by every backend."""
@@ -106,7 +112,10 @@ class RunInfo:
                 "version": self.version,
                 "protocol": self.protocol,
                 "error": self.error,
-            }
+                "output": self.output,
+                "log_start": self.log_start,
+            },
+            option=orjson.OPT_NON_STR_KEYS,
         )
 
     @classmethod
@@ -127,6 +136,8 @@ class RunInfo:
                 version=obj.get("version"),
                 protocol=protocol,
                 error=obj.get("error"),
+                output=obj.get("output"),
+                log_start=int(obj.get("log_start", 0)),
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise CorruptRecord(run_id, "meta", str(exc)) from exc

@@ -1,0 +1,228 @@
+"""The client API: register workflows, start runs, talk to them, run a worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Generator
+from typing import Any
+
+from substantial.backends import from_url
+from substantial.backends.base import TERMINAL_STATUSES, Backend, RunInfo, Waker, validate_id
+from substantial.errors import (
+    InvalidArgument,
+    ResultTimeout,
+    RunCancelled,
+    RunNotFound,
+    RunReverted,
+    UnknownWorkflow,
+    WorkflowFailed,
+)
+from substantial.records import encode_value
+from substantial.replay import CANCEL_EVENT
+from substantial.worker import Worker, encode_start
+from substantial.workflow import Workflow
+
+__all__ = ["Agent", "Conductor", "Run"]
+
+
+class Conductor:
+    """Start and follow runs on one backend, and run workers for registered workflows.
+
+    ``backend`` is a :class:`Backend` or a URL such as ``sqlite:///./runs.db``.
+    """
+
+    def __init__(self, backend: Backend | str) -> None:
+        self.backend: Backend = from_url(backend) if isinstance(backend, str) else backend
+        self._workflows: dict[tuple[str, str | None], Workflow[Any]] = {}
+        self._latest: dict[str, Workflow[Any]] = {}
+        self._ended = Waker()
+
+    # -- registry --------------------------------------------------------------
+
+    def register(self, wf: Workflow[Any]) -> Workflow[Any]:
+        """Make ``wf`` runnable by this conductor's workers; the last one registered per name
+        is what new runs start with."""
+        if not isinstance(wf, Workflow):
+            raise InvalidArgument(
+                f"register() takes a function decorated with @workflow(), got {wf!r}"
+            )
+        self._workflows[wf.key] = wf
+        self._latest[wf.name] = wf
+        return wf
+
+    def lookup(self, name: str, version: str | None) -> Workflow[Any] | None:
+        """Return the registered workflow for a run's recorded name and version."""
+        return self._workflows.get((name, version))
+
+    # -- runs ------------------------------------------------------------------
+
+    async def start(
+        self,
+        wf: Workflow[Any] | str,
+        kwargs: dict[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+    ) -> Run:
+        """Start a run of ``wf`` with keyword arguments ``kwargs``; return its handle.
+
+        With ``run_id``, starting twice returns the existing run instead of
+        starting another (the backend's create-if-absent decides).
+        """
+        if isinstance(wf, str):
+            found = self._latest.get(wf)
+            if found is None:
+                raise UnknownWorkflow(
+                    f"no workflow named {wf!r} is registered: call conductor.register(...) with "
+                    "it first, or pass the decorated function to start()"
+                )
+            wf = found
+        elif not isinstance(wf, Workflow):
+            raise InvalidArgument(f"start() takes a @workflow() function or its name, got {wf!r}")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise InvalidArgument("start() takes the workflow's arguments as a dict of kwargs")
+        rid = validate_id("run id", run_id) if run_id is not None else uuid.uuid4().hex
+        await self._create(wf.name, wf.version, dict(kwargs or {}), rid)
+        return Run(self, rid)
+
+    async def _create(
+        self, workflow: str, version: str | None, kwargs: dict[str, Any], run_id: str
+    ) -> bool:
+        now = time.time()
+        entry = encode_start(run_id, workflow, version, kwargs, now)
+        info = RunInfo(run_id, workflow, "active", now, now, version=version)
+        return await self.backend.create_run(info, entry, now)
+
+    def get(self, run_id: str) -> Run:
+        """Return a handle on an existing run."""
+        return Run(self, validate_id("run id", run_id))
+
+    async def list(
+        self, *, status: str | None = None, workflow: str | None = None, limit: int = 100
+    ) -> list[RunInfo]:
+        """Return runs' metadata, ordered by run id."""
+        return await self.backend.list_runs(status=status, workflow=workflow, limit=limit)
+
+    # -- workers ---------------------------------------------------------------
+
+    def run(
+        self,
+        *,
+        concurrency: int = 1000,
+        lease_ttl: float = 30.0,
+        idle_timeout: float = 60.0,
+        poll_interval: float = 5.0,
+    ) -> Agent:
+        """Start a worker in this process; ``agent.cancel(); await agent`` stops it cleanly."""
+        worker = Worker(
+            self,
+            concurrency=concurrency,
+            lease_ttl=lease_ttl,
+            idle_timeout=idle_timeout,
+            poll_interval=poll_interval,
+        )
+        return Agent(worker)
+
+    def _run_ended(self, run_id: str) -> None:
+        self._ended.notify()
+
+    async def close(self) -> None:
+        """Close the backend."""
+        await self.backend.close()
+
+
+class Agent:
+    """A worker running in this process, as a background task."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self._task = asyncio.get_running_loop().create_task(worker.run(), name="substantial-agent")
+
+    def cancel(self) -> None:
+        """Ask the worker to stop: running steps get a grace period, held runs are released."""
+        self._task.cancel()
+
+    def done(self) -> bool:
+        """Tell whether the worker has stopped."""
+        return self._task.done()
+
+    async def wait(self) -> None:
+        """Wait until the worker has stopped; a requested stop is not an error."""
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    def __await__(self) -> Generator[Any, None, None]:
+        """Wait until the worker has stopped."""
+        return self.wait().__await__()
+
+
+class Run:
+    """A handle on one run: send it events, cancel it, wait for its result."""
+
+    def __init__(self, conductor: Conductor, run_id: str) -> None:
+        self._conductor = conductor
+        self.run_id = run_id
+
+    def __repr__(self) -> str:
+        return f"Run({self.run_id!r})"
+
+    async def send(self, name: str, value: Any = None, *, event_id: str | None = None) -> str:
+        """Post event ``name`` with ``value`` to the run; return the event id.
+
+        Give ``event_id`` to make retries safe: the same id is delivered once.
+        """
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument("an event name must be a non-empty string")
+        eid = validate_id("event id", event_id) if event_id is not None else uuid.uuid4().hex
+        data = encode_value({"name": name, "value": value})
+        await self._conductor.backend.send_event(self.run_id, eid, data)
+        return eid
+
+    async def cancel(self) -> None:
+        """Ask the run to stop; it ends as cancelled at its next step or wait."""
+        await self.send(CANCEL_EVENT)
+
+    async def status(self) -> RunInfo:
+        """Return the run's current metadata."""
+        info = await self._conductor.backend.get_run(self.run_id)
+        if info is None:
+            raise RunNotFound(f"no run with id {self.run_id!r} in {self._conductor.backend.describe()}")
+        return info
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """Wait for the run to end and return its value, following ``continue_using``.
+
+        Raises :class:`WorkflowFailed`, :class:`RunCancelled` or
+        :class:`RunReverted` if it ended otherwise, and :class:`ResultTimeout`
+        if ``timeout`` seconds pass first.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        run_id = self.run_id
+        pause = 0.002
+        backend = self._conductor.backend
+        while True:
+            info = await backend.get_run(run_id)
+            if info is None:
+                raise RunNotFound(f"no run with id {run_id!r} in {backend.describe()}")
+            if info.status in TERMINAL_STATUSES:
+                if info.status == "completed":
+                    return info.output
+                if info.status == "continued":
+                    run_id = info.output["next"]
+                    continue
+                if info.status == "failed":
+                    kind, _, message = (info.error or "Error: unknown").partition(": ")
+                    raise WorkflowFailed(run_id, kind, message)
+                if info.status == "cancelled":
+                    raise RunCancelled(f"run {run_id!r} was cancelled")
+                raise RunReverted(f"run {run_id!r} was reverted: its compensations ran")
+            wait = pause
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ResultTimeout(f"run {run_id!r} did not finish within {timeout}s")
+                wait = min(wait, left)
+            await self._conductor._ended.wait(wait)
+            pause = min(pause * 2, 0.25)
