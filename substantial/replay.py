@@ -112,7 +112,7 @@ class Execution:
         records: list[tuple[int, Record]],
         next_position: int,
         *,
-        seen_ids: set[str] | None = None,
+        seen_ids: list[str] | None = None,
         keys: dict[str, Any] | None = None,
     ) -> None:
         self.backend = backend
@@ -124,7 +124,8 @@ class Execution:
         self.to_ack: list[str] = []
         self.mailbox: list[Delivered] = []
         self.handlers: dict[str, list[Callable[[Any], Any]]] = {}
-        self.seen_ids: set[str] = set(seen_ids or ())
+        # Insertion-ordered, so a snapshot can keep the most recent ids.
+        self.seen_ids: dict[str, None] = dict.fromkeys(seen_ids or ())
         self.keys: dict[str, Any] = dict(keys or {})
         self.compensations: list[Compensation] = []
         self.inbox_dirty = True
@@ -201,7 +202,7 @@ class Execution:
         """Bring newly arrived events into the mailbox, then fire handlers on them."""
         while (nxt := self.peek()) is not None and nxt["k"] == "event":
             self.cursor += 1
-            self.seen_ids.add(nxt["id"])
+            self.seen_ids[nxt["id"]] = None
             self.mailbox.append(Delivered(nxt["id"], nxt["name"], nxt.get("value")))
         if not self.replaying and self.inbox_dirty:
             self.inbox_dirty = False
@@ -211,7 +212,7 @@ class Execution:
                     continue
                 body = orjson.loads(event.data)
                 name, value = body["name"], body.get("value")
-                self.seen_ids.add(event.event_id)
+                self.seen_ids[event.event_id] = None
                 self.to_ack.append(event.event_id)
                 self.pending.append({"k": "event", "id": event.event_id, "name": name, "value": value})
                 self.mailbox.append(Delivered(event.event_id, name, value))

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from substantial.backends.base import Backend, RunInfo, make_owner
@@ -27,7 +27,15 @@ from substantial.errors import (
     SerializationError,
 )
 from substantial.records import Record, decode_entry, encode_entry, encode_value
-from substantial.replay import Cancelled, Compact, ContinueAs, Execution, Fenced, Reverted
+from substantial.replay import (
+    Cancelled,
+    Compact,
+    ContinueAs,
+    Delivered,
+    Execution,
+    Fenced,
+    Reverted,
+)
 
 if TYPE_CHECKING:
     from substantial.conductor import Conductor
@@ -36,6 +44,9 @@ if TYPE_CHECKING:
 __all__ = ["Worker"]
 
 logger = logging.getLogger("substantial.worker")
+
+#: How many consumed event ids a snapshot remembers, to drop late duplicate sends.
+SEEN_IDS_KEPT = 10_000
 
 
 @dataclass
@@ -234,29 +245,41 @@ class Worker:
             self._skip_until[run_id] = time.time() + 60
             return True
         kwargs: dict[str, Any] = dict(start.get("kwargs") or {})
-        seen: set[str] = set()
+        seen: list[str] = []
         keys: dict[str, Any] = {}
+        mailbox: list[Delivered] = []
         if snapshot_index is not None:
             snap = records[snapshot_index][1]
             kwargs.update(snap.get("kwargs") or {})
-            seen.update(snap.get("seen") or ())
+            seen = list(snap.get("seen") or ())
             keys.update(snap.get("keys") or {})
+            mailbox = [Delivered(m["id"], m["name"], m.get("value")) for m in snap.get("mailbox", ())]
             records = records[snapshot_index + 1 :]
         else:
             records = [(p, r) for p, r in records if r["k"] != "start"]
         while True:
             x = Execution(self.backend, run_id, records, next_position, seen_ids=seen, keys=keys)
+            x.mailbox = mailbox
             x.on_suspend = lambda ex, live=live: self._on_suspend(live, ex)  # type: ignore[misc]
             live.execution = x
             outcome = await self._run_function(wf, x, kwargs, info)
             if not isinstance(outcome, Compact):
                 return outcome
-            snapshot = {"k": "snapshot", "start": start, "kwargs": {**kwargs, **outcome.kwargs},
-                        "keys": x.keys, "seen": sorted(x.seen_ids)}
+            snapshot = {
+                "k": "snapshot",
+                "start": start,
+                "kwargs": {**kwargs, **outcome.kwargs},
+                "keys": x.keys,
+                # Ids guard against a sender retrying an event already consumed; keep the latest.
+                "seen": list(x.seen_ids)[-SEEN_IDS_KEPT:],
+                "mailbox": [{"id": m.event_id, "name": m.name, "value": m.value}
+                            for m in x.mailbox],
+            }
             await x.flush(snapshot)
-            info = RunInfo(**{**_fields(info), "log_start": x.position - 1, "updated_at": time.time()})
+            info = replace(info, log_start=x.position - 1, updated_at=time.time())
             await self.backend.put_run(info)
-            kwargs, seen, keys, records = snapshot["kwargs"], set(x.seen_ids), dict(x.keys), []
+            kwargs, seen, keys, records = snapshot["kwargs"], snapshot["seen"], dict(x.keys), []
+            mailbox = list(x.mailbox)
             next_position = x.position
 
     async def _run_function(
@@ -382,15 +405,11 @@ def _err(exc: BaseException) -> dict[str, str]:
     return {"type": type(exc).__name__, "message": str(exc)}
 
 
-def _fields(info: RunInfo) -> dict[str, Any]:
-    return {f: getattr(info, f) for f in info.__dataclass_fields__}
-
-
 def _successor_id(run_id: str) -> str:
-    base, sep, gen = run_id.rpartition("~")
+    base, sep, gen = run_id.rpartition("+")
     if sep and gen.isdigit():
-        return f"{base}~{int(gen) + 1}"
-    return f"{run_id}~1"
+        return f"{base}+{int(gen) + 1}"
+    return f"{run_id}+1"
 
 
 def encode_start(
