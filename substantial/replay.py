@@ -67,6 +67,10 @@ class Fenced(ControlFlow):
     """Another worker extended this run's log: stop without writing."""
 
 
+class Evicted(ControlFlow):
+    """The worker is handing the run back (shutdown): stop at a primitive, write nothing more."""
+
+
 @dataclass
 class Delivered:
     """An event recorded in the log and not yet consumed."""
@@ -132,6 +136,10 @@ class Execution:
         self.waiting: Waiting | None = None
         self.nondeterminism: NonDeterminismError | None = None
         self.on_suspend: Callable[[Execution], None] | None = None
+        #: Set by the worker to stop the run at its next primitive call.
+        self.stop_requested = False
+        #: What the run was waiting for when it was stopped: ``(until, events)``.
+        self.stopped_waiting: tuple[float | None, bool] | None = None
         self.last_active = time.monotonic()
 
     # -- replay cursor -----------------------------------------------------
@@ -200,6 +208,9 @@ class Execution:
 
     async def deliver(self, *, fire_handlers: bool = True) -> None:
         """Bring newly arrived events into the mailbox, then fire handlers on them."""
+        if self.stop_requested:
+            await self.flush()
+            raise Evicted()
         while (nxt := self.peek()) is not None and nxt["k"] == "event":
             self.cursor += 1
             self.seen_ids[nxt["id"]] = None
@@ -274,7 +285,11 @@ class Execution:
         if self.on_suspend is not None:
             self.on_suspend(self)
         try:
-            await self.waiting.future
+            if not self.stop_requested:
+                await self.waiting.future
+            if self.stop_requested:
+                self.stopped_waiting = (until, events)
+                raise Evicted()
         finally:
             self.waiting = None
             self.last_active = time.monotonic()
@@ -287,6 +302,11 @@ class Execution:
         waiting = self.waiting
         if waiting is not None and not waiting.future.done():
             waiting.future.set_result(None)
+
+    def stop(self) -> None:
+        """Make the run stop at its next primitive call or wait (graceful hand-back)."""
+        self.stop_requested = True
+        self.wake()
 
     def poke(self) -> None:
         """Tell the run that its inbox has changed."""

@@ -32,6 +32,7 @@ from substantial.replay import (
     Compact,
     ContinueAs,
     Delivered,
+    Evicted,
     Execution,
     Fenced,
     Reverted,
@@ -177,6 +178,10 @@ class Worker:
             release = await self._execute(live)
         except asyncio.CancelledError:
             pass
+        except Evicted:
+            x = live.execution
+            if x is not None and x.stopped_waiting is not None:
+                await self._reschedule(run_id, x.stopped_waiting[0])
         except Fenced:
             logger.info("run %s was extended by another worker; dropped here", run_id)
         except CorruptRecord as exc:
@@ -306,7 +311,7 @@ class Worker:
         except ContinueAs as cont:
             x.check_health()
             end = await self._continue(x, info, cont)
-        except (Fenced, asyncio.CancelledError, BackendError):
+        except (Fenced, Evicted, asyncio.CancelledError, BackendError):
             raise
         except NonDeterminismError as exc:
             end = {"k": "end", "status": "failed", "error": _err(exc)}
@@ -383,22 +388,17 @@ class Worker:
             await self.backend.schedule(run_id, time.time())
 
     async def _shutdown(self) -> None:
-        """Let running steps reach a wait point (bounded), then hand every run back."""
-        deadline = time.monotonic() + self.shutdown_grace
-        while any(lv.execution is None or lv.execution.waiting is None
-                  for lv in self.runs.values()) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        """Let running steps finish and be recorded (bounded), then hand every run back."""
         for live in list(self.runs.values()):
-            x = live.execution
-            try:
-                if x is not None and x.waiting is not None:
-                    await self._evict(live)
-                elif live.task is not None:
-                    live.task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await live.task
-            except BackendError as exc:
-                logger.warning("could not hand back run %s: %s", live.run_id, exc)
+            if live.execution is not None:
+                live.execution.stop()
+        tasks = [lv.task for lv in self.runs.values() if lv.task is not None]
+        if tasks:
+            _done, late = await asyncio.wait(tasks, timeout=self.shutdown_grace)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
 
 
 def _err(exc: BaseException) -> dict[str, str]:

@@ -1,0 +1,140 @@
+"""Real crashes and real concurrency: worker processes killed with SIGKILL, and
+several worker processes on one store."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from substantial import Conductor
+from substantial.records import decode_entry
+from tests.harness import Harness
+from tests.workflows import hundred_steps, ten_steps
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def spawn_worker(url: str, trace: Path, *extra: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "SUBSTANTIAL_TEST_URL": url, "SUBSTANTIAL_TEST_TRACE": str(trace)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "substantial.cli", "worker", "tests.workflows:conductor", *extra],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.stderr is not None
+    proc.stderr.close()
+
+
+async def wait_for_line(trace: Path, line: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if trace.exists() and any(
+            row.rsplit(" ", 1)[0] == line for row in trace.read_text().splitlines()
+        ):
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{line!r} never appeared in {trace}")
+
+
+async def step_records(conductor: Conductor, run_id: str) -> list[dict[str, Any]]:
+    out = []
+    for position, data in enumerate(await conductor.backend.read_log(run_id)):
+        out.extend(r for r in decode_entry(run_id, position, data) if r["k"] == "step")
+    return out
+
+
+async def test_sigkill_mid_step_resumes_without_rerunning_completed_steps(
+    shared_harness: Harness, tmp_path: Path
+) -> None:
+    trace = tmp_path / "trace.txt"
+    client = Conductor(await shared_harness.open())
+    client.register(hundred_steps)
+    run = await client.start(hundred_steps, {"n": 100, "pause": 0.02}, run_id="crashy")
+    first = spawn_worker(shared_harness.url, trace)
+    try:
+        await wait_for_line(trace, "crashy start 50")
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        stop(first)
+    second = spawn_worker(shared_harness.url, trace)
+    try:
+        assert await run.result(timeout=90) == sum(range(100))
+    finally:
+        stop(second)
+    starts = Counter(
+        int(row.split()[2]) for row in trace.read_text().splitlines() if " start " in row
+    )
+    for i in range(100):
+        if i == 50:
+            assert 1 <= starts[i] <= 2, f"in-flight step ran {starts[i]} times"
+        else:
+            assert starts[i] == 1, f"completed step {i} ran {starts[i]} times"
+    steps = await step_records(client, "crashy")
+    assert [s["name"] for s in steps] == [f"step-{i}" for i in range(100)]
+
+
+async def test_worker_processes_share_a_store_without_running_a_step_twice(
+    shared_harness: Harness, tmp_path: Path
+) -> None:
+    trace = tmp_path / "trace.txt"
+    client = Conductor(await shared_harness.open())
+    client.register(ten_steps)
+    workers = [spawn_worker(shared_harness.url, trace) for _ in range(3)]
+    try:
+        runs = [await client.start(ten_steps, run_id=f"multi-{i}") for i in range(30)]
+        results = await asyncio.gather(*(r.result(timeout=120) for r in runs))
+    finally:
+        for w in workers:
+            stop(w)
+    assert all(res == [i * i for i in range(10)] for res in results)
+    rows = [row.split() for row in trace.read_text().splitlines()]
+    executed = Counter((run_id, int(i)) for run_id, i, _pid in rows)
+    assert len(executed) == 300
+    assert set(executed.values()) == {1}, "a step ran twice"
+    for r in runs:
+        names = [s["name"] for s in await step_records(client, r.run_id)]
+        assert names == [f"sq-{i}" for i in range(10)]
+
+
+async def test_sigterm_hands_runs_back_and_another_worker_finishes_them(
+    shared_harness: Harness, tmp_path: Path
+) -> None:
+    trace = tmp_path / "trace.txt"
+    client = Conductor(await shared_harness.open())
+    client.register(hundred_steps)
+    run = await client.start(hundred_steps, {"n": 40, "pause": 0.02}, run_id="graceful")
+    first = spawn_worker(shared_harness.url, trace)
+    await wait_for_line(trace, "graceful start 10")
+    t0 = time.monotonic()
+    stop(first)
+    assert first.returncode == 0
+    assert time.monotonic() - t0 < 5
+    assert (await run.status()).status == "active"
+    second = spawn_worker(shared_harness.url, trace)
+    try:
+        assert await run.result(timeout=60) == sum(range(40))
+    finally:
+        stop(second)
+    starts = Counter(
+        int(row.split()[2]) for row in trace.read_text().splitlines() if " start " in row
+    )
+    assert set(starts.values()) == {1}, "a step ran twice after a graceful stop"
+    pids = {row.split()[-1] for row in trace.read_text().splitlines()}
+    assert len(pids) == 2, "the second worker should have finished the run"
