@@ -126,8 +126,9 @@ class NonDeterminismError(SubstantialError):
     def __init__(self, run_id: str, position: int, recorded: Any, requested: Any) -> None:
         super().__init__(
             f"run {run_id!r} is not deterministic at step {position}: the log recorded "
-            f"{recorded}, but the code now asks for {requested}. Keep the old code path for "
-            "runs in flight (see `Context.patched` / workflow versions), or cancel the run."
+            f"{recorded}, but the code now asks for {requested}. Keep the old code registered "
+            "for runs in flight (give the changed workflow a new version=, see "
+            "docs/determinism.md), or cancel the run."
         )
         self.run_id = run_id
         self.position = position

@@ -321,7 +321,7 @@ class Worker:
             end = {"k": "end", "status": "failed", "error": _err(exc)}
         if x.nondeterminism is not None and end.get("error", {}).get("type") != "NonDeterminismError":
             end = {"k": "end", "status": "failed", "error": _err(x.nondeterminism)}
-        if x.replaying:
+        if x.replaying and x.nondeterminism is None:
             # The log holds more than this code produced: that is a divergence too.
             end = {"k": "end", "status": "failed",
                    "error": _err(x.fail_nondeterministic("the end of the workflow"))}
