@@ -91,16 +91,21 @@ def worker(target: str, concurrency: int, lease_ttl: float, verbose: bool) -> No
 def _load_conductor(target: str) -> Conductor:
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
-        raise click.BadParameter("use MODULE:ATTRIBUTE, e.g. myapp.flows:conductor", param_hint="TARGET")
+        raise click.BadParameter(
+            "use MODULE:ATTRIBUTE, e.g. myapp.flows:conductor", param_hint="TARGET"
+        )
     sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise click.BadParameter(f"cannot import {module_name!r}: {exc}", param_hint="TARGET") from exc
+        raise click.BadParameter(
+            f"cannot import {module_name!r}: {exc}", param_hint="TARGET"
+        ) from exc
     obj = getattr(module, attr, None)
     if not isinstance(obj, Conductor):
-        raise click.BadParameter(f"{target} is not a Conductor (got {type(obj).__name__})",
-                                 param_hint="TARGET")
+        raise click.BadParameter(
+            f"{target} is not a Conductor (got {type(obj).__name__})", param_hint="TARGET"
+        )
     return obj
 
 
@@ -125,9 +130,11 @@ def runs_list(url: str | None, status: str | None, workflow: str | None, limit: 
         backend = from_url(_backend_url(url))
         try:
             for info in await backend.list_runs(status=status, workflow=workflow, limit=limit):
-                click.echo(f"{info.run_id}  {info.workflow:<20} {info.status:<10} "
-                           f"updated {_fmt_time(info.updated_at)}"
-                           + (f"  {info.error}" if info.error else ""))
+                click.echo(
+                    f"{info.run_id}  {info.workflow:<20} {info.status:<10} "
+                    f"updated {_fmt_time(info.updated_at)}"
+                    + (f"  {info.error}" if info.error else "")
+                )
         finally:
             await backend.close()
 
@@ -154,8 +161,10 @@ async def _show(backend: Backend, run_id: str) -> None:
     info = await backend.get_run(run_id)
     if info is None:
         raise click.ClickException(f"no run {run_id!r} in {backend.describe()}")
-    click.echo(f"run {info.run_id}: workflow {info.workflow} (version {info.version}), "
-               f"status {info.status}, created {_fmt_time(info.created_at)}")
+    click.echo(
+        f"run {info.run_id}: workflow {info.workflow} (version {info.version}), "
+        f"status {info.status}, created {_fmt_time(info.created_at)}"
+    )
     if info.error:
         click.echo(f"error: {info.error}")
     for position, data in enumerate(await backend.read_log(run_id)):

@@ -44,7 +44,8 @@ class Conductor:
 
     def register(self, wf: Workflow[Any]) -> Workflow[Any]:
         """Make ``wf`` runnable by this conductor's workers; the last one registered per name
-        is what new runs start with."""
+        is what new runs start with.
+        """
         if not isinstance(wf, Workflow):
             raise InvalidArgument(
                 f"register() takes a function decorated with @workflow(), got {wf!r}"
@@ -188,7 +189,9 @@ class Run:
         """Return the run's current metadata."""
         info = await self._conductor.backend.get_run(self.run_id)
         if info is None:
-            raise RunNotFound(f"no run with id {self.run_id!r} in {self._conductor.backend.describe()}")
+            raise RunNotFound(
+                f"no run with id {self.run_id!r} in {self._conductor.backend.describe()}"
+            )
         return info
 
     async def result(self, timeout: float | None = None) -> Any:

@@ -180,11 +180,23 @@ class Context:
                 raise StepFailed(step, error["type"], error["message"], attempts) from cause
             pause = policy.delay(attempts)
             await x.flush(
-                {"k": "attempt", "name": step, "n": attempts, "error": error,
-                 "retry_at": time.time() + pause}
+                {
+                    "k": "attempt",
+                    "name": step,
+                    "n": attempts,
+                    "error": error,
+                    "retry_at": time.time() + pause,
+                }
             )
-            logger.warning("run %s: step %r attempt %d failed: %s: %s; retrying in %.2fs",
-                           self._run_id, step, attempts, error["type"], error["message"], pause)
+            logger.warning(
+                "run %s: step %r attempt %d failed: %s: %s; retrying in %.2fs",
+                self._run_id,
+                step,
+                attempts,
+                error["type"],
+                error["message"],
+                pause,
+            )
             await asyncio.sleep(pause)
 
     def _completed(
@@ -286,8 +298,12 @@ class Context:
                 continue
             await x.flush()
             takes_value = bool(
-                [p for p in inspect.signature(comp.fn).parameters.values()
-                 if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+                [
+                    p
+                    for p in inspect.signature(comp.fn).parameters.values()
+                    if p.default is p.empty
+                    and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                ]
             )
             policy = DEFAULT_RETRY
             attempt = 0
@@ -298,8 +314,9 @@ class Context:
                     break
                 except Exception as exc:
                     if attempt >= policy.max_attempts:
-                        raise StepFailed(f"compensation of {comp.name}", type(exc).__name__,
-                                         str(exc), attempt) from exc
+                        raise StepFailed(
+                            f"compensation of {comp.name}", type(exc).__name__, str(exc), attempt
+                        ) from exc
                     await asyncio.sleep(policy.delay(attempt))
             await x.flush({"k": "compensated", "name": comp.name})
         x.compensations.clear()

@@ -55,7 +55,7 @@ SLEEP = timedelta(seconds=2)
 @workflow(name="readme-example")
 async def example(c: Context) -> float:
     """Run the README's example workflow."""
-    res = await c.save(roulette)
+    res: float = await c.save(roulette)
 
     c.log("sleeping durably")
     await c.sleep(SLEEP)

@@ -140,7 +140,9 @@ class StepFailed(SubstantialError):
     """A ``save`` step raised on its last attempt; the failure is recorded."""
 
     def __init__(self, step: str, error_type: str, message: str, attempts: int) -> None:
-        super().__init__(f"step {step!r} failed after {attempts} attempt(s): {error_type}: {message}")
+        super().__init__(
+            f"step {step!r} failed after {attempts} attempt(s): {error_type}: {message}"
+        )
         self.step = step
         self.error_type = error_type
         self.message = message

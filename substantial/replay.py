@@ -29,7 +29,7 @@ __all__ = ["CANCEL_EVENT", "Execution"]
 CANCEL_EVENT = "substantial.cancel"
 
 
-class ControlFlow(BaseException):  # noqa: N818 - control flow, not an error
+class ControlFlow(BaseException):
     """Base of the signals that end a workflow's coroutine.
 
     They derive from BaseException so that ``except Exception`` in workflow
@@ -225,7 +225,9 @@ class Execution:
                 name, value = body["name"], body.get("value")
                 self.seen_ids[event.event_id] = None
                 self.to_ack.append(event.event_id)
-                self.pending.append({"k": "event", "id": event.event_id, "name": name, "value": value})
+                self.pending.append(
+                    {"k": "event", "id": event.event_id, "name": name, "value": value}
+                )
                 self.mailbox.append(Delivered(event.event_id, name, value))
         if any(d.name == CANCEL_EVENT for d in self.mailbox):
             raise Cancelled()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -212,7 +213,9 @@ class Worker:
         info = await self.backend.get_run(run_id)
         start_at = info.log_start if info is not None else 0
         entries = await self.backend.read_log(run_id, start_at)
-        if start_at and (not entries or decode_entry(run_id, start_at, entries[0])[0]["k"] != "snapshot"):
+        if start_at and (
+            not entries or decode_entry(run_id, start_at, entries[0])[0]["k"] != "snapshot"
+        ):
             start_at, entries = 0, await self.backend.read_log(run_id)
         if not entries:
             # Created by a start that has not written its first entry yet, or never will.
@@ -233,8 +236,14 @@ class Worker:
             raise CorruptRecord(run_id, start_at, "the log does not begin with a start record")
         if info is None:
             now = time.time()
-            info = RunInfo(run_id, start["workflow"], "active", start.get("at", now), now,
-                           version=start.get("version"))
+            info = RunInfo(
+                run_id,
+                start["workflow"],
+                "active",
+                start.get("at", now),
+                now,
+                version=start.get("version"),
+            )
         end = records[-1][1]
         if end["k"] == "end":
             await self._finish_metadata(info, end)
@@ -246,7 +255,11 @@ class Worker:
                 self._missing.add(key)
                 logger.warning(
                     "run %s needs workflow %r version %r, which this worker has not registered; "
-                    "leaving it for a worker that has", run_id, key[0], key[1])
+                    "leaving it for a worker that has",
+                    run_id,
+                    key[0],
+                    key[1],
+                )
             self._skip_until[run_id] = time.time() + 60
             return True
         kwargs: dict[str, Any] = dict(start.get("kwargs") or {})
@@ -258,27 +271,30 @@ class Worker:
             kwargs.update(snap.get("kwargs") or {})
             seen = list(snap.get("seen") or ())
             keys.update(snap.get("keys") or {})
-            mailbox = [Delivered(m["id"], m["name"], m.get("value")) for m in snap.get("mailbox", ())]
+            mailbox = [
+                Delivered(m["id"], m["name"], m.get("value")) for m in snap.get("mailbox", ())
+            ]
             records = records[snapshot_index + 1 :]
         else:
             records = [(p, r) for p, r in records if r["k"] != "start"]
         while True:
             x = Execution(self.backend, run_id, records, next_position, seen_ids=seen, keys=keys)
             x.mailbox = mailbox
-            x.on_suspend = lambda ex, live=live: self._on_suspend(live, ex)  # type: ignore[misc]
+            x.on_suspend = functools.partial(self._on_suspend, live)
             live.execution = x
             outcome = await self._run_function(wf, x, kwargs, info)
             if not isinstance(outcome, Compact):
                 return outcome
-            snapshot = {
+            snapshot: dict[str, Any] = {
                 "k": "snapshot",
                 "start": start,
                 "kwargs": {**kwargs, **outcome.kwargs},
                 "keys": x.keys,
                 # Ids guard against a sender retrying an event already consumed; keep the latest.
                 "seen": list(x.seen_ids)[-SEEN_IDS_KEPT:],
-                "mailbox": [{"id": m.event_id, "name": m.name, "value": m.value}
-                            for m in x.mailbox],
+                "mailbox": [
+                    {"id": m.event_id, "name": m.name, "value": m.value} for m in x.mailbox
+                ],
             }
             await x.flush(snapshot)
             info = replace(info, log_start=x.position - 1, updated_at=time.time())
@@ -316,15 +332,19 @@ class Worker:
         except NonDeterminismError as exc:
             end = {"k": "end", "status": "failed", "error": _err(exc)}
         except Exception as exc:
-            if x.nondeterminism is not None:
-                exc = x.nondeterminism
-            end = {"k": "end", "status": "failed", "error": _err(exc)}
-        if x.nondeterminism is not None and end.get("error", {}).get("type") != "NonDeterminismError":
+            end = {"k": "end", "status": "failed", "error": _err(x.nondeterminism or exc)}
+        if (
+            x.nondeterminism is not None
+            and end.get("error", {}).get("type") != "NonDeterminismError"
+        ):
             end = {"k": "end", "status": "failed", "error": _err(x.nondeterminism)}
         if x.replaying and x.nondeterminism is None:
             # The log holds more than this code produced: that is a divergence too.
-            end = {"k": "end", "status": "failed",
-                   "error": _err(x.fail_nondeterministic("the end of the workflow"))}
+            end = {
+                "k": "end",
+                "status": "failed",
+                "error": _err(x.fail_nondeterministic("the end of the workflow")),
+            }
             x.cursor = len(x.records)
         await x.flush(end)
         await self._finish_metadata(info, end)
@@ -335,9 +355,11 @@ class Worker:
         await self.conductor._create(cont.workflow, cont.version, cont.kwargs, next_id)
         # Events that arrived for this run and were never consumed go to its successor.
         for delivered in x.mailbox:
-            await self.backend.send_event(next_id, delivered.event_id,
-                                          encode_value({"name": delivered.name,
-                                                        "value": delivered.value}))
+            await self.backend.send_event(
+                next_id,
+                delivered.event_id,
+                encode_value({"name": delivered.name, "value": delivered.value}),
+            )
         return {"k": "end", "status": "continued", "next": next_id}
 
     async def _finish_metadata(self, info: RunInfo, end: Record) -> None:
@@ -416,8 +438,18 @@ def encode_start(
     run_id: str, workflow: str, version: str | None, kwargs: dict[str, Any], at: float
 ) -> bytes:
     """Encode the first entry of a run."""
-    return encode_entry([{"k": "start", "run_id": run_id, "workflow": workflow,
-                          "version": version, "kwargs": kwargs, "at": at}])
+    return encode_entry(
+        [
+            {
+                "k": "start",
+                "run_id": run_id,
+                "workflow": workflow,
+                "version": version,
+                "kwargs": kwargs,
+                "at": at,
+            }
+        ]
+    )
 
 
 Callback = Callable[[str], None]

@@ -25,7 +25,10 @@ def spawn_worker(url: str, trace: Path, *extra: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "SUBSTANTIAL_TEST_URL": url, "SUBSTANTIAL_TEST_TRACE": str(trace)}
     return subprocess.Popen(
         [sys.executable, "-m", "substantial.cli", "worker", "tests.workflows:conductor", *extra],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 
 from substantial import Conductor, Context, NonDeterminismError, WorkflowFailed, workflow
 from substantial.backends.memory import MemoryBackend
@@ -71,7 +70,9 @@ async def record_golden() -> list[Any]:
     conductor.register(order)
     agent = conductor.run()
     run = await conductor.start(order, {"item": "lamp"}, run_id="golden")
-    while not any(r["k"] == "timer" for e in backend.logs.get("golden", []) for r in orjson.loads(e)):
+    while not any(
+        r["k"] == "timer" for e in backend.logs.get("golden", []) for r in orjson.loads(e)
+    ):
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.05)
     agent.cancel()
@@ -114,15 +115,26 @@ def test_golden_log_is_current() -> None:
     assert GOLDEN.exists(), "run `python -m tests.test_determinism` to record the golden log"
     entries = orjson.loads(GOLDEN.read_bytes())
     assert [r["k"] for e in entries for r in e] == [
-        "start", "step", "uuid", "step", "sleep", "timer"]
+        "start",
+        "step",
+        "uuid",
+        "step",
+        "sleep",
+        "timer",
+    ]
 
 
 async def test_replay_of_golden_log_returns_recorded_values_without_rerunning_steps() -> None:
     _, out = await run_golden(order)
     entries = orjson.loads(GOLDEN.read_bytes())
     token = entries[2][0]["value"] if entries[2][0]["k"] == "uuid" else entries[1][1]["value"]
-    assert out == {"item": "lamp", "stock": "stock-17", "amount": 41.5, "paid": "card-ok",
-                   "token": token}
+    assert out == {
+        "item": "lamp",
+        "stock": "stock-17",
+        "amount": 41.5,
+        "paid": "card-ok",
+        "token": token,
+    }
     assert calls == []
 
 
@@ -137,7 +149,13 @@ async def test_swapped_steps_raise_nondeterminism_naming_position_and_records() 
     log = [decode_entry("golden", p, e) for p, e in enumerate(await backend.read_log("golden"))]
     assert [r["k"] for e in log for r in e][-1] == "end"
     assert [r["k"] for e in log for r in e][:6] == [
-        "start", "step", "uuid", "step", "sleep", "timer"]
+        "start",
+        "step",
+        "uuid",
+        "step",
+        "sleep",
+        "timer",
+    ]
 
 
 async def test_removed_sleep_raises_nondeterminism() -> None:
@@ -149,7 +167,7 @@ async def test_removed_sleep_raises_nondeterminism() -> None:
 async def test_nondeterminism_error_cannot_be_swallowed() -> None:
     @workflow(name="order", version=1)
     async def swallowing(c: Context, item: str = "book") -> str:
-        try:
+        try:  # noqa: SIM105 - a user's over-broad except is the point
             await c.save(price)
         except Exception:
             pass

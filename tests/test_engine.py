@@ -398,7 +398,9 @@ async def test_revert_runs_compensations_newest_first(conductor: Conductor, agen
     assert undo == ["cancel hotel", "cancel car-1"]
     recs = await records_of(conductor.backend, run.run_id)
     assert [r["name"] for r in recs if r["k"] == "compensated"] == [
-        recs[2]["name"], recs[1]["name"]]
+        recs[2]["name"],
+        recs[1]["name"],
+    ]
     assert (await run.status()).status == "reverted"
 
 

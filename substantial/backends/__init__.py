@@ -31,9 +31,7 @@ def from_url(url: str) -> Backend:
             raise InvalidArgument(f"{url!r} names no path: use {scheme}:///absolute/path")
         durability = query.get("durability", "process")
         if durability not in ("process", "fsync"):
-            raise InvalidArgument(
-                f"durability={durability!r} in {url!r}: use 'process' or 'fsync'"
-            )
+            raise InvalidArgument(f"durability={durability!r} in {url!r}: use 'process' or 'fsync'")
         if scheme == "file":
             from substantial.backends.fs import FSBackend
 
