@@ -283,6 +283,7 @@ class Execution:
         if self.inbox_dirty:
             return "event"
         loop = asyncio.get_running_loop()
+        self.last_active = time.monotonic()
         self.waiting = Waiting(until, events, loop.create_future())
         if self.on_suspend is not None:
             self.on_suspend(self)

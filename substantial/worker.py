@@ -191,6 +191,7 @@ class Worker:
             await self.backend.schedule(run_id, time.time() + 60)
         except BackendError as exc:
             logger.warning("run %s: backend error, will retry: %s", run_id, exc)
+            self._skip_until[run_id] = time.time() + 1.0
         except Exception:
             logger.exception("run %s: unexpected engine error", run_id)
         finally:
