@@ -96,9 +96,21 @@ async def test_32_concurrent_processes_exactly_one_wins(shared_harness: Harness)
     start_at = time.time() + 2.5
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.proc_helpers", "append-race", harness.url, "prace",
-             "1", f"p{i}", str(start_at)],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "tests.proc_helpers",
+                "append-race",
+                harness.url,
+                "prace",
+                "1",
+                f"p{i}",
+                str(start_at),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for i in range(32)
     ]
@@ -269,8 +281,15 @@ async def test_concurrent_lease_takers_exactly_one_wins(harness: Harness) -> Non
 
 async def test_lease_of_a_dead_process_on_this_host_is_taken_over(backend: Backend) -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", "from substantial.backends.base import make_owner; "
-         "print(make_owner())"], capture_output=True, text=True, check=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-c",
+            "from substantial.backends.base import make_owner; print(make_owner())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
     )
     dead_owner = proc.stdout.strip()
     assert await backend.acquire_lease("r", dead_owner, 3600)
@@ -349,13 +368,15 @@ async def test_kill_9_mid_append_never_leaves_a_half_entry(shared_harness: Harne
     for round_ in range(4):
         proc = subprocess.Popen(
             [sys.executable, "-m", "tests.proc_helpers", "append-forever", harness.url, "k9"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == b"ready"
         await asyncio.sleep(0.15 + 0.07 * round_)
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        proc.communicate()  # reap it and close its pipes
         log = await backend.read_log("k9")
         for position, data in enumerate(log):
             (record,) = decode_entry("k9", position, data)

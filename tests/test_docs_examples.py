@@ -1,0 +1,157 @@
+"""The examples in docs/ run as written and print what the pages say they print.
+
+Every ``examples/docs_*.py`` must have its expected output here, and every
+``file::test`` a docs page cites as evidence must exist, so the docs cannot rot.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ["steps", "waiting", "determinism", "long-runs", "guarantees"]
+EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("docs_*.py"))
+
+NONDETERMINISM = (
+    "run 'order-1' is not deterministic at step 1: the log recorded step 'reserve', but the code "
+    "now asks for step 'price'. Keep the old code registered for runs in flight (give the changed "
+    "workflow a new version=, see docs/determinism.md), or cancel the run."
+)
+
+EXPECTED: dict[str, list[str]] = {
+    "docs_compensation": [
+        "run 'trip-1' was reverted: its compensations ran",
+        "compensations, newest first: ['cancel hotel', 'cancel flight LH-400']",
+        "status: reverted",
+    ],
+    "docs_determinism": [
+        "function executions: 2",
+        "same values on replay: True",
+        "winner is the recorded draw: True",
+        "c.log lines emitted: 1",
+        "NonDeterminismError",
+        NONDETERMINISM,
+    ],
+    "docs_durable_sleep": [
+        "held in memory after eviction: False",
+        "status with no worker: active",
+        "slept at least 1 s: True",
+    ],
+    "docs_golden": [
+        "golden log: ['start', 'step', 'step']",
+        "same code: {'item': 'lamp', 'stock': 'stock-17', 'amount': 41.5, 'paid': 'card-ok'}"
+        " | steps re-run: []",
+        "changed code: NonDeterminismError",
+    ],
+    "docs_long_runs": [
+        "exported: 6",
+        "  export: continued {'next': 'export+1'}",
+        "  export+1: continued {'next': 'export+2'}",
+        "  export+2: continued {'next': 'export+3'}",
+        "  export+3: completed 6",
+        "ledger: {'account': 'acct-1', 'balance': 20, 'entries': 7}",
+        "snapshots: 2 | setup ran: 1 time(s)",
+        "replay starts at a snapshot: True",
+        "entries before it are still stored: 4 of 6",
+    ],
+    "docs_steps": [
+        "total: 83",
+        "charge: ch_123",
+        "stock: StepTimeout after 1 attempt(s)",
+        "sync step with timeout ran in a thread: True",
+        "sync step without timeout ran on the loop: True",
+        "keyed step returned the first value: True",
+        "calls: {'load_config': 1, 'fetch_price': 1, 'charge_card': 3}",
+        "log:",
+        "  0: start",
+        "  1: step load_config",
+        "  2: step fetch-price",
+        "  3: step total",
+        "  4: attempt charge_card #1 ConnectionError",
+        "  5: attempt charge_card #2 ConnectionError",
+        "  6: step charge_card",
+        "  7: step check_stock failed: StepTimeout",
+        "  8: step sync-with-timeout",
+        "  9: step sync-without-timeout",
+        "  10: end",
+    ],
+    "docs_versions": [
+        "order-1 on a v2-only worker: active",
+        "order-1 finishes on v1: {'version': 1, 'stock': 'stock-17', 'paid': 'card'}",
+        "order-2 starts on v2: {'version': 2, 'stock': 'stock-17', 'amount': 41.5, 'paid': 'cash'}",
+        "active version-1 runs left: []",
+    ],
+    "docs_waiting": [
+        "cart: ['apple', 'pear']",
+        "reminder: reminder sent",
+        "slept at least 0.2 s: True",
+        "approval: decided: yes",
+        "approval: escalated: no decision in time",
+        "receive by name: ['a', 'b']",
+        "heartbeat: RunCancelled cancelled",
+    ],
+}
+
+
+def test_every_docs_example_has_expected_output() -> None:
+    assert EXAMPLES, "no examples/docs_*.py found"
+    assert sorted(EXPECTED) == EXAMPLES
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_docs_example_runs_and_prints_what_the_docs_say(name: str, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", f"examples.{name}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == EXPECTED[name], proc.stderr
+    assert list(tmp_path.iterdir()) == [], "an example left files behind"
+
+
+def _page(name: str) -> str:
+    return (ROOT / "docs" / f"{name}.md").read_text()
+
+
+@pytest.mark.parametrize("page", DOCS)
+def test_examples_named_by_a_page_exist(page: str) -> None:
+    for name in re.findall(r"examples/(docs_\w+)\.py", _page(page)):
+        assert name in EXAMPLES, f"docs/{page}.md names examples/{name}.py, which is missing"
+
+
+@pytest.mark.parametrize("page", DOCS)
+def test_tests_cited_by_a_page_exist(page: str) -> None:
+    cited = re.findall(r"(tests/\w+\.py)::(test_\w+)", _page(page))
+    if page == "guarantees":
+        assert len(cited) >= 12, "docs/guarantees.md should cite the tests behind each guarantee"
+    for path, test in cited:
+        source = ROOT / path
+        assert source.exists(), f"docs/{page}.md cites {path}, which does not exist"
+        assert re.search(rf"^(async )?def {test}\(", source.read_text(), re.M), (
+            f"docs/{page}.md cites {path}::{test}, which does not exist"
+        )
+
+
+def _anchors(text: str) -> set[str]:
+    """GitHub's heading slugs: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", text, re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("page", DOCS)
+def test_links_between_pages_resolve(page: str) -> None:
+    for target, anchor in re.findall(r"\]\(([\w.-]+\.md)?#([\w-]+)\)", _page(page)):
+        linked = target[:-3] if target else page
+        assert (ROOT / "docs" / f"{linked}.md").exists(), f"docs/{page}.md links to {target}"
+        assert anchor in _anchors(_page(linked)), f"docs/{page}.md links to {target}#{anchor}"
