@@ -63,8 +63,16 @@ def demo(url: str | None, sleep_s: float) -> None:
 @click.argument("target")
 @click.option("--concurrency", default=1000, show_default=True, help="Runs held at once.")
 @click.option("--lease-ttl", default=30.0, show_default=True, help="Lease length in seconds.")
+@click.option(
+    "--idle-timeout",
+    default=60.0,
+    show_default=True,
+    help="Seconds before a waiting run leaves memory.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
-def worker(target: str, concurrency: int, lease_ttl: float, verbose: bool) -> None:
+def worker(
+    target: str, concurrency: int, lease_ttl: float, idle_timeout: float, verbose: bool
+) -> None:
     """Run a worker for the Conductor TARGET, given as MODULE:ATTRIBUTE.
 
     SIGTERM and SIGINT stop it gracefully: running steps get a grace period
@@ -77,7 +85,9 @@ def worker(target: str, concurrency: int, lease_ttl: float, verbose: bool) -> No
     conductor = _load_conductor(target)
 
     async def serve() -> None:
-        agent = conductor.run(concurrency=concurrency, lease_ttl=lease_ttl)
+        agent = conductor.run(
+            concurrency=concurrency, lease_ttl=lease_ttl, idle_timeout=idle_timeout
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, agent.cancel)

@@ -43,8 +43,9 @@ class Conductor:
     # -- registry --------------------------------------------------------------
 
     def register(self, wf: Workflow[Any]) -> Workflow[Any]:
-        """Make ``wf`` runnable by this conductor's workers; the last one registered per name
-        is what new runs start with.
+        """Make ``wf`` runnable by this conductor's workers.
+
+        The last version registered under a name is the one new runs start with.
         """
         if not isinstance(wf, Workflow):
             raise InvalidArgument(
@@ -84,7 +85,12 @@ class Conductor:
             raise InvalidArgument(f"start() takes a @workflow() function or its name, got {wf!r}")
         if kwargs is not None and not isinstance(kwargs, dict):
             raise InvalidArgument("start() takes the workflow's arguments as a dict of kwargs")
-        rid = validate_id("run id", run_id) if run_id is not None else uuid.uuid4().hex
+        if run_id is not None and "+" in validate_id("run id", run_id):
+            raise InvalidArgument(
+                f"run id {run_id!r} contains '+', which names the successors of "
+                "continue_using (run+1, run+2, ...): choose an id without '+'"
+            )
+        rid = run_id if run_id is not None else uuid.uuid4().hex
         await self._create(wf.name, wf.version, dict(kwargs or {}), rid)
         return Run(self, rid)
 
@@ -115,14 +121,24 @@ class Conductor:
         lease_ttl: float = 30.0,
         idle_timeout: float = 60.0,
         poll_interval: float = 5.0,
+        shutdown_grace: float = 10.0,
     ) -> Agent:
-        """Start a worker in this process; ``agent.cancel(); await agent`` stops it cleanly."""
+        """Start a worker in this process; ``agent.cancel(); await agent`` stops it cleanly.
+
+        ``concurrency`` bounds the runs held at once; ``lease_ttl`` is how long
+        another worker waits before taking over a run of a vanished worker on
+        another host; runs waiting longer than ``idle_timeout`` seconds leave
+        memory; ``poll_interval`` bounds the wait between index reads when no
+        wake-up signal arrives; on stop, running steps get ``shutdown_grace``
+        seconds to finish and be recorded.
+        """
         worker = Worker(
             self,
             concurrency=concurrency,
             lease_ttl=lease_ttl,
             idle_timeout=idle_timeout,
             poll_interval=poll_interval,
+            shutdown_grace=shutdown_grace,
         )
         return Agent(worker)
 
@@ -178,7 +194,22 @@ class Run:
             raise InvalidArgument("an event name must be a non-empty string")
         eid = validate_id("event id", event_id) if event_id is not None else uuid.uuid4().hex
         data = encode_value({"name": name, "value": value})
-        await self._conductor.backend.send_event(self.run_id, eid, data)
+        backend = self._conductor.backend
+        run_id = self.run_id
+        while True:
+            info = await backend.get_run(run_id)
+            if info is None:
+                raise RunNotFound(
+                    f"no run with id {run_id!r} in {backend.describe()}: start it first"
+                )
+            if info.status != "continued":
+                break
+            run_id = info.output["next"]  # the chain's live run receives what the first would
+        if info.status in TERMINAL_STATUSES:
+            raise InvalidArgument(
+                f"run {run_id!r} has ended ({info.status}): it can no longer receive events"
+            )
+        await backend.send_event(run_id, eid, data)
         return eid
 
     async def cancel(self) -> None:

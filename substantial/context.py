@@ -17,7 +17,9 @@ import uuid as _uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
+
+import orjson
 
 from substantial.errors import (
     InvalidArgument,
@@ -86,11 +88,26 @@ async def _call(f: Callable[..., Any], args: tuple[Any, ...], timeout: float | N
     if timeout is None:
         result = f(*args)
         return await result if inspect.isawaitable(result) else result
-    if inspect.iscoroutinefunction(f):
-        return await asyncio.wait_for(f(*args), timeout)
-    # A synchronous function cannot be interrupted on the event loop: bound it in a thread.
-    result = await asyncio.wait_for(asyncio.to_thread(f, *args), timeout)
-    return await result if inspect.isawaitable(result) else result
+    started = time.monotonic()
+    try:
+        if inspect.iscoroutinefunction(f):
+            return await asyncio.wait_for(f(*args), timeout)
+        # A synchronous function cannot be interrupted on the event loop: bound it in a
+        # thread. It may return an awaitable (a lambda calling an async function): bound
+        # that with what is left of the timeout.
+        result = await asyncio.wait_for(asyncio.to_thread(f, *args), timeout)
+        if inspect.isawaitable(result):
+            left = timeout - (time.monotonic() - started)
+            return await asyncio.wait_for(_awaited(result), max(left, 0.0))
+        return result
+    except TimeoutError as exc:
+        if time.monotonic() - started < timeout:
+            raise  # the step's own TimeoutError, not ours
+        raise StepTimeout(f"the step took longer than its timeout of {timeout}s") from exc
+
+
+async def _awaited(result: Awaitable[Any]) -> Any:
+    return await result
 
 
 class Context:
@@ -111,6 +128,30 @@ class Context:
         return self._x.replaying
 
     # -- steps ---------------------------------------------------------------
+
+    @overload
+    async def save(
+        self,
+        f: Callable[[], Awaitable[T]],
+        compensate_with: Callable[..., Any] | None = None,
+        timeout: timedelta | float | None = None,
+        retry: RetryPolicy | None = None,
+        *,
+        name: str | None = None,
+        key: str | None = None,
+    ) -> T: ...
+
+    @overload
+    async def save(
+        self,
+        f: Callable[[], T],
+        compensate_with: Callable[..., Any] | None = None,
+        timeout: timedelta | float | None = None,
+        retry: RetryPolicy | None = None,
+        *,
+        name: str | None = None,
+        key: str | None = None,
+    ) -> T: ...
 
     async def save(
         self,
@@ -160,15 +201,13 @@ class Context:
         while True:
             attempts += 1
             try:
-                value = await _call(f, (), limit)
-                encode_value(value)
+                # Hand the workflow what replay will hand it: the value as JSON decodes it.
+                value = orjson.loads(encode_value(await _call(f, (), limit)))
             except SerializationError:
                 raise
-            except TimeoutError as exc:
-                error: dict[str, str] = _error_of(StepTimeout(f"{step} took over {limit}s"))
-                cause: BaseException = exc
             except Exception as exc:
-                error, cause = _error_of(exc), exc
+                error: dict[str, str] = _error_of(exc)
+                cause: BaseException = exc
             else:
                 record: dict[str, Any] = {"k": "step", "name": step, "value": value}
                 if key is not None:
@@ -325,8 +364,7 @@ class Context:
     async def continue_using(self, workflow: Workflow[Any], /, **kwargs: Any) -> None:
         """End this run and start ``workflow(**kwargs)`` as its successor; never returns."""
         await self._x.deliver()
-        encode_value(kwargs)
-        raise ContinueAs(workflow.name, workflow.version, kwargs)
+        raise ContinueAs(workflow.name, workflow.version, orjson.loads(encode_value(kwargs)))
 
     async def compact(self, **kwargs: Any) -> None:
         """Restart this run's function from a snapshot, so replay stays short; never returns.
@@ -337,5 +375,10 @@ class Context:
         longer replayed.
         """
         await self._x.deliver()
-        encode_value(kwargs)
-        raise Compact(kwargs)
+        if self._x.compensations:
+            raise InvalidArgument(
+                f"compact() would drop the compensations of {len(self._x.compensations)} "
+                "completed step(s), which revert() could then no longer run: finish or "
+                "revert the saga before compacting"
+            )
+        raise Compact(orjson.loads(encode_value(kwargs)))

@@ -60,6 +60,8 @@ class LiveRun:
     task: asyncio.Task[None] | None = None
     execution: Execution | None = None
     timer: asyncio.TimerHandle | None = None
+    #: Another worker took the lease: hand nothing back to the due index.
+    lost: bool = False
 
 
 def error_text(exc: BaseException) -> str:
@@ -166,9 +168,10 @@ class Worker:
                 except BackendError as exc:
                     logger.warning("could not renew lease of %s: %s", live.run_id, exc)
                     continue
-                if not held and live.task is not None:
+                if not held and live.execution is not None:
                     logger.warning("lost the lease of run %s; dropping it", live.run_id)
-                    live.task.cancel()
+                    live.lost = True
+                    live.execution.stop()
 
     # -- one run ---------------------------------------------------------------
 
@@ -181,7 +184,7 @@ class Worker:
             pass
         except Evicted:
             x = live.execution
-            if x is not None and x.stopped_waiting is not None:
+            if not live.lost and x is not None and x.stopped_waiting is not None:
                 await self._reschedule(run_id, x.stopped_waiting[0])
         except Fenced:
             logger.info("run %s was extended by another worker; dropped here", run_id)
@@ -356,11 +359,11 @@ class Worker:
         await self.conductor._create(cont.workflow, cont.version, cont.kwargs, next_id)
         # Events that arrived for this run and were never consumed go to its successor.
         for delivered in x.mailbox:
-            await self.backend.send_event(
-                next_id,
-                delivered.event_id,
-                encode_value({"name": delivered.name, "value": delivered.value}),
-            )
+            body = encode_value({"name": delivered.name, "value": delivered.value})
+            await self.backend.send_event(next_id, delivered.event_id, body)
+        for event in await self.backend.read_inbox(x.run_id):
+            if event.event_id not in x.seen_ids:
+                await self.backend.send_event(next_id, event.event_id, event.data)
         return {"k": "end", "status": "continued", "next": next_id}
 
     async def _finish_metadata(self, info: RunInfo, end: Record) -> None:
@@ -391,15 +394,16 @@ class Worker:
             live.timer = loop.call_later(delay, x.wake)
 
     async def _evict(self, live: LiveRun) -> None:
-        """Drop an idle run's coroutine and hand its wake-up time back to the due index."""
+        """Drop an idle run's coroutine; it hands its wake-up time back to the due index.
+
+        The run stops inside its wait (raising ``Evicted``), never by task
+        cancellation, so the workflow's ``finally`` blocks cannot record anything.
+        """
         x = live.execution
         if x is None or x.waiting is None or live.task is None:
             return
-        until = x.waiting.until
-        live.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await live.task
-        await self._reschedule(live.run_id, until)
+        x.stop()
+        await asyncio.wait([live.task])
 
     async def _reschedule(self, run_id: str, until: float | None) -> None:
         if until is not None:
