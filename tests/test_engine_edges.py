@@ -1,0 +1,264 @@
+"""Edge cases of the engine: fencing, crashes between writes, corruption, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from substantial import (
+    Conductor,
+    Context,
+    InvalidArgument,
+    RetryPolicy,
+    RunNotFound,
+    StepFailed,
+    workflow,
+)
+from substantial.records import encode_entry
+from substantial.testing import log_records
+from tests.harness import Harness
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def wait_until_waiting(conductor_agent: Any, run_id: str) -> None:
+    for _ in range(1000):
+        live = conductor_agent.worker.runs.get(run_id)
+        if live is not None and live.execution is not None and live.execution.waiting:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the run never started waiting")
+
+
+@workflow()
+async def two_items(c: Context) -> list[Any]:
+    return [await c.receive("item"), await c.receive("item")]
+
+
+async def test_a_worker_that_loses_the_append_race_stops_without_writing(
+    harness: Harness,
+) -> None:
+    conductor = Conductor(await harness.open())
+    conductor.register(two_items)
+    agent = conductor.run(poll_interval=0.1)
+    run = await conductor.start(two_items, run_id="fenced")
+    await wait_until_waiting(agent, "fenced")
+    position = len(await conductor.backend.read_log("fenced"))
+    foreign = encode_entry([{"k": "log", "level": 20, "msg": "another writer was here"}])
+    await conductor.backend.append("fenced", position, foreign)
+    await run.send("item", 1)
+    for _ in range(200):
+        if "fenced" not in agent.worker.runs:
+            break
+        await asyncio.sleep(0.01)
+    assert "fenced" not in agent.worker.runs
+    agent.cancel()
+    await agent
+    log = await conductor.backend.read_log("fenced")
+    assert len(log) == position + 1 and log[position] == foreign
+    assert (await run.status()).status == "active"
+
+
+async def test_an_event_recorded_but_not_acked_is_delivered_once(harness: Harness) -> None:
+    conductor = Conductor(await harness.open())
+    conductor.register(two_items)
+    run = await conductor.start(two_items, run_id="ack-crash")
+    # A worker recorded event e1 and died before deleting it from the inbox.
+    await conductor.backend.post_event("ack-crash", "e1", b'{"name": "item", "value": "one"}')
+    await conductor.backend.append(
+        "ack-crash", 1, encode_entry([{"k": "event", "id": "e1", "name": "item", "value": "one"}])
+    )
+    await run.send("item", "two", event_id="e2")
+    agent = conductor.run(poll_interval=0.1)
+    try:
+        assert await run.result(timeout=10) == ["one", "two"]
+    finally:
+        agent.cancel()
+        await agent
+    events = [
+        r["id"] for r in await log_records(conductor.backend, "ack-crash") if r["k"] == "event"
+    ]
+    assert events == ["e1", "e2"]
+    assert await conductor.backend.read_inbox("ack-crash") == []
+
+
+async def test_a_corrupt_record_stops_the_run_clearly_and_leaves_the_log_alone(
+    harness: Harness,
+) -> None:
+    conductor = Conductor(await harness.open())
+    conductor.register(two_items)
+    run = await conductor.start(two_items, run_id="broken")
+    await conductor.backend.append(
+        "broken", 1, encode_entry([{"k": "event", "id": "e1", "name": "item", "value": 1}])
+    )
+    await harness.corrupt_entry("broken", 1)
+    before = await conductor.backend.read_log("broken")
+    await run.send("item", 2)
+    agent = conductor.run(poll_interval=0.1)
+    try:
+        for _ in range(300):
+            info = await run.status()
+            if info.error:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        agent.cancel()
+        await agent
+    assert info.status == "active"
+    assert info.error is not None and "CorruptRecord" in info.error and "record 1" in info.error
+    assert await conductor.backend.read_log("broken") == before
+
+
+@workflow()
+async def careful(c: Context) -> str:
+    try:
+        return str(await c.receive("go"))
+    finally:
+        c.log("cleanup ran")
+
+
+async def test_eviction_does_not_record_from_finally_blocks(harness: Harness) -> None:
+    conductor = Conductor(await harness.open())
+    conductor.register(careful)
+    agent = conductor.run(poll_interval=0.1, idle_timeout=0.05)
+    try:
+        run = await conductor.start(careful)
+        await asyncio.sleep(0.5)
+        assert agent.worker.runs == {}, "the idle run should have left memory"
+        await run.send("go", "now")
+        assert await run.result(timeout=10) == "now"
+    finally:
+        agent.cancel()
+        await agent
+    kinds = [r["k"] for r in await log_records(conductor.backend, run.run_id)]
+    assert kinds == ["start", "event", "log", "end"]
+
+
+@workflow()
+async def shapes(c: Context) -> list[Any]:
+    first = await c.save(lambda: (1, 2))
+    await c.receive("go")
+    again = await c.save(lambda: (1, 2), name="again")
+    return [first, again, first == again]
+
+
+async def test_a_step_returns_the_same_value_live_and_on_replay() -> None:
+    conductor = Conductor("memory://")
+    conductor.register(shapes)
+    agent = conductor.run(poll_interval=0.1, idle_timeout=0.05)
+    try:
+        run = await conductor.start(shapes)
+        await asyncio.sleep(0.3)
+        await run.send("go")
+        assert await run.result(timeout=10) == [[1, 2], [1, 2], True]
+    finally:
+        agent.cancel()
+        await agent
+
+
+@workflow()
+async def bounded(c: Context) -> str:
+    async def slow() -> str:
+        await asyncio.sleep(2)
+        return "late"
+
+    try:
+        await c.save(lambda: slow(), timeout=0.05, retry=RetryPolicy(max_attempts=1))
+    except StepFailed as exc:
+        return exc.error_type
+
+    return "not bounded"
+
+
+@workflow()
+async def own_timeout(c: Context) -> str:
+    def fails() -> str:
+        raise TimeoutError("upstream said 504")
+
+    try:
+        await c.save(fails, timeout=5, retry=RetryPolicy(max_attempts=1))
+    except StepFailed as exc:
+        return f"{exc.error_type}: {exc.message}"
+    return "?"
+
+
+async def test_timeouts_bound_async_lambdas_and_keep_a_steps_own_timeout_error() -> None:
+    conductor = Conductor("memory://")
+    conductor.register(bounded)
+    conductor.register(own_timeout)
+    agent = conductor.run()
+    try:
+        t0 = time.monotonic()
+        assert await (await conductor.start(bounded)).result(timeout=10) == "StepTimeout"
+        assert time.monotonic() - t0 < 1.5
+        out = await (await conductor.start(own_timeout)).result(timeout=10)
+        assert out == "TimeoutError: upstream said 504"
+    finally:
+        agent.cancel()
+        await agent
+
+
+@workflow()
+async def saga_compact(c: Context) -> None:
+    await c.save(lambda: 1, compensate_with=lambda: None)
+    try:
+        await c.compact()
+    except InvalidArgument as exc:
+        raise RuntimeError(str(exc)) from exc
+
+
+async def test_compact_refuses_to_drop_compensations() -> None:
+    conductor = Conductor("memory://")
+    conductor.register(saga_compact)
+    agent = conductor.run()
+    try:
+        run = await conductor.start(saga_compact)
+        with pytest.raises(Exception, match="compensations"):
+            await run.result(timeout=10)
+    finally:
+        agent.cancel()
+        await agent
+
+
+@workflow()
+async def relay(c: Context, hops: int = 2) -> Any:
+    if hops:
+        await c.continue_using(relay, hops=hops - 1)
+    return await c.receive("x")
+
+
+async def test_send_checks_the_run_and_follows_continuations(harness: Harness) -> None:
+    conductor = Conductor(await harness.open())
+    conductor.register(relay)
+    with pytest.raises(RunNotFound, match="start it first"):
+        await conductor.get("nobody").send("x", 1)
+    with pytest.raises(InvalidArgument, match="'\\+'"):
+        await conductor.start(relay, run_id="a+1")
+    agent = conductor.run(poll_interval=0.1)
+    try:
+        run = await conductor.start(relay, run_id="hop")
+        while (
+            await conductor.get("hop+2").status()
+            if await conductor.backend.get_run("hop+2")
+            else None
+        ) is None:
+            await asyncio.sleep(0.01)
+        await run.send("x", "made it")
+        assert await run.result(timeout=10) == "made it"
+        with pytest.raises(InvalidArgument, match="has ended"):
+            await run.send("x", "too late")
+    finally:
+        agent.cancel()
+        await agent
+
+
+def test_the_package_never_uses_pickle_or_eval() -> None:
+    pattern = re.compile(r"^\s*(import|from)\s+(pickle|dill|marshal|shelve|cloudpickle)\b|\beval\(")
+    for path in (ROOT / "substantial").rglob("*.py"):
+        for line in path.read_text().splitlines():
+            assert not pattern.search(line), f"{path}: {line}"
