@@ -47,6 +47,9 @@ __all__ = ["Worker"]
 
 logger = logging.getLogger("substantial.worker")
 
+#: How early a timer is armed before its due time, to absorb the event loop's lateness.
+TIMER_EARLY = 0.002
+
 #: How many consumed event ids a snapshot remembers, to drop late duplicate sends.
 SEEN_IDS_KEPT = 10_000
 
@@ -390,8 +393,17 @@ class Worker:
         waiting = x.waiting
         if waiting is not None and waiting.until is not None:
             loop = asyncio.get_running_loop()
-            delay = max(0.0, waiting.until - time.time())
-            live.timer = loop.call_later(delay, x.wake)
+            # The loop's timers wake up to a millisecond late (epoll rounds up), so
+            # aim a millisecond early and finish the wait in _fire.
+            delay = max(0.0, waiting.until - time.time() - TIMER_EARLY)
+            live.timer = loop.call_later(delay, self._fire, live, x, waiting.until)
+
+    def _fire(self, live: LiveRun, x: Execution, until: float) -> None:
+        if time.time() >= until:
+            live.timer = None
+            x.wake()
+        else:
+            live.timer = asyncio.get_running_loop().call_later(0, self._fire, live, x, until)
 
     async def _evict(self, live: LiveRun) -> None:
         """Drop an idle run's coroutine; it hands its wake-up time back to the due index.
