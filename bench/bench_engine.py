@@ -12,6 +12,7 @@ the same run; ``ratio`` = per_op_ms / floor_ms.
 * W3e: event latency, ``send`` from another process -> seen in the workflow, p50.
 * W4: SIGKILL a worker mid-step 50 of 100; seconds from the new worker being
   ready to its first resumed step, and how many completed steps ran again.
+* W6: 4 worker processes on one store, 500 workflows x 10 steps, against 1 worker.
 * R: resume a 10,000-step run from its log (replay only).
 """
 
@@ -318,7 +319,52 @@ async def r(name: str, work: Path, floor: float) -> None:
     )
 
 
-WORKLOADS = {"W1": w1, "W2": w2, "W3s": w3s, "W3e": w3e, "W4": w4, "R": r}
+async def w6(name: str, work: Path, floor: float) -> None:
+    url = url_of(name, work)
+    if url is None:
+        return
+    from tests.workflows import ten_steps
+
+    env = {**os.environ, "SUBSTANTIAL_TEST_URL": url, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "substantial.cli", "worker", "tests.workflows:conductor"]
+    client = Conductor(TARGETS[name].open(work, "process"))
+    client.register(ten_steps)
+    figures = {}
+    for workers in (1, 4):
+        procs = [
+            subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+            for _ in range(workers)
+        ]
+        for p in procs:
+            assert p.stderr is not None
+            p.stderr.readline()
+        n = 500
+        t0 = time.perf_counter()
+        runs = [await client.start(ten_steps, {"tag": str(workers)}) for _ in range(n)]
+        results = await asyncio.gather(*(r.result(timeout=600) for r in runs))
+        figures[workers] = time.perf_counter() - t0
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+            p.communicate(timeout=30)
+        assert all(res == [i * i for i in range(10)] for res in results)
+    await client.close()
+    emit(
+        workload="W6",
+        backend=name,
+        n=500,
+        seconds=round(figures[4], 4),
+        per_op_ms=round(figures[4] / 500 * 1000, 4),
+        wf_per_s=round(500 / figures[4], 1),
+        one_worker_wf_per_s=round(500 / figures[1], 1),
+        speedup=round(figures[1] / figures[4], 2),
+        floor_ms=round(floor, 4),
+        ratio=round(figures[4] / 500 * 1000 / (floor * 16), 2),
+        ok=True,
+        note="4 worker processes vs 1 on a 2-core machine; client in a 5th process",
+    )
+
+
+WORKLOADS = {"W1": w1, "W2": w2, "W3s": w3s, "W3e": w3e, "W4": w4, "W6": w6, "R": r}
 
 
 async def main_async(args: argparse.Namespace) -> None:
