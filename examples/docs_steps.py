@@ -37,6 +37,14 @@ async def check_stock() -> int:
     return 7
 
 
+def call_upstream() -> str:
+    raise TimeoutError("upstream read timed out")  # the step's own timeout, not ours
+
+
+def quote() -> tuple[int, str]:
+    return (40, "EUR")  # a tuple: the workflow gets the JSON of it, a list
+
+
 def off_the_event_loop() -> bool:
     return threading.current_thread() is not threading.main_thread()
 
@@ -47,10 +55,21 @@ async def checkout(c: Context, sku: str, quantity: int = 1) -> dict[str, object]
     price = await c.save(functools.partial(fetch_price, sku), name="fetch-price")
     total = await c.save(lambda: price * quantity + config["fee"], name="total")
     charge = await c.save(charge_card, retry=RetryPolicy(max_attempts=5, initial_delay=0.01))
+    once = RetryPolicy(max_attempts=1)
+    via_lambda = upstream = "no error"
     try:
-        stock: object = await c.save(check_stock, timeout=0.05, retry=RetryPolicy(max_attempts=1))
+        stock: object = await c.save(check_stock, timeout=0.05, retry=once)
     except StepFailed as exc:
         stock = f"{exc.error_type} after {exc.attempts} attempt(s)"
+    try:  # a lambda returning a coroutine is bounded by the timeout too
+        await c.save(lambda: check_stock(), timeout=0.05, retry=once, name="stock-via-lambda")
+    except StepFailed as exc:
+        via_lambda = f"{exc.error_type}: {exc.message}"
+    try:
+        await c.save(call_upstream, timeout=5, retry=once)
+    except StepFailed as exc:
+        upstream = f"{exc.error_type}: {exc.message}"
+    pair = await c.save(quote)
     threaded = await c.save(off_the_event_loop, timeout=5, name="sync-with-timeout")
     on_loop = not await c.save(off_the_event_loop, name="sync-without-timeout")
     again = await c.save(load_config, key="config")  # memoized: not run, not recorded again
@@ -58,6 +77,9 @@ async def checkout(c: Context, sku: str, quantity: int = 1) -> dict[str, object]
         "total": total,
         "charge": charge,
         "stock": stock,
+        "stock via a lambda": via_lambda,
+        "upstream": upstream,
+        "a tuple step handed the workflow": f"{type(pair).__name__} {pair}",
         "sync step with timeout ran in a thread": threaded,
         "sync step without timeout ran on the loop": on_loop,
         "keyed step returned the first value": again == config,

@@ -5,7 +5,15 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from substantial import Conductor, Context, ReceiveTimeout, RunCancelled, workflow
+from substantial import (
+    Conductor,
+    Context,
+    InvalidArgument,
+    ReceiveTimeout,
+    RunCancelled,
+    RunNotFound,
+    workflow,
+)
 
 
 @workflow()
@@ -66,6 +74,14 @@ async def main() -> None:
 
     agent = conductor.run()
     print("cart:", await basket.result(timeout=10))
+    try:
+        await basket.send("add", "plum")  # the cart has completed
+    except InvalidArgument as exc:
+        print("send after the end:", exc)
+    try:
+        await conductor.get("cart-9").send("add", "plum")  # never started
+    except RunNotFound as exc:
+        print("send to an unknown run:", exc)
 
     started = time.monotonic()
     nudge = await conductor.start(reminder, {"seconds": 0.2})

@@ -95,10 +95,16 @@ class Conductor:
         return Run(self, rid)
 
     async def _create(
-        self, workflow: str, version: str | None, kwargs: dict[str, Any], run_id: str
+        self,
+        workflow: str,
+        version: str | None,
+        kwargs: dict[str, Any],
+        run_id: str,
+        *,
+        seen: list[str] | None = None,
     ) -> bool:
         now = time.time()
-        entry = encode_start(run_id, workflow, version, kwargs, now)
+        entry = encode_start(run_id, workflow, version, kwargs, now, seen)
         info = RunInfo(run_id, workflow, "active", now, now, version=version)
         return await self.backend.create_run(info, entry, now)
 
@@ -210,6 +216,11 @@ class Run:
                 f"run {run_id!r} has ended ({info.status}): it can no longer receive events"
             )
         await backend.send_event(run_id, eid, data)
+        # The run may have continued while we posted: make sure its successor gets the event
+        # (idempotent by event id, and a successor skips ids its predecessor consumed).
+        while (info := await backend.get_run(run_id)) is not None and info.status == "continued":
+            run_id = info.output["next"]
+            await backend.send_event(run_id, eid, data)
         return eid
 
     async def cancel(self) -> None:

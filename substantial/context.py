@@ -29,7 +29,7 @@ from substantial.errors import (
     StepTimeout,
 )
 from substantial.records import encode_value
-from substantial.replay import Compact, Compensation, ContinueAs, Execution, Reverted
+from substantial.replay import Compact, Compensation, ContinueAs, Evicted, Execution, Reverted
 
 if TYPE_CHECKING:
     from substantial.workflow import Workflow
@@ -227,6 +227,8 @@ class Context:
                     "retry_at": time.time() + pause,
                 }
             )
+            if x.stop_requested:
+                raise Evicted()
             logger.warning(
                 "run %s: step %r attempt %d failed: %s: %s; retrying in %.2fs",
                 self._run_id,
@@ -364,6 +366,7 @@ class Context:
     async def continue_using(self, workflow: Workflow[Any], /, **kwargs: Any) -> None:
         """End this run and start ``workflow(**kwargs)`` as its successor; never returns."""
         await self._x.deliver()
+        self._refuse_with_compensations("continue_using()")
         raise ContinueAs(workflow.name, workflow.version, orjson.loads(encode_value(kwargs)))
 
     async def compact(self, **kwargs: Any) -> None:
@@ -375,10 +378,14 @@ class Context:
         longer replayed.
         """
         await self._x.deliver()
-        if self._x.compensations:
-            raise InvalidArgument(
-                f"compact() would drop the compensations of {len(self._x.compensations)} "
-                "completed step(s), which revert() could then no longer run: finish or "
-                "revert the saga before compacting"
-            )
+        self._refuse_with_compensations("compact()")
         raise Compact(orjson.loads(encode_value(kwargs)))
+
+    def _refuse_with_compensations(self, what: str) -> None:
+        count = len(self._x.compensations)
+        if count:
+            raise InvalidArgument(
+                f"{what} would drop the compensations of {count} completed step(s), which "
+                "revert() could then no longer run: call revert() first, or call "
+                f"{what} before the steps that have compensations"
+            )

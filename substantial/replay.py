@@ -169,6 +169,9 @@ class Execution:
     def take(self, kind: str, name: str | None = None) -> Record | None:
         """Consume the next recorded record if replaying, checking its kind and name."""
         self.check_health()
+        if self.stop_requested:
+            # Handed back: nothing more is observed or recorded (finally blocks included).
+            raise Evicted()
         if not self.replaying:
             return None
         record = self.records[self.cursor][1]
@@ -209,7 +212,6 @@ class Execution:
     async def deliver(self, *, fire_handlers: bool = True) -> None:
         """Bring newly arrived events into the mailbox, then fire handlers on them."""
         if self.stop_requested:
-            await self.flush()
             raise Evicted()
         while (nxt := self.peek()) is not None and nxt["k"] == "event":
             self.cursor += 1

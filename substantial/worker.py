@@ -220,8 +220,9 @@ class Worker:
         info = await self.backend.get_run(run_id)
         start_at = info.log_start if info is not None else 0
         entries = await self.backend.read_log(run_id, start_at)
-        if start_at and (
-            not entries or decode_entry(run_id, start_at, entries[0])[0]["k"] != "snapshot"
+        if start_at and not (
+            entries
+            and any(r["k"] == "snapshot" for r in decode_entry(run_id, start_at, entries[0]))
         ):
             start_at, entries = 0, await self.backend.read_log(run_id)
         if not entries:
@@ -236,9 +237,8 @@ class Worker:
         snapshot_index = max(
             (i for i, (_, r) in enumerate(records) if r["k"] == "snapshot"), default=None
         )
-        first = records[0][1]
-        if start is None and first["k"] == "snapshot":
-            start = first["start"]
+        if start is None and snapshot_index is not None:
+            start = records[snapshot_index][1]["start"]
         if start is None:
             raise CorruptRecord(run_id, start_at, "the log does not begin with a start record")
         if info is None:
@@ -270,13 +270,14 @@ class Worker:
             self._skip_until[run_id] = time.time() + 60
             return True
         kwargs: dict[str, Any] = dict(start.get("kwargs") or {})
-        seen: list[str] = []
+        # A successor inherits its predecessor's consumed ids: a resend is not a new event.
+        seen: list[str] = list(start.get("seen") or ())
         keys: dict[str, Any] = {}
         mailbox: list[Delivered] = []
         if snapshot_index is not None:
             snap = records[snapshot_index][1]
             kwargs.update(snap.get("kwargs") or {})
-            seen = list(snap.get("seen") or ())
+            seen = list(snap.get("seen") or seen)
             keys.update(snap.get("keys") or {})
             mailbox = [
                 Delivered(m["id"], m["name"], m.get("value")) for m in snap.get("mailbox", ())
@@ -359,7 +360,9 @@ class Worker:
 
     async def _continue(self, x: Execution, info: RunInfo, cont: ContinueAs) -> Record:
         next_id = _successor_id(x.run_id)
-        await self.conductor._create(cont.workflow, cont.version, cont.kwargs, next_id)
+        forwarded = {d.event_id for d in x.mailbox}
+        seen = [i for i in x.seen_ids if i not in forwarded][-SEEN_IDS_KEPT:]
+        await self.conductor._create(cont.workflow, cont.version, cont.kwargs, next_id, seen=seen)
         # Events that arrived for this run and were never consumed go to its successor.
         for delivered in x.mailbox:
             body = encode_value({"name": delivered.name, "value": delivered.value})
@@ -382,6 +385,11 @@ class Worker:
             error = f"{err.get('type')}: {err.get('message')}"
         await self.backend.put_run(info.with_status(status, error=error, output=output))
         await self.backend.unschedule(info.run_id)
+        if status == "continued":
+            # A sender that saw this run active may have posted after the forwarding in
+            # _continue; now that the status says "continued", senders forward themselves.
+            for event in await self.backend.read_inbox(info.run_id):
+                await self.backend.send_event(end["next"], event.event_id, event.data)
         self.conductor._run_ended(info.run_id)
 
     # -- waiting, eviction and shutdown -------------------------------------------
@@ -452,9 +460,28 @@ def _successor_id(run_id: str) -> str:
 
 
 def encode_start(
-    run_id: str, workflow: str, version: str | None, kwargs: dict[str, Any], at: float
+    run_id: str,
+    workflow: str,
+    version: str | None,
+    kwargs: dict[str, Any],
+    at: float,
+    seen: list[str] | None = None,
 ) -> bytes:
     """Encode the first entry of a run."""
+    if seen:
+        return encode_entry(
+            [
+                {
+                    "k": "start",
+                    "run_id": run_id,
+                    "workflow": workflow,
+                    "version": version,
+                    "kwargs": kwargs,
+                    "at": at,
+                    "seen": seen,
+                }
+            ]
+        )
     return encode_entry(
         [
             {

@@ -120,6 +120,7 @@ async def careful(c: Context) -> str:
         return str(await c.receive("go"))
     finally:
         c.log("cleanup ran")
+        await c.save(lambda: "cleaned", name="cleanup")
 
 
 async def test_eviction_does_not_record_from_finally_blocks(harness: Harness) -> None:
@@ -136,7 +137,7 @@ async def test_eviction_does_not_record_from_finally_blocks(harness: Harness) ->
         agent.cancel()
         await agent
     kinds = [r["k"] for r in await log_records(conductor.backend, run.run_id)]
-    assert kinds == ["start", "event", "log", "end"]
+    assert kinds == ["start", "event", "log", "step", "end"]
 
 
 @workflow()
@@ -262,3 +263,66 @@ def test_the_package_never_uses_pickle_or_eval() -> None:
     for path in (ROOT / "substantial").rglob("*.py"):
         for line in path.read_text().splitlines():
             assert not pattern.search(line), f"{path}: {line}"
+
+
+@workflow()
+async def tally(c: Context, total: int = 0) -> int:
+    n = await c.receive("n")
+    if n is None:
+        return total
+    await c.compact(total=total + n)
+    return -1
+
+
+async def test_replay_after_compaction_reads_from_the_snapshot(harness: Harness) -> None:
+    backend = await harness.open()
+    reads: list[int] = []
+    original = backend.read_log
+
+    async def spy(run_id: str, start: int = 0) -> list[bytes]:
+        reads.append(start)
+        return await original(run_id, start)
+
+    backend.read_log = spy  # type: ignore[method-assign]
+    conductor = Conductor(backend)
+    conductor.register(tally)
+    agent = conductor.run(poll_interval=0.1, idle_timeout=0.05)
+    try:
+        run = await conductor.start(tally, run_id="tally")
+        for n in (1, 2, 3):
+            await run.send("n", n)
+            await asyncio.sleep(0.3)  # compacted, then evicted while waiting
+        reads.clear()
+        await run.send("n", None)
+        assert await run.result(timeout=10) == 6
+    finally:
+        agent.cancel()
+        await agent
+    info = await run.status()
+    assert info.log_start > 0
+    assert reads and 0 not in reads, f"replay re-read the log from 0: {reads}"
+
+
+@workflow()
+async def pay_then_continue(c: Context, step: int = 0) -> Any:
+    got = await c.receive("pay")
+    if step == 0:
+        await c.continue_using(pay_then_continue, step=1)
+    return got
+
+
+async def test_a_resent_event_is_not_delivered_again_to_a_successor() -> None:
+    conductor = Conductor("memory://")
+    conductor.register(pay_then_continue)
+    agent = conductor.run(poll_interval=0.1)
+    try:
+        run = await conductor.start(pay_then_continue, run_id="acct")
+        await run.send("pay", "first", event_id="pay-1")
+        while await conductor.backend.get_run("acct+1") is None:
+            await asyncio.sleep(0.01)
+        await run.send("pay", "first again", event_id="pay-1")  # a retry of the same send
+        await run.send("pay", "second", event_id="pay-2")
+        assert await run.result(timeout=10) == "second"
+    finally:
+        agent.cancel()
+        await agent
