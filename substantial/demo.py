@@ -82,7 +82,10 @@ async def run_demo(url: str, sleep_s: float) -> None:
     try:
         run = await conductor.start(example)
         say(f"started run {run.run_id}; every step is recorded in its log")
-        say(f"the workflow sleeps {sleep_s}s durably: no worker holds it in asyncio.sleep")
+        say(
+            f"the workflow sleeps {sleep_s}s durably: the timer is in the log, so any worker "
+            "resumes the run on time, even after a crash"
+        )
         await asyncio.sleep(sleep_s + 0.5)
         say("sending event 'by' = 2")
         await run.send("by", 2)
