@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -38,6 +39,7 @@ from typing import Any
 from bench.bench_backends import TARGETS
 from substantial import Conductor, Context, workflow
 from substantial.backends.base import Backend
+from substantial.testing import running
 
 ROOT = Path(__file__).resolve().parent.parent
 latencies: list[float] = []
@@ -96,16 +98,18 @@ async def open_conductor(name: str, work: Path) -> Conductor:
     return conductor
 
 
+def serving(name: str, work: Path) -> contextlib.AbstractAsyncContextManager[Conductor]:
+    """Open the backend with the benchmark workflows registered and a worker running."""
+    backend = TARGETS[name].open(work, "process")
+    return running(steps, naps, pings, long_then_wait, backend=backend)
+
+
 async def w1(name: str, work: Path, floor: float) -> None:
-    conductor = await open_conductor(name, work)
-    agent = conductor.run()
     n = 1000
-    t0 = time.perf_counter()
-    ok = await (await conductor.start(steps, {"n": n})).result(timeout=300) == n
-    seconds = time.perf_counter() - t0
-    agent.cancel()
-    await agent
-    await conductor.close()
+    async with serving(name, work) as conductor:
+        t0 = time.perf_counter()
+        ok = await (await conductor.start(steps, {"n": n})).result(timeout=300) == n
+        seconds = time.perf_counter() - t0
     per = seconds / n * 1000
     emit(
         workload="W1",
@@ -120,16 +124,12 @@ async def w1(name: str, work: Path, floor: float) -> None:
 
 
 async def w2(name: str, work: Path, floor: float) -> None:
-    conductor = await open_conductor(name, work)
-    agent = conductor.run()
     n = 200
-    t0 = time.perf_counter()
-    runs = [await conductor.start(steps, {"n": 10}) for _ in range(n)]
-    results = await asyncio.gather(*(r.result(timeout=300) for r in runs))
-    seconds = time.perf_counter() - t0
-    agent.cancel()
-    await agent
-    await conductor.close()
+    async with serving(name, work) as conductor:
+        t0 = time.perf_counter()
+        runs = [await conductor.start(steps, {"n": 10}) for _ in range(n)]
+        results = await asyncio.gather(*(r.result(timeout=300) for r in runs))
+        seconds = time.perf_counter() - t0
     per = seconds / n * 1000
     emit(
         workload="W2",
@@ -146,15 +146,12 @@ async def w2(name: str, work: Path, floor: float) -> None:
 
 
 async def w3s(name: str, work: Path, floor: float) -> None:
-    conductor = await open_conductor(name, work)
-    agent = conductor.run()
     n, nap = 50, 0.01
-    t0 = time.perf_counter()
-    ok = await (await conductor.start(naps, {"n": n, "seconds": nap})).result(timeout=300) == n
-    seconds = time.perf_counter() - t0
-    agent.cancel()
-    await agent
-    await conductor.close()
+    async with serving(name, work) as conductor:
+        t0 = time.perf_counter()
+        run = await conductor.start(naps, {"n": n, "seconds": nap})
+        ok = await run.result(timeout=300) == n
+        seconds = time.perf_counter() - t0
     per = (seconds - n * nap) / n * 1000
     emit(
         workload="W3s",
@@ -195,19 +192,15 @@ async def w3e(name: str, work: Path, floor: float) -> None:
     if url is None:
         return
     latencies.clear()
-    conductor = await open_conductor(name, work)
-    agent = conductor.run()
     n = 50
-    run = await conductor.start(pings, {"n": n})
-    await asyncio.sleep(0.2)
-    sender = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", SENDER, url, run.run_id, str(n), cwd=ROOT
-    )
-    ok = await run.result(timeout=120) == n
-    await sender.wait()
-    agent.cancel()
-    await agent
-    await conductor.close()
+    async with serving(name, work) as conductor:
+        run = await conductor.start(pings, {"n": n})
+        await asyncio.sleep(0.2)
+        sender = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", SENDER, url, run.run_id, str(n), cwd=ROOT
+        )
+        ok = await run.result(timeout=120) == n
+        await sender.wait()
     p50 = statistics.median(latencies) * 1000
     emit(
         workload="W3e",

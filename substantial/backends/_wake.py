@@ -93,6 +93,16 @@ class WakeChannel:
 
     # -- receiving --------------------------------------------------------
 
+    async def wait(self, timeout: float) -> bool:
+        """Sleep until another process (or this one) makes work due, or ``timeout`` passes."""
+        self.listen()
+        if self.signalled:
+            self.signalled = False
+            return True
+        woken = await self._waker.wait(timeout)
+        self.signalled = False
+        return woken
+
     def listen(self) -> None:
         """Bind this instance's socket (once) and watch it from the running event loop."""
         loop = asyncio.get_running_loop()

@@ -718,13 +718,7 @@ class FSBackend(Backend):
 
     async def wait_for_work(self, timeout: float) -> bool:
         """Sleep until a process sharing this directory makes work due, or ``timeout`` passes."""
-        self._wake.listen()
-        if self._wake.signalled:
-            self._wake.signalled = False
-            return True
-        woken = await self.waker.wait(timeout)
-        self._wake.signalled = False
-        return woken
+        return await self._wake.wait(timeout)
 
     async def close(self) -> None:
         """Stop listening for wake-ups and remove this client's socket."""

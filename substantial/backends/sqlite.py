@@ -560,13 +560,7 @@ class SQLiteBackend(Backend):
 
     async def wait_for_work(self, timeout: float) -> bool:
         """Sleep until a process sharing this database makes work due, or ``timeout`` passes."""
-        self._wake.listen()
-        if self._wake.signalled:
-            self._wake.signalled = False
-            return True
-        woken = await self.waker.wait(timeout)
-        self._wake.signalled = False
-        return woken
+        return await self._wake.wait(timeout)
 
     async def close(self) -> None:
         """Commit queued writes, close the connection and stop listening for wake-ups."""
