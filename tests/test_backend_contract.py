@@ -254,9 +254,10 @@ async def test_lease_take_renew_release(backend: Backend) -> None:
 
 
 async def test_lease_expires(backend: Backend) -> None:
-    assert await backend.acquire_lease("r", "alice", 0.3)
+    # Long enough that a slow store's round trip cannot outlast it, short enough to wait out.
+    assert await backend.acquire_lease("r", "alice", 1.0)
     assert not await backend.acquire_lease("r", "bob", 10)
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(1.2)
     assert await backend.acquire_lease("r", "bob", 10)
     assert not await backend.acquire_lease("r", "alice", 10)
 
