@@ -146,9 +146,14 @@ class Worker:
     async def _next_wait(self) -> float:
         nxt = await self.backend.next_due_at()
         now = time.time()
-        if nxt is None or nxt <= now:
-            return self.poll_interval
-        return min(self.poll_interval, nxt - now)
+        wait = self.poll_interval
+        if nxt is not None and nxt > now:
+            wait = min(wait, nxt - now)
+        # Runs set aside (leased elsewhere, backend errors) are retried when their time comes.
+        later = [t for t in self._skip_until.values() if t > now]
+        if later:
+            wait = min(wait, min(later) - now)
+        return max(wait, 0.001)
 
     async def _housekeeping(self) -> None:
         """Renew leases, forget stale skips and evict idle runs."""

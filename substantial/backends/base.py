@@ -177,9 +177,16 @@ class Waker:
 
     def __init__(self) -> None:
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
+        # A notify with nobody waiting (the worker was busy reading the index) is kept
+        # for the next wait, which returns at once: a spurious wake-up costs one poll,
+        # a lost one costs a whole poll interval.
+        self._pending = False
 
     def notify(self) -> None:
         """Wake every waiter, from any thread."""
+        if not self._waiters:
+            self._pending = True
+            return
         for loop, fut in list(self._waiters):
             if loop.is_closed():
                 continue
@@ -195,6 +202,9 @@ class Waker:
 
     async def wait(self, timeout: float) -> bool:
         """Sleep until notified or ``timeout`` seconds pass; return True if notified."""
+        if self._pending:
+            self._pending = False
+            return True
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         key = (loop, fut)
