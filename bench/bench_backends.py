@@ -42,6 +42,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.bench_redis import open_redis, redis_append_floor, redis_read_floor
 from bench.bench_s3 import open_s3, s3_append_floor, s3_read_floor
 from substantial.backends.base import Backend
 from substantial.records import decode_entry, encode_entry
@@ -177,6 +178,8 @@ TARGETS: dict[str, Target] = {
     "sqlite": Target(_open_sqlite, {"append": sqlite_append_floor, "read": sqlite_read_floor}),
     # A private SeaweedFS, started on first use; the floor is one conditional PUT round trip.
     "s3": Target(open_s3, {"append": s3_append_floor, "read": s3_read_floor}),
+    # A private redis-server, started on first use; the floor is one SET round trip.
+    "redis": Target(open_redis, {"append": redis_append_floor, "read": redis_read_floor}),
 }
 
 # -- workloads: (backend, n) -> (seconds, ok) -------------------------------------------

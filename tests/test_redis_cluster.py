@@ -1,0 +1,90 @@
+"""The conformance suite again, on a real three-node Redis Cluster.
+
+A script that touched keys of two hash slots would fail here with CROSSSLOT,
+so a pass shows the key layout keeps each run in one slot, and that the
+sharded indexes are read and written one slot at a time.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio
+from redis.crc import key_slot
+
+from substantial.backends.base import Backend
+from substantial.backends.redis import SHARDS
+from tests.harness import Harness
+from tests.redis_server import RedisClusterServers, RedisServerMissing
+
+# Collected again in this module, where `harness` means the cluster.
+from tests.test_backend_contract import *  # noqa: F403
+
+# Worker processes behave the same on a cluster; those two slow tests run on
+# the single server only.
+del test_32_concurrent_processes_exactly_one_wins  # noqa: F821
+del test_kill_9_mid_append_never_leaves_a_half_entry  # noqa: F821
+
+
+class RedisClusterHarness(Harness):
+    """A fresh key prefix on a shared Redis Cluster."""
+
+    name = "redis-cluster"
+
+    def __init__(self, cluster: RedisClusterServers) -> None:
+        super().__init__()
+        self.cluster = cluster
+        self.prefix = "t" + uuid.uuid4().hex[:12]
+
+    @property
+    def url(self) -> str:
+        return f"{self.cluster.url}&prefix={self.prefix}"
+
+    def raw(self) -> redis.asyncio.RedisCluster:
+        return redis.asyncio.RedisCluster.from_url(self.cluster.servers[0].url)
+
+    async def corrupt_entry(self, run_id: str, position: int) -> None:
+        raw = self.raw()
+        try:
+            await raw.lset(f"{{{self.prefix}:{run_id}}}:log", position, b"\x00{not json")
+        finally:
+            await raw.aclose()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+    except RedisServerMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+async def harness(redis_cluster: RedisClusterServers) -> AsyncIterator[Harness]:
+    h = RedisClusterHarness(redis_cluster)
+    yield h
+    await h.aclose()
+
+
+@pytest.fixture
+async def backend(harness: Harness) -> Backend:
+    return await harness.open()
+
+
+async def test_the_due_shards_spread_over_every_node(harness: RedisClusterHarness) -> None:
+    raw = harness.raw()
+    try:
+        await raw.initialize()
+        owners = {
+            raw.get_node_from_key(f"{{{harness.prefix}:due:{k}}}").name for k in range(SHARDS)
+        }
+    finally:
+        await raw.aclose()
+    assert len(owners) == len(harness.cluster.servers)
+    slots = {key_slot(f"{{{harness.prefix}:runs:{k}}}".encode()) for k in range(SHARDS)}
+    assert len(slots) == SHARDS
