@@ -457,12 +457,13 @@ async def test_idle_polling_backs_off_from_min_to_max_poll(h: S3Harness) -> None
     t0 = time.monotonic()
     assert await b.wait_for_work(2.2) is False
     gaps = [b_ - a for a, b_ in zip([t0, *times], times, strict=False)]
-    # 0.05, 0.1, 0.2, 0.4, 0.4, ...: doubling, capped at max_poll.
-    assert 6 <= len(times) <= 9, gaps
-    assert gaps[0] == pytest.approx(0.05, abs=0.04)
-    assert gaps[1] == pytest.approx(0.1, abs=0.05)
-    assert gaps[2] == pytest.approx(0.2, abs=0.06)
-    assert all(g < 0.4 + 0.1 for g in gaps), gaps
+    # 0.05, 0.1, 0.2, 0.4, 0.4, ...: doubling, capped at max_poll. Each gap also holds
+    # one LIST round trip, which a loaded machine can stretch: bound it, don't pin it.
+    slack = 0.15
+    assert 5 <= len(times) <= 9, gaps
+    for gap, nominal in zip(gaps, [0.05, 0.1, 0.2, 0.4], strict=False):
+        assert nominal - 0.01 <= gap <= nominal + slack, gaps
+    assert all(g <= 0.4 + slack for g in gaps), gaps
     assert b._poll_interval == 0.4
 
 
