@@ -433,9 +433,10 @@ class Worker:
     async def _reschedule(self, run_id: str, until: float | None) -> None:
         if until is not None:
             await self.backend.schedule(run_id, until)
-            return
-        await self.backend.unschedule(run_id)
-        # An event posted between our last inbox read and the unschedule must not be missed.
+        else:
+            await self.backend.unschedule(run_id)
+        # An event posted between our last inbox read and this write must not wait for the
+        # timer (or, with no timer, forever): its own schedule may have been overwritten.
         if await self.backend.read_inbox(run_id):
             await self.backend.schedule(run_id, time.time())
 

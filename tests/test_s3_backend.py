@@ -495,6 +495,7 @@ async def test_a_poll_does_not_report_due_runs_already_seen(h: S3Harness) -> Non
     b = open_s3(h, min_poll=0.05, max_poll=0.2)
     other = open_s3(h)
     await other.schedule("held-elsewhere", time.time() - 5)
+    assert await b.wait_for_work(0.01) is True  # the in-process wake-up, kept for b
     assert [r for r, _ in await b.due(time.time())] == ["held-elsewhere"]
     times = await poll_times(b)
     # The run stays due (another worker holds it): no news, so no spinning.

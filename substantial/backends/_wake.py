@@ -57,14 +57,11 @@ class WakeChannel:
         # A backend dropped without close() must not leave its socket open or its file behind.
         self._finalizer = weakref.finalize(self, self._sockets.close)
         self._loop: asyncio.AbstractEventLoop | None = None
-        #: Set when a signal arrived; lets a waiter that was busy when it came return at once.
-        self.signalled = False
 
     # -- sending ----------------------------------------------------------
 
     def broadcast(self) -> None:
         """Wake every waiter of this store, in this process and in others."""
-        self.signalled = True
         self._waker.notify()
         if not self._finalizer.alive:
             return  # closed: no sockets any more
@@ -96,12 +93,8 @@ class WakeChannel:
     async def wait(self, timeout: float) -> bool:
         """Sleep until another process (or this one) makes work due, or ``timeout`` passes."""
         self.listen()
-        if self.signalled:
-            self.signalled = False
-            return True
-        woken = await self._waker.wait(timeout)
-        self.signalled = False
-        return woken
+        # The waker keeps a signal that arrived while nobody waited, so it counts at once.
+        return await self._waker.wait(timeout)
 
     def listen(self) -> None:
         """Bind this instance's socket (once) and watch it from the running event loop."""
@@ -146,7 +139,6 @@ class WakeChannel:
                 receiver.recv(64)
             except OSError:  # BlockingIOError once the queue is empty
                 break
-        self.signalled = True
         self._waker.notify()
 
     def _detach(self) -> None:

@@ -200,6 +200,10 @@ class Waker:
             else:
                 loop.call_soon_threadsafe(_resolve, fut)
 
+    def clear(self) -> None:
+        """Forget a kept signal: the caller is about to read the state it announced."""
+        self._pending = False
+
     async def wait(self, timeout: float) -> bool:
         """Sleep until notified or ``timeout`` seconds pass; return True if notified."""
         if self._pending:
@@ -210,7 +214,10 @@ class Waker:
         key = (loop, fut)
         self._waiters.add(key)
         try:
-            await asyncio.wait_for(fut, timeout)
+            # Not asyncio.wait_for: on Python 3.11 it can swallow a cancel() that lands in
+            # the same loop iteration as the notify, and the worker would never stop.
+            async with asyncio.timeout(timeout):
+                await fut
             return True
         except TimeoutError:
             return False

@@ -559,7 +559,7 @@ class FSBackend(Backend):
     async def due(self, now: float, limit: int = 100) -> list[tuple[str, float]]:
         """List the buckets up to now and return their current keys in time order."""
         self._wake.listen()
-        self._wake.signalled = False
+        self.waker.clear()  # this read covers every signal sent so far
         now_us = _key_us(now)
         now_bucket = now_us // _BUCKET_US
         out: list[tuple[str, float]] = []

@@ -243,13 +243,10 @@ class RedisBackend(Backend):
         self._init_lock = asyncio.Lock()
         self._down_since: float | None = None
         self._closed = False
-        # Wake-ups: the listener bumps _wake_seq for each signal; due() and
-        # wait_for_work() remember the value they have seen, so a signal that
-        # arrives between a poll and the next wait is not lost.
+        # Wake-ups: the listener notifies self.waker, which keeps a signal that
+        # arrives between a poll and the next wait.
         self._listener: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
-        self._wake_seq = 0
-        self._seen_seq = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
 
@@ -479,7 +476,7 @@ class RedisBackend(Backend):
     async def due(self, now: float, limit: int = 100) -> list[tuple[str, float]]:
         """Merge the heads of every due shard: ZRANGEBYSCORE -inf..now LIMIT ``limit``, each."""
         self._start_listener()
-        self._seen_seq = self._wake_seq
+        self.waker.clear()  # this read covers every signal sent so far
         if limit <= 0:
             return []
         high = repr(float(now))
@@ -618,9 +615,8 @@ class RedisBackend(Backend):
         A signal that arrived since the last :meth:`due` counts at once.
         """
         self._start_listener()
-        woke = self._wake_seq != self._seen_seq or await self.waker.wait(timeout)
-        self._seen_seq = self._wake_seq
-        return woke
+        # The waker keeps a signal that arrived while nobody waited, so it counts at once.
+        return await self.waker.wait(timeout)
 
     def _start_listener(self) -> None:
         if self._listener is None and not self._closed:
@@ -629,7 +625,6 @@ class RedisBackend(Backend):
             )
 
     def _wake(self) -> None:
-        self._wake_seq += 1
         self.waker.notify()
 
     def _on_signal(self, data: bytes) -> None:

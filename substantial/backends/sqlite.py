@@ -439,7 +439,7 @@ class SQLiteBackend(Backend):
     async def due(self, now: float, limit: int = 100) -> list[tuple[str, float]]:
         """Walk the ``(at, run_id)`` index up to ``now``."""
         self._wake.listen()
-        self._wake.signalled = False
+        self.waker.clear()  # this read covers every signal sent so far
         rows = self._read(
             "SELECT run_id, at FROM due WHERE at <= ? ORDER BY at, run_id LIMIT ?",
             (now, limit),
