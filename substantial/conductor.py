@@ -202,14 +202,7 @@ class Run:
         data = encode_value({"name": name, "value": value})
         backend = self._conductor.backend
         run_id = self.run_id
-        while True:
-            info = await backend.get_run(run_id)
-            if info is None:
-                raise RunNotFound(
-                    f"no run with id {run_id!r} in {backend.describe()}: start it first"
-                )
-            if info.status != "continued":
-                break
+        while (info := await self._info(run_id)).status == "continued":
             run_id = info.output["next"]  # the chain's live run receives what the first would
         if info.status in TERMINAL_STATUSES:
             raise InvalidArgument(
@@ -218,8 +211,8 @@ class Run:
         await backend.send_event(run_id, eid, data)
         # The run may have continued while we posted: make sure its successor gets the event
         # (idempotent by event id, and a successor skips ids its predecessor consumed).
-        while (info := await backend.get_run(run_id)) is not None and info.status == "continued":
-            run_id = info.output["next"]
+        while (latest := await backend.get_run(run_id)) and latest.status == "continued":
+            run_id = latest.output["next"]
             await backend.send_event(run_id, eid, data)
         return eid
 
@@ -229,11 +222,13 @@ class Run:
 
     async def status(self) -> RunInfo:
         """Return the run's current metadata."""
-        info = await self._conductor.backend.get_run(self.run_id)
+        return await self._info(self.run_id)
+
+    async def _info(self, run_id: str) -> RunInfo:
+        backend = self._conductor.backend
+        info = await backend.get_run(run_id)
         if info is None:
-            raise RunNotFound(
-                f"no run with id {self.run_id!r} in {self._conductor.backend.describe()}"
-            )
+            raise RunNotFound(f"no run with id {run_id!r} in {backend.describe()}: start it first")
         return info
 
     async def result(self, timeout: float | None = None) -> Any:
@@ -246,11 +241,8 @@ class Run:
         deadline = None if timeout is None else time.monotonic() + timeout
         run_id = self.run_id
         pause = 0.002
-        backend = self._conductor.backend
         while True:
-            info = await backend.get_run(run_id)
-            if info is None:
-                raise RunNotFound(f"no run with id {run_id!r} in {backend.describe()}")
+            info = await self._info(run_id)
             if info.status in TERMINAL_STATUSES:
                 if info.status == "completed":
                     return info.output

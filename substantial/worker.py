@@ -14,7 +14,6 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -473,33 +472,15 @@ def encode_start(
     at: float,
     seen: list[str] | None = None,
 ) -> bytes:
-    """Encode the first entry of a run."""
+    """Encode the first entry of a run; ``seen`` carries a predecessor's consumed event ids."""
+    record: Record = {
+        "k": "start",
+        "run_id": run_id,
+        "workflow": workflow,
+        "version": version,
+        "kwargs": kwargs,
+        "at": at,
+    }
     if seen:
-        return encode_entry(
-            [
-                {
-                    "k": "start",
-                    "run_id": run_id,
-                    "workflow": workflow,
-                    "version": version,
-                    "kwargs": kwargs,
-                    "at": at,
-                    "seen": seen,
-                }
-            ]
-        )
-    return encode_entry(
-        [
-            {
-                "k": "start",
-                "run_id": run_id,
-                "workflow": workflow,
-                "version": version,
-                "kwargs": kwargs,
-                "at": at,
-            }
-        ]
-    )
-
-
-Callback = Callable[[str], None]
+        record["seen"] = seen
+    return encode_entry([record])
