@@ -179,6 +179,18 @@ asyncio.run(main())
 """
 
 
+def worker_process(url: str, trace: Path | None = None) -> subprocess.Popen[str]:
+    """Start ``substantial worker`` for tests.workflows on ``url``; return once it serves."""
+    env = {**os.environ, "SUBSTANTIAL_TEST_URL": url, "PYTHONPATH": str(ROOT)}
+    if trace is not None:
+        env["SUBSTANTIAL_TEST_TRACE"] = str(trace)
+    cmd = [sys.executable, "-m", "substantial.cli", "worker", "tests.workflows:conductor"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    proc.stderr.readline()  # the worker prints "worker ready ..." once it can serve
+    return proc
+
+
 def url_of(name: str, work: Path) -> str | None:
     if name == "fs":
         return f"file://{work}/store"
@@ -220,26 +232,17 @@ async def w4(name: str, work: Path, floor: float) -> None:
     if url is None:
         return
     trace = work / "trace.txt"
-    env = {
-        **os.environ,
-        "SUBSTANTIAL_TEST_URL": url,
-        "SUBSTANTIAL_TEST_TRACE": str(trace),
-        "PYTHONPATH": str(ROOT),
-    }
     from tests.workflows import hundred_steps
 
     client = Conductor(TARGETS[name].open(work, "process"))
     client.register(hundred_steps)
     run = await client.start(hundred_steps, {"n": 100, "pause": 0.02})
-    cmd = [sys.executable, "-m", "substantial.cli", "worker", "tests.workflows:conductor"]
-    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    first = worker_process(url, trace)
     while not trace.exists() or f"{run.run_id} start 50 " not in trace.read_text():
         await asyncio.sleep(0.002)
     first.send_signal(signal.SIGKILL)
-    first.wait()
-    second = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    assert second.stderr is not None
-    second.stderr.readline()  # the worker prints "worker ready ..." once it can serve
+    first.communicate()
+    second = worker_process(url, trace)
     ready = time.perf_counter()
     mine = f" {second.pid}\n"
     while mine not in trace.read_text():
@@ -320,19 +323,11 @@ async def w6(name: str, work: Path, floor: float) -> None:
         return
     from tests.workflows import ten_steps
 
-    env = {**os.environ, "SUBSTANTIAL_TEST_URL": url, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "substantial.cli", "worker", "tests.workflows:conductor"]
     client = Conductor(TARGETS[name].open(work, "process"))
     client.register(ten_steps)
     figures = {}
     for workers in (1, 4):
-        procs = [
-            subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-            for _ in range(workers)
-        ]
-        for p in procs:
-            assert p.stderr is not None
-            p.stderr.readline()
+        procs = [worker_process(url) for _ in range(workers)]
         n = 500
         t0 = time.perf_counter()
         runs = [await client.start(ten_steps, {"tag": str(workers)}) for _ in range(n)]
@@ -365,16 +360,12 @@ async def w5(name: str, work: Path, floor: float) -> None:
         return
     from tests.workflows import ten_steps
 
-    env = {**os.environ, "SUBSTANTIAL_TEST_URL": url, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "substantial.cli", "worker", "tests.workflows:conductor"]
     client = Conductor(TARGETS[name].open(work, "process"))
     client.register(ten_steps)
     waiting = 100_000
 
     async def one_more() -> tuple[float, int]:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-        assert proc.stderr is not None
-        proc.stderr.readline()
+        proc = worker_process(url)
         best = float("inf")
         for _ in range(7):
             run = await client.start(ten_steps)
