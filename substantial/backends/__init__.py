@@ -15,8 +15,10 @@ def from_url(url: str) -> Backend:
 
     ``memory://``, ``file:///abs/dir`` (or ``file://./rel/dir``),
     ``sqlite:///path/to.db``, ``redis://[user:pass@]host:port/db?prefix=app``,
-    ``rediss://...``, ``s3://bucket/prefix``. A ``durability=fsync`` query
-    parameter selects power-loss safety on the fs and sqlite backends.
+    ``rediss://...``, ``s3://bucket/prefix``,
+    ``postgresql://user:pass@host:port/db?prefix=app`` (or ``postgres://``).
+    A ``durability=fsync`` query parameter selects power-loss safety on the
+    fs and sqlite backends.
     """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
@@ -47,7 +49,11 @@ def from_url(url: str) -> Backend:
         from substantial.backends.s3 import S3Backend
 
         return S3Backend.from_url(url)
+    if scheme in ("postgres", "postgresql"):
+        from substantial.backends.postgres import PostgresBackend
+
+        return PostgresBackend.from_url(url)
     raise InvalidArgument(
         f"unknown backend URL scheme {scheme!r} in {url!r}: use memory://, file://, "
-        "sqlite://, redis://, rediss:// or s3://"
+        "sqlite://, redis://, rediss://, s3:// or postgresql://"
     )

@@ -1,0 +1,399 @@
+"""The Postgres backend: one database shared by every worker, through a connection pool."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+
+from substantial.backends.base import Backend, Event, Lease, RunInfo, validate_id
+from substantial.backends.postgres._batch import AppendBatcher, Key
+from substantial.backends.postgres._errors import (
+    is_connection_error,
+    is_connection_lost,
+    parse_url,
+    redact,
+    translate,
+)
+from substantial.backends.postgres._listen import Listener
+from substantial.backends.postgres._schema import Statements, ensure_schema
+from substantial.errors import BackendUnavailable, InvalidArgument, PositionTaken, SubstantialError
+
+__all__ = ["PostgresBackend"]
+
+T = TypeVar("T")
+Conn = Any  # asyncpg.Connection: asyncpg ships no type information
+
+# How long the first due() waits for the wake-up LISTEN to be in place, so a
+# signal sent right after it is not missed.
+_LISTEN_WAIT = 2.0
+
+
+class PostgresBackend(Backend):
+    """Store runs in PostgreSQL tables named ``<prefix>_*``; many machines share one database.
+
+    Statements run on a pool of at most ``pool_size`` connections. A
+    connection attempt gives up after ``connect_timeout`` seconds and a
+    statement after ``command_timeout``, then the call raises
+    :class:`BackendUnavailable`. ``prefix`` names the application's tables,
+    so several applications can share one database. ``group_commit`` sends
+    the appends of one event-loop iteration as one INSERT. Durability is the
+    server's: with the default ``synchronous_commit = on`` an acknowledged
+    write survives a crash of the server or its machine.
+    """
+
+    name = "postgres"
+
+    def __init__(
+        self,
+        dsn: str = "postgresql://localhost/postgres",
+        *,
+        prefix: str = "substantial",
+        pool_size: int = 10,
+        connect_timeout: float = 5.0,
+        command_timeout: float = 10.0,
+        group_commit: bool = True,
+    ) -> None:
+        super().__init__()
+        self._sql = Statements(prefix)
+        self.prefix = prefix
+        self._dsn, self._where, self._password = parse_url(dsn)
+        if pool_size < 1:
+            raise InvalidArgument(f"pool_size={pool_size}: use at least 1")
+        self.pool_size = pool_size
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self._pool: Any = None
+        self._pool_lock = asyncio.Lock()
+        self._closed = False
+        self._batcher = AppendBatcher(self._insert_many) if group_commit else None
+        self._listener = Listener(
+            self._connect, self._sql.channel, self.waker, self._where, is_connection_error
+        )
+        self._listen_waited = False
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> PostgresBackend:
+        """Open ``postgresql://user:pass@host:port/db?prefix=app`` (also ``postgres://``).
+
+        ``prefix``, ``pool_size``, ``connect_timeout``, ``command_timeout`` and
+        ``group_commit`` (``yes``/``no``) are read here; every other query
+        parameter goes to asyncpg (``sslmode=require``, ...).
+        """
+        try:
+            parts = urlsplit(url)
+            query = parse_qsl(parts.query, keep_blank_values=True)
+        except ValueError as exc:
+            raise InvalidArgument(f"invalid Postgres URL {redact(url)!r}: {exc}") from exc
+        rest: list[tuple[str, str]] = []
+        for key, value in query:
+            try:
+                if key == "prefix":
+                    kwargs["prefix"] = value
+                elif key == "pool_size":
+                    kwargs["pool_size"] = int(value)
+                elif key in ("connect_timeout", "command_timeout"):
+                    kwargs[key] = float(value)
+                elif key == "group_commit":
+                    kwargs[key] = value.lower() in ("1", "yes", "true", "on")
+                else:
+                    rest.append((key, value))
+            except ValueError as exc:
+                raise InvalidArgument(
+                    f"{key}={value!r} in {redact(url)!r} is not a number"
+                ) from exc
+        return cls(urlunsplit(parts._replace(query=urlencode(rest))), **kwargs)
+
+    def describe(self) -> str:
+        """Return the server, database and prefix, without the password."""
+        return f"postgres {self._where} prefix={self.prefix}"
+
+    # -- connections and errors -------------------------------------------
+
+    async def _connect(self) -> Conn:
+        """Open a connection of its own (the wake-up listener's)."""
+        return await asyncpg.connect(
+            self._dsn,
+            timeout=self.connect_timeout,
+            command_timeout=self.command_timeout,
+            server_settings={"application_name": "substantial listener"},
+        )
+
+    async def _get_pool(self) -> Any:
+        if self._pool is not None:
+            return self._pool
+        if self._closed:
+            raise BackendUnavailable(f"this backend for {self._where} is closed; open a new one")
+        async with self._pool_lock:
+            if self._pool is None:
+                try:
+                    pool = await asyncpg.create_pool(
+                        self._dsn,
+                        min_size=1,
+                        max_size=self.pool_size,
+                        timeout=self.connect_timeout,
+                        command_timeout=self.command_timeout,
+                        server_settings={"application_name": "substantial"},
+                    )
+                except ValueError as exc:  # asyncpg's verdict on the URL's options
+                    detail = str(exc).replace(self._password or "\0", "***")
+                    raise InvalidArgument(
+                        f"invalid Postgres URL {redact(self._dsn)!r}: {detail}"
+                    ) from exc
+                try:
+                    async with pool.acquire() as conn:
+                        await ensure_schema(conn, self._sql, self._where)
+                except BaseException:
+                    pool.terminate()
+                    raise
+                self._pool = pool
+        return self._pool
+
+    async def _run(
+        self, action: str, fn: Callable[[Conn], Awaitable[T]], *, retry: bool = True
+    ) -> T:
+        """Run ``fn`` on a pooled connection, translating driver errors (the one place).
+
+        A connection found broken (the server restarted since it was last
+        used) is replaced and the call tried once more, unless ``retry`` is
+        False: a call that may have been applied must not run twice.
+        """
+        attempts = 2 if retry else 1
+        for attempt in range(attempts):
+            try:
+                pool = await self._get_pool()
+                async with pool.acquire(timeout=self.connect_timeout) as conn:
+                    return await fn(conn)
+            except SubstantialError:
+                raise
+            except Exception as exc:
+                if attempt + 1 < attempts and is_connection_lost(exc):
+                    continue
+                raise translate(exc, action, self._where, self._password) from exc
+        raise AssertionError("unreachable")
+
+    # -- the log ----------------------------------------------------------
+
+    async def append(self, run_id: str, position: int, entry: bytes) -> None:
+        """Insert the entry; the primary key (run_id, position) refuses a taken position."""
+        validate_id("run id", run_id)
+        if position < 0:
+            raise InvalidArgument(f"log position {position} of run {run_id!r} is negative")
+        entry = bytes(entry)
+        if self._batcher is not None:
+            await self._batcher.append(run_id, position, entry)
+            return
+
+        async def insert(conn: Conn) -> str:
+            return str(await conn.execute(self._sql["append"], run_id, position, entry))
+
+        # Not retried: after a lost reply the retry would find its own row and fail.
+        if not (await self._run("append", insert, retry=False)).endswith(" 1"):
+            raise PositionTaken(run_id, position)
+
+    async def _insert_many(self, rows: list[tuple[str, int, bytes]]) -> set[Key]:
+        """Insert rows of the log in one statement; return the keys stored now."""
+
+        async def insert(conn: Conn) -> set[Key]:
+            if len(rows) == 1:
+                run_id, position, entry = rows[0]
+                status = await conn.execute(self._sql["append"], run_id, position, entry)
+                return {(run_id, position)} if str(status).endswith(" 1") else set()
+            stored = await conn.fetch(
+                self._sql["append_many"],
+                [r[0] for r in rows],
+                [r[1] for r in rows],
+                [r[2] for r in rows],
+            )
+            return {(r[0], r[1]) for r in stored}
+
+        return await self._run("append", insert, retry=False)
+
+    async def read_log(self, run_id: str, start: int = 0) -> list[bytes]:
+        """Select entries from ``start`` in position order and stop at the first gap."""
+        validate_id("run id", run_id)
+        rows = await self._run(
+            f"read the log of run {run_id!r}",
+            lambda c: c.fetch(self._sql["read_log"], run_id, start),
+        )
+        out: list[bytes] = []
+        for expected, (position, entry) in enumerate(rows, start):
+            if position != expected:
+                break
+            out.append(bytes(entry))
+        return out
+
+    # -- the inbox --------------------------------------------------------
+
+    async def post_event(self, run_id: str, event_id: str, data: bytes) -> bool:
+        """Insert the event unless (run, event id) is there; notify in the same statement."""
+        validate_id("run id", run_id)
+        validate_id("event id", event_id)
+        args = (run_id, event_id, bytes(data), time.time(), self._sql.channel)
+        row = await self._run("post_event", lambda c: c.fetchrow(self._sql["post"], *args))
+        return bool(row[0])
+
+    async def send_event(self, run_id: str, event_id: str, data: bytes) -> bool:
+        """Insert the event, make the run due now and notify, in one statement."""
+        validate_id("run id", run_id)
+        validate_id("event id", event_id)
+        args = (run_id, event_id, bytes(data), time.time(), self._sql.channel)
+        row = await self._run("send_event", lambda c: c.fetchrow(self._sql["send"], *args))
+        return bool(row[0])
+
+    async def read_inbox(self, run_id: str) -> list[Event]:
+        """Select pending events in ``seq`` (arrival) order."""
+        validate_id("run id", run_id)
+        rows = await self._run(
+            f"read the inbox of run {run_id!r}",
+            lambda c: c.fetch(self._sql["read_inbox"], run_id),
+        )
+        return [Event(event_id, bytes(data), posted_at) for event_id, data, posted_at in rows]
+
+    async def ack_events(self, run_id: str, event_ids: Sequence[str]) -> None:
+        """Delete the events in one statement; unknown ids match no row."""
+        validate_id("run id", run_id)
+        ids = [validate_id("event id", e) for e in event_ids]
+        if ids:
+            await self._run("ack_events", lambda c: c.execute(self._sql["ack"], run_id, ids))
+
+    # -- the due index ----------------------------------------------------
+
+    async def schedule(self, run_id: str, at: float) -> None:
+        """Upsert the run's ``due`` row and notify the time, in one statement."""
+        validate_id("run id", run_id)
+        args = (run_id, float(at), self._sql.channel)
+        await self._run("schedule", lambda c: c.execute(self._sql["schedule"], *args))
+
+    async def unschedule(self, run_id: str) -> None:
+        """Delete the run's ``due`` row."""
+        validate_id("run id", run_id)
+        await self._run("unschedule", lambda c: c.execute(self._sql["unschedule"], run_id))
+
+    async def due(self, now: float, limit: int = 100) -> list[tuple[str, float]]:
+        """Walk the ``(at, run_id)`` index up to ``now``."""
+        await self._start_listening()
+        self.waker.clear()  # this read covers every signal sent so far
+        rows = await self._run(
+            "read the due index",
+            lambda c: c.fetch(self._sql["due"], float(now), max(0, limit)),
+        )
+        return [(run_id, at) for run_id, at in rows]
+
+    async def next_due_at(self) -> float | None:
+        """Read the first entry of the ``at`` index."""
+        at = await self._run("read the due index", lambda c: c.fetchval(self._sql["next_due"]))
+        return None if at is None else float(at)
+
+    # -- leases -----------------------------------------------------------
+
+    async def acquire_lease(
+        self, run_id: str, owner: str, ttl: float, *, steal_from: str | None = None
+    ) -> bool:
+        """Upsert the lease row only where the current lease allows it, on the server's clock."""
+        validate_id("run id", run_id)
+        args = (run_id, owner, float(ttl), steal_from)
+        # Retrying is safe: a first try that took the lease makes the retry a renewal.
+        row = await self._run("acquire_lease", lambda c: c.fetchrow(self._sql["acquire"], *args))
+        return row is not None
+
+    async def release_lease(self, run_id: str, owner: str) -> None:
+        """Delete the lease row if ``owner`` holds it."""
+        validate_id("run id", run_id)
+        await self._run("release_lease", lambda c: c.execute(self._sql["release"], run_id, owner))
+
+    async def get_lease(self, run_id: str) -> Lease | None:
+        """Select the lease row."""
+        validate_id("run id", run_id)
+        row = await self._run(
+            f"read the lease of run {run_id!r}",
+            lambda c: c.fetchrow(self._sql["get_lease"], run_id),
+        )
+        return None if row is None else Lease(run_id, row[0], row[1])
+
+    # -- run metadata -----------------------------------------------------
+
+    async def put_run(self, info: RunInfo) -> None:
+        """Insert or replace the run's row (one statement: readers see old or new)."""
+        validate_id("run id", info.run_id)
+        args = (info.run_id, info.workflow, info.status, info.to_bytes())
+        await self._run("put_run", lambda c: c.execute(self._sql["put_run"], *args))
+
+    async def get_run(self, run_id: str) -> RunInfo | None:
+        """Select the run's row."""
+        validate_id("run id", run_id)
+        data = await self._run(
+            f"read metadata of run {run_id!r}",
+            lambda c: c.fetchval(self._sql["get_run"], run_id),
+        )
+        return None if data is None else RunInfo.from_bytes(run_id, bytes(data))
+
+    async def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[RunInfo]:
+        """Select runs in id order through the matching index."""
+        sql = self._sql.list_runs(status is not None, workflow is not None)
+        args: list[Any] = [after or ""]
+        args += [v for v in (status, workflow) if v is not None]
+        args.append(max(0, limit))
+        rows = await self._run("list runs", lambda c: c.fetch(sql, *args))
+        return [RunInfo.from_bytes(run_id, bytes(info)) for run_id, info in rows]
+
+    async def create_run(self, info: RunInfo, entry: bytes, due_at: float) -> bool:
+        """Write the first entry, metadata and schedule in one statement; False if it existed."""
+        validate_id("run id", info.run_id)
+        meta = (info.workflow, info.status, info.to_bytes())
+        channel = self._sql.channel
+
+        async def create(conn: Conn) -> bool:
+            args = (info.run_id, bytes(entry), *meta, float(due_at), channel)
+            row = await conn.fetchrow(self._sql["create"], *args)
+            if row[0]:
+                return True
+            await conn.execute(self._sql["complete"], info.run_id, *meta, float(due_at), channel)
+            return False
+
+        return await self._run("create_run", create)
+
+    # -- lifecycle and wake-ups -------------------------------------------
+
+    async def _start_listening(self) -> None:
+        self._listener.start()
+        if not self._listen_waited:
+            # Once: a signal sent right after our first poll must find us listening.
+            self._listen_waited = True
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(_LISTEN_WAIT, self.connect_timeout)):
+                    await self._listener.listening.wait()
+
+    async def wait_for_work(self, timeout: float) -> bool:
+        """Sleep until a NOTIFY says work is due (here or in another process), or ``timeout``.
+
+        A signal that arrived since the last :meth:`due` counts at once.
+        """
+        self._listener.start()
+        return await self.waker.wait(timeout)
+
+    async def close(self) -> None:
+        """Settle queued appends, stop listening and close the pool."""
+        if self._batcher is not None:
+            await self._batcher.drain()
+        self._closed = True
+        await self._listener.close()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                async with asyncio.timeout(5):
+                    await pool.close()
+            except TimeoutError:
+                pool.terminate()
