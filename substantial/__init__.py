@@ -1,10 +1,11 @@
 """Substantial: brokerless durable execution for Python."""
 
 from substantial.conductor import Agent, Conductor, Run
-from substantial.context import Context, RetryPolicy
+from substantial.context import ChildHandle, Context, RetryPolicy
 from substantial.errors import (
     BackendError,
     BackendUnavailable,
+    ChildFailed,
     CorruptRecord,
     InvalidArgument,
     NonDeterminismError,
@@ -13,6 +14,7 @@ from substantial.errors import (
     ReceiveTimeout,
     ResultTimeout,
     RunCancelled,
+    RunConflict,
     RunNotFound,
     RunReverted,
     SerializationError,
@@ -21,6 +23,8 @@ from substantial.errors import (
     SubstantialError,
     UnknownWorkflow,
     WorkflowFailed,
+    WorkflowMisuse,
+    WorkflowTimeout,
 )
 from substantial.workflow import Workflow, workflow
 
@@ -30,6 +34,8 @@ __all__ = [
     "Agent",
     "BackendError",
     "BackendUnavailable",
+    "ChildFailed",
+    "ChildHandle",
     "Conductor",
     "Context",
     "CorruptRecord",
@@ -42,6 +48,7 @@ __all__ = [
     "RetryPolicy",
     "Run",
     "RunCancelled",
+    "RunConflict",
     "RunNotFound",
     "RunReverted",
     "SerializationError",
@@ -51,5 +58,7 @@ __all__ = [
     "UnknownWorkflow",
     "Workflow",
     "WorkflowFailed",
+    "WorkflowMisuse",
+    "WorkflowTimeout",
     "workflow",
 ]

@@ -6,24 +6,29 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Generator
+from collections.abc import AsyncIterator, Generator
+from datetime import timedelta
 from typing import Any
 
+import orjson
+
+from substantial._runs import create_run, existing_start, same_start
 from substantial.backends import from_url
 from substantial.backends.base import TERMINAL_STATUSES, Backend, RunInfo, Waker, validate_id
 from substantial.errors import (
     InvalidArgument,
     ResultTimeout,
     RunCancelled,
+    RunConflict,
     RunNotFound,
     RunReverted,
     UnknownWorkflow,
     WorkflowFailed,
 )
-from substantial.records import encode_value
+from substantial.records import decode_entry, encode_value, start_record
 from substantial.replay import CANCEL_EVENT
-from substantial.worker import Worker, encode_start
-from substantial.workflow import Workflow
+from substantial.worker import Worker
+from substantial.workflow import Registry, Workflow, timeout_seconds
 
 __all__ = ["Agent", "Conductor", "Run"]
 
@@ -36,8 +41,7 @@ class Conductor:
 
     def __init__(self, backend: Backend | str) -> None:
         self.backend: Backend = from_url(backend) if isinstance(backend, str) else backend
-        self._workflows: dict[tuple[str, str | None], Workflow[Any]] = {}
-        self._latest: dict[str, Workflow[Any]] = {}
+        self.registry = Registry()
         self._ended = Waker()
 
     # -- registry --------------------------------------------------------------
@@ -47,17 +51,11 @@ class Conductor:
 
         The last version registered under a name is the one new runs start with.
         """
-        if not isinstance(wf, Workflow):
-            raise InvalidArgument(
-                f"register() takes a function decorated with @workflow(), got {wf!r}"
-            )
-        self._workflows[wf.key] = wf
-        self._latest[wf.name] = wf
-        return wf
+        return self.registry.register(wf)
 
     def lookup(self, name: str, version: str | None) -> Workflow[Any] | None:
         """Return the registered workflow for a run's recorded name and version."""
-        return self._workflows.get((name, version))
+        return self.registry.lookup(name, version)
 
     # -- runs ------------------------------------------------------------------
 
@@ -67,14 +65,19 @@ class Conductor:
         kwargs: dict[str, Any] | None = None,
         *,
         run_id: str | None = None,
+        timeout: timedelta | float | None = None,
     ) -> Run:
         """Start a run of ``wf`` with keyword arguments ``kwargs``; return its handle.
 
         With ``run_id``, starting twice returns the existing run instead of
-        starting another (the backend's create-if-absent decides).
+        starting another (the backend's create-if-absent decides); if that run
+        was started with other arguments, :class:`RunConflict` is raised.
+        ``timeout`` gives the run a deadline (default: the workflow's
+        ``timeout``): once it passes, ``WorkflowTimeout`` is raised inside the
+        workflow and the run ends as ``timed_out``.
         """
         if isinstance(wf, str):
-            found = self._latest.get(wf)
+            found = self.registry.latest(wf)
             if found is None:
                 raise UnknownWorkflow(
                     f"no workflow named {wf!r} is registered: call conductor.register(...) with "
@@ -90,33 +93,50 @@ class Conductor:
                 f"run id {run_id!r} contains '+', which names the successors of "
                 "continue_using (run+1, run+2, ...): choose an id without '+'"
             )
+        limit = timeout_seconds(timeout) if timeout is not None else wf.timeout
         rid = run_id if run_id is not None else uuid.uuid4().hex
-        await self._create(wf.name, wf.version, dict(kwargs or {}), rid)
-        return Run(self, rid)
-
-    async def _create(
-        self,
-        workflow: str,
-        version: str | None,
-        kwargs: dict[str, Any],
-        run_id: str,
-        *,
-        seen: list[str] | None = None,
-    ) -> bool:
         now = time.time()
-        entry = encode_start(run_id, workflow, version, kwargs, now, seen)
-        info = RunInfo(run_id, workflow, "active", now, now, version=version)
-        return await self.backend.create_run(info, entry, now)
+        args = orjson.loads(encode_value(dict(kwargs or {}), "the workflow's arguments"))
+        record = start_record(
+            rid, wf.name, wf.version, args, now, deadline=None if limit is None else now + limit
+        )
+        if not await create_run(self.backend, record) and run_id is not None:
+            existing = await existing_start(self.backend, rid)
+            if not same_start(existing, record):
+                raise RunConflict(
+                    f"run {rid!r} already exists with workflow {existing.get('workflow')!r} and "
+                    f"arguments {existing.get('kwargs')!r}: starting it again with other "
+                    "arguments would not start anything; choose another run_id"
+                )
+        return Run(self, rid)
 
     def get(self, run_id: str) -> Run:
         """Return a handle on an existing run."""
         return Run(self, validate_id("run id", run_id))
 
     async def list(
-        self, *, status: str | None = None, workflow: str | None = None, limit: int = 100
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        parent: str | None = None,
+        limit: int = 100,
     ) -> list[RunInfo]:
-        """Return runs' metadata, ordered by run id."""
-        return await self.backend.list_runs(status=status, workflow=workflow, limit=limit)
+        """Return runs' metadata, ordered by run id; ``parent`` keeps one run's children."""
+        if parent is None:
+            return await self.backend.list_runs(status=status, workflow=workflow, limit=limit)
+        # Children's ids start with their parent's id unless given one: page through the rest.
+        out: list[RunInfo] = []
+        after: str | None = None
+        while len(out) < limit:
+            page = await self.backend.list_runs(
+                status=status, workflow=workflow, limit=500, after=after
+            )
+            out.extend(info for info in page if info.parent == parent)
+            if len(page) < 500:
+                break
+            after = page[-1].run_id
+        return out[:limit]
 
     # -- workers ---------------------------------------------------------------
 
@@ -128,6 +148,7 @@ class Conductor:
         idle_timeout: float = 60.0,
         poll_interval: float = 5.0,
         shutdown_grace: float = 10.0,
+        step_threads: int = 64,
     ) -> Agent:
         """Start a worker in this process; ``agent.cancel(); await agent`` stops it cleanly.
 
@@ -136,15 +157,19 @@ class Conductor:
         another host; runs waiting longer than ``idle_timeout`` seconds leave
         memory; ``poll_interval`` bounds the wait between index reads when no
         wake-up signal arrives; on stop, running steps get ``shutdown_grace``
-        seconds to finish and be recorded.
+        seconds to finish and be recorded; synchronous step functions run on
+        up to ``step_threads`` threads.
         """
         worker = Worker(
-            self,
+            self.registry,
+            self.backend,
+            on_ended=self._run_ended,
             concurrency=concurrency,
             lease_ttl=lease_ttl,
             idle_timeout=idle_timeout,
             poll_interval=poll_interval,
             shutdown_grace=shutdown_grace,
+            step_threads=step_threads,
         )
         return Agent(worker)
 
@@ -249,17 +274,74 @@ class Run:
                 if info.status == "continued":
                     run_id = info.output["next"]
                     continue
-                if info.status == "failed":
-                    kind, _, message = (info.error or "Error: unknown").partition(": ")
-                    raise WorkflowFailed(run_id, kind, message)
+                if info.status in ("failed", "timed_out"):
+                    err = info.error or {"type": "Error", "message": "unknown"}
+                    raise WorkflowFailed(
+                        run_id, err["type"], err["message"], err.get("traceback")
+                    )
                 if info.status == "cancelled":
                     raise RunCancelled(f"run {run_id!r} was cancelled")
                 raise RunReverted(f"run {run_id!r} was reverted: its compensations ran")
-            wait = pause
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise ResultTimeout(f"run {run_id!r} did not finish within {timeout}s")
-                wait = min(wait, left)
-            await self._conductor._ended.wait(wait)
-            pause = min(pause * 2, 0.25)
+            pause = await self._pause(pause, deadline, f"run {run_id!r} did not finish", timeout)
+
+    async def _pause(
+        self, pause: float, deadline: float | None, what: str, timeout: float | None
+    ) -> float:
+        """Wait a little (less as the deadline nears), woken early when a local run ends."""
+        wait = pause
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ResultTimeout(f"{what} within {timeout}s")
+            wait = min(wait, left)
+        await self._conductor._ended.wait(wait)
+        return min(pause * 2, 0.25)
+
+    async def read(self, key: str, timeout: float | None = None) -> Any:
+        """Return the latest value the run published under ``key``, waiting until it has one.
+
+        Raises :class:`ResultTimeout` if ``timeout`` seconds pass first, and
+        :class:`InvalidArgument` if the run ended without publishing ``key``.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.002
+        while True:
+            info = await self._info(self.run_id)
+            if info.published and key in info.published:
+                return info.published[key]
+            if info.status in TERMINAL_STATUSES:
+                raise InvalidArgument(
+                    f"run {self.run_id!r} ended ({info.status}) without publishing {key!r}"
+                )
+            what = f"run {self.run_id!r} published no {key!r}"
+            pause = await self._pause(pause, deadline, what, timeout)
+
+    async def stream(self, name: str, *, timeout: float | None = None) -> AsyncIterator[Any]:
+        """Yield the values the run emits on stream ``name``, from the first; end with the run.
+
+        ``timeout`` bounds the wait for each next item (:class:`ResultTimeout`).
+        """
+        backend = self._conductor.backend
+        run_id = self.run_id
+        await self._info(run_id)
+        position = 0
+        pause = 0.002
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            entries = await backend.read_log(run_id, position)
+            ended = False
+            for data in entries:
+                for record in decode_entry(run_id, position, data):
+                    if record["k"] == "emit" and record["stream"] == name:
+                        yield record.get("value")
+                    elif record["k"] == "end":
+                        ended = True
+                position += 1
+            if ended:
+                return
+            if entries:
+                pause = 0.002
+                deadline = None if timeout is None else time.monotonic() + timeout
+                continue
+            what = f"run {run_id!r} emitted nothing more on {name!r}"
+            pause = await self._pause(pause, deadline, what, timeout)

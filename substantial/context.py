@@ -1,119 +1,94 @@
 """The primitives a workflow calls: every effect goes through its :class:`Context`.
 
-Each primitive is recorded in the run's log. On replay the recorded result
-is returned instead of acting again, so a workflow must be deterministic
-given those results: read the clock with :meth:`Context.now`, draw random
-numbers with :meth:`Context.random`, and do I/O only inside :meth:`Context.save`.
+Each primitive call is a command, recorded in the run's log with its number.
+On replay the recorded result is returned instead of acting again, so a
+workflow must be deterministic given those results: read the clock with
+:meth:`Context.now`, draw random numbers with :meth:`Context.random`, and do
+I/O only inside :meth:`Context.save`. Primitives may run concurrently
+(``asyncio.gather``, ``TaskGroup``, ``create_task``, ``wait``, ``timeout``):
+see docs/concurrency.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import logging
+import math
 import random as _random
-import time
 import uuid as _uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 import orjson
 
+from substantial._live import DEFAULT_RETRY, RetryPolicy, StepSpec
 from substantial.errors import (
+    ChildFailed,
     InvalidArgument,
     ReceiveTimeout,
     SerializationError,
     StepFailed,
-    StepTimeout,
 )
-from substantial.records import encode_value
-from substantial.replay import Compact, Compensation, ContinueAs, Evicted, Execution, Reverted
+from substantial.records import Record, encode_value
+from substantial.replay import (
+    CANCEL_EVENT,
+    Command,
+    Compact,
+    Compensation,
+    ContinueAs,
+    Execution,
+    Reverted,
+)
 
 if TYPE_CHECKING:
     from substantial.workflow import Workflow
 
-__all__ = ["Context", "RetryPolicy"]
+__all__ = ["ChildHandle", "Context", "RetryPolicy"]
 
 T = TypeVar("T")
 logger = logging.getLogger("substantial.workflow")
 
 
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """How ``save`` retries a failing step: exponential backoff, each attempt recorded.
-
-    ``max_attempts=1`` disables retries. Delays are ``initial_delay *
-    backoff ** (attempt - 1)``, capped at ``max_delay`` seconds.
-    """
-
-    max_attempts: int = 5
-    initial_delay: float = 0.1
-    backoff: float = 2.0
-    max_delay: float = 30.0
-
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise InvalidArgument("RetryPolicy.max_attempts must be at least 1")
-        if self.initial_delay < 0 or self.max_delay < 0 or self.backoff < 1:
-            raise InvalidArgument(
-                "RetryPolicy needs initial_delay >= 0, max_delay >= 0 and backoff >= 1"
-            )
-
-    def delay(self, attempt: int) -> float:
-        """Return the pause after failed attempt number ``attempt`` (1-based)."""
-        return float(min(self.max_delay, self.initial_delay * self.backoff ** (attempt - 1)))
-
-
-DEFAULT_RETRY = RetryPolicy()
-
-
-def _seconds(delta: timedelta | float | int) -> float:
-    seconds = delta.total_seconds() if isinstance(delta, timedelta) else float(delta)
-    if seconds < 0:
-        raise InvalidArgument(f"a duration cannot be negative, got {delta!r}")
-    return seconds
+def seconds(delta: timedelta | float | int, what: str = "a duration") -> float:
+    """Return ``delta`` in seconds, refusing negative, infinite and NaN durations."""
+    value = delta.total_seconds() if isinstance(delta, timedelta) else float(delta)
+    if not math.isfinite(value) or value < 0:
+        raise InvalidArgument(f"{what} must be a finite number of seconds >= 0, got {delta!r}")
+    return value
 
 
 def _step_name(f: Callable[..., Any]) -> str:
     return getattr(f, "__qualname__", None) or getattr(f, "__name__", None) or type(f).__name__
 
 
-def _error_of(exc: BaseException) -> dict[str, str]:
-    return {"type": type(exc).__name__, "message": str(exc)}
-
-
-async def _call(f: Callable[..., Any], args: tuple[Any, ...], timeout: float | None) -> Any:
-    if timeout is None:
-        result = f(*args)
-        return await result if inspect.isawaitable(result) else result
-    started = time.monotonic()
+def _takes_value(fn: Callable[..., Any]) -> bool:
     try:
-        if inspect.iscoroutinefunction(f):
-            return await asyncio.wait_for(f(*args), timeout)
-        # A synchronous function cannot be interrupted on the event loop: bound it in a
-        # thread. It may return an awaitable (a lambda calling an async function): bound
-        # that with what is left of the timeout.
-        result = await asyncio.wait_for(asyncio.to_thread(f, *args), timeout)
-        if inspect.isawaitable(result):
-            left = timeout - (time.monotonic() - started)
-            return await asyncio.wait_for(_awaited(result), max(left, 0.0))
-        return result
-    except TimeoutError as exc:
-        if time.monotonic() - started < timeout:
-            raise  # the step's own TimeoutError, not ours
-        raise StepTimeout(f"the step took longer than its timeout of {timeout}s") from exc
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        for p in params
+    )
 
 
-async def _awaited(result: Awaitable[Any]) -> Any:
-    return await result
+def step_outcome(record: Record, step: str) -> Any:
+    """Return a completed step's value, or raise what its recorded failure says."""
+    error = record.get("error")
+    if error is None:
+        return record.get("value")
+    if error.get("type") == "SerializationError":
+        raise SerializationError(error.get("message", ""))
+    raise StepFailed(step, error["type"], error["message"], int(record.get("attempts", 1)))
 
 
 class Context:
     """The handle a workflow uses for every effect; one per run and replay."""
 
-    def __init__(self, execution: Execution, run_id: str, *, replaying_logs: bool = True) -> None:
+    def __init__(self, execution: Execution, run_id: str, **_: Any) -> None:
         self._x = execution
         self._run_id = run_id
 
@@ -165,100 +140,50 @@ class Context:
     ) -> T:
         """Run ``f`` once and record its result; on replay return the recorded result.
 
-        ``f`` may be sync or async and must return JSON-compatible data. It
-        runs at least once, and exactly once unless the worker dies between
-        running it and recording it, so make it idempotent. Failures are
-        retried per ``retry`` (each attempt recorded); the last one raises
-        :class:`StepFailed` into the workflow. ``compensate_with`` is run by
-        :meth:`revert`, with the step's result if it takes an argument.
-        ``key`` memoizes the step under that key for the whole run, even
-        across :meth:`compact`.
+        ``f`` may be sync (it runs in a thread) or async and must return
+        JSON-compatible data. It runs at least once, and exactly once unless
+        the worker dies between running it and recording it, so make it
+        idempotent. Failures are retried per ``retry`` (each attempt
+        recorded); the last one raises :class:`StepFailed` into the workflow.
+        ``compensate_with`` is run by :meth:`revert`, with the step's result if
+        it takes an argument. ``key`` memoizes the step under that key for the
+        whole run, even across :meth:`compact`. Several ``save`` calls may run
+        at once (``asyncio.gather``): each is its own command.
         """
         x = self._x
-        await x.deliver()
+        x.enter()
         step = name or _step_name(f)
+        c, bound = x.issue("step", step)
         if key is not None and key in x.keys:
             return cast(T, x.keys[key])
         policy = retry or DEFAULT_RETRY
-        limit = None if timeout is None else _seconds(timeout)
-        attempts = 0
-        retry_at = 0.0
-        while x.replaying:
-            nxt = x.peek()
-            if nxt is not None and nxt["k"] == "attempt" and nxt.get("name") == step:
-                x.cursor += 1
-                attempts, retry_at = int(nxt["n"]), float(nxt["retry_at"])
-                continue
-            recorded = x.take("step", step)
-            assert recorded is not None
-            if "error" in recorded:
-                err = recorded["error"]
-                raise StepFailed(step, err["type"], err["message"], int(recorded["attempts"]))
-            return cast(T, self._completed(step, recorded.get("value"), compensate_with, key))
-        await x.flush()
-        if attempts:
-            await asyncio.sleep(max(0.0, retry_at - time.time()))
-        while True:
-            attempts += 1
-            try:
-                # Hand the workflow what replay will hand it: the value as JSON decodes it.
-                value = orjson.loads(encode_value(await _call(f, (), limit)))
-            except SerializationError:
-                raise
-            except Exception as exc:
-                error: dict[str, str] = _error_of(exc)
-                cause: BaseException = exc
-            else:
-                record: dict[str, Any] = {"k": "step", "name": step, "value": value}
-                if key is not None:
-                    record["key"] = key
-                await x.flush(record)
-                return cast(T, self._completed(step, value, compensate_with, key))
-            if attempts >= policy.max_attempts:
-                await x.flush({"k": "step", "name": step, "error": error, "attempts": attempts})
-                raise StepFailed(step, error["type"], error["message"], attempts) from cause
-            pause = policy.delay(attempts)
-            await x.flush(
-                {
-                    "k": "attempt",
-                    "name": step,
-                    "n": attempts,
-                    "error": error,
-                    "retry_at": time.time() + pause,
-                }
-            )
-            if x.stop_requested:
-                raise Evicted()
-            logger.warning(
-                "run %s: step %r attempt %d failed: %s: %s; retrying in %.2fs",
-                self._run_id,
-                step,
-                attempts,
-                error["type"],
-                error["message"],
-                pause,
-            )
-            await asyncio.sleep(pause)
-
-    def _completed(
-        self, step: str, value: Any, compensate_with: Callable[..., Any] | None, key: str | None
-    ) -> Any:
+        limit = None if timeout is None else seconds(timeout, "a step timeout")
+        attempts, retry_at = 0, 0.0
+        for record in bound:
+            if record["k"] == "attempt":
+                attempts, retry_at = int(record["n"]), float(record["retry_at"])
+        spec = StepSpec(f, (), limit, policy, key, attempts, retry_at)
+        command = x.wait_for(c, "step", step, spec)
+        assert command.future is not None
+        value = step_outcome(await command.future, step)
         if compensate_with is not None:
-            self._x.compensations.append(Compensation(step, compensate_with, value))
+            x.compensations.append(Compensation(step, compensate_with, value))
         if key is not None:
-            self._x.keys[key] = value
-        return value
+            x.keys[key] = value
+        return cast(T, value)
 
     # -- waiting -------------------------------------------------------------
 
     async def sleep(self, delta: timedelta | float) -> None:
-        """Pause the workflow durably; any worker resumes it once ``delta`` has passed."""
+        """Pause durably; any worker resumes the run once ``delta`` has passed."""
         x = self._x
-        await x.deliver()
-        until = float(x.record({"k": "sleep", "until": time.time() + _seconds(delta)})["until"])
-        while await x.suspend(until, events=False) != "timer":
-            await x.deliver(fire_handlers=False)  # only a cancel request interrupts a sleep
-        x.record({"k": "timer"})
+        x.enter()
+        length = seconds(delta, "a sleep")
+        c, bound = x.issue("sleep")
+        until = x.timer_until(c, bound, x.now() + length, "sleep")
+        command = x.wait_for(c, "sleep", spec=until)
+        assert command.future is not None
+        await command.future
 
     async def receive(self, name: str, timeout: timedelta | float | None = None) -> Any:
         """Wait for the next event called ``name`` and return its value.
@@ -266,107 +191,201 @@ class Context:
         Raises :class:`ReceiveTimeout` if ``timeout`` passes first.
         """
         x = self._x
-        await x.deliver()
+        x.enter()
+        limit = None if timeout is None else seconds(timeout, "a receive timeout")
+        c, bound = x.issue("receive", name)
         delivered = x.pop_mailbox(name)
         if delivered is not None:
             return delivered.value
-        until: float | None = None
-        if timeout is not None:
-            deadline = x.record({"k": "deadline", "until": time.time() + _seconds(timeout)})
-            until = float(deadline["until"])
-        while True:
-            outcome = await x.suspend(until, events=True)
-            await x.deliver()
-            delivered = x.pop_mailbox(name)
-            if delivered is not None:
-                return delivered.value
-            if outcome == "timer":
-                x.record({"k": "timer"})
-                raise ReceiveTimeout(f"no {name!r} event within {timeout}")
+        future: asyncio.Future[Any] = x.loop.create_future()
+        command = Command(c, "receive", name, future)
+        if limit is not None:
+            command.spec = x.timer_until(c, bound, x.now() + limit, "receive")
+
+            def expire(_record: Record) -> None:
+                queue = x.receivers.get(name)
+                if queue is not None and command in queue:
+                    queue.remove(command)
+                if not future.done():
+                    future.set_exception(ReceiveTimeout(f"no {name!r} event within {timeout}"))
+
+            command.on_done = expire
+            known = x.recorded.get(c)
+            if known is None or not known.completed:
+                x.to_start.append(command)
+        x.commands[c] = command
+        x.receivers.setdefault(name, collections.deque()).append(command)
+        return await future
 
     def handle(self, name: str, cb: Callable[[Any], Any]) -> None:
         """Call ``cb(value)`` for each event called ``name``, in arrival order.
 
-        Handlers fire at the workflow's next primitive call, for events that
-        arrived before or after registration and that no ``receive`` took.
+        Handlers fire at the workflow's next primitive call (or as soon as an
+        event arrives while the workflow waits), for events that arrived
+        before or after registration and that no ``receive`` took. An async
+        ``cb`` runs as a task of the workflow.
         """
         self._x.handlers.setdefault(name, []).append(cb)
 
     async def ensure(self, predicate: Callable[[], bool]) -> bool:
         """Wait until ``predicate()`` holds; it is re-checked whenever an event arrives."""
         x = self._x
-        await x.deliver()
-        while not predicate():
-            await x.suspend(None, events=True)
-            await x.deliver()
-        return True
+        x.enter()
+        x.issue("ensure")
+        if predicate():
+            return True
+        future: asyncio.Future[bool] = x.loop.create_future()
+        x.ensures.append((predicate, future))
+        return await future
 
     # -- recorded values -------------------------------------------------------
+
+    def _value(self, kind: str, make: Callable[[], Any], name: str | None = None) -> Any:
+        c, bound = self._x.issue(kind, name)
+        for record in bound:
+            if record["k"] == kind:
+                return record["value"]
+        value = make()
+        self._x.record({"k": kind, "c": c, "value": value})
+        return value
 
     def log(self, message: str, *args: Any, level: int = logging.INFO, **data: Any) -> None:
         """Record a log line; it is emitted once, not again on replay."""
         text = message % args if args else message
-        record: dict[str, Any] = {"k": "log", "level": level, "msg": text}
+        c, bound = self._x.issue("log")
+        if bound:
+            return
+        record: Record = {"k": "log", "c": c, "level": level, "msg": text}
         if data:
-            encode_value(data)
+            encode_value(data, "log data")
             record["data"] = data
-        if self._x.take("log") is None:
-            self._x.pending.append(record)
-            logger.log(level, "[%s] %s", self._run_id, text, extra={"run_id": self._run_id})
+        self._x.record(record)
+        logger.log(level, "[%s] %s", self._run_id, text, extra={"run_id": self._run_id})
 
     def now(self) -> datetime:
         """Return the current time (UTC), the same on every replay."""
-        value = self._x.record({"k": "now", "value": time.time()})["value"]
+        value = self._value("now", self._x.now)
         return datetime.fromtimestamp(float(value), UTC)
 
     def random(self) -> float:
         """Return a random float in [0, 1), the same on every replay."""
-        return float(self._x.record({"k": "random", "value": _random.random()})["value"])
+        return float(self._value("random", _random.random))
 
     def uuid4(self) -> _uuid.UUID:
         """Return a random UUID, the same on every replay."""
-        return _uuid.UUID(self._x.record({"k": "uuid", "value": str(_uuid.uuid4())})["value"])
+        return _uuid.UUID(self._value("uuid", lambda: str(_uuid.uuid4())))
+
+    # -- published state -------------------------------------------------------
+
+    def publish(self, key: str, value: Any) -> None:
+        """Make ``value`` the latest value of ``key``, readable by clients with ``run.read``."""
+        if not isinstance(key, str) or not key:
+            raise InvalidArgument("publish() takes a non-empty string key")
+        value = orjson.loads(encode_value(value, f"the value published as {key!r}"))
+        c, bound = self._x.issue("publish", key)
+        if not bound:
+            self._x.record({"k": "publish", "c": c, "key": key, "value": value})
+            self._x.publish_dirty = True
+        self._x.published[key] = value
+
+    def emit(self, stream: str, value: Any) -> None:
+        """Append ``value`` to ``stream``, which clients follow with ``run.stream``."""
+        if not isinstance(stream, str) or not stream:
+            raise InvalidArgument("emit() takes a non-empty string stream name")
+        value = orjson.loads(encode_value(value, f"the value emitted on {stream!r}"))
+        c, bound = self._x.issue("emit", stream)
+        if not bound:
+            self._x.record({"k": "emit", "c": c, "stream": stream, "value": value})
+
+    # -- children --------------------------------------------------------------
+
+    async def start_child(
+        self,
+        wf: Workflow[Any],
+        kwargs: dict[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+        timeout: timedelta | float | None = None,
+        abandon: bool = False,
+    ) -> ChildHandle:
+        """Start ``wf(**kwargs)`` as a child run; return its handle once it is stored.
+
+        The child's id derives from this run's id and the command number
+        (``<parent>:<n>``) unless ``run_id`` is given, so a replay never starts
+        a second child. It inherits what is left of this run's deadline
+        unless ``timeout`` is shorter. When this run ends, unfinished children
+        are cancelled, unless started with ``abandon=True``.
+        """
+        from substantial.workflow import ChildSpec, Workflow
+
+        if not isinstance(wf, Workflow):
+            raise InvalidArgument(f"start_child() takes a @workflow() function, got {wf!r}")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise InvalidArgument("start_child() takes the child's arguments as a dict of kwargs")
+        x = self._x
+        x.enter()
+        encoded = orjson.loads(encode_value(dict(kwargs or {}), "the child's arguments"))
+        limit = None if timeout is None else seconds(timeout, "a child timeout")
+        c, _bound = x.issue("child", wf.name)
+        child_id = run_id if run_id is not None else f"{self._run_id}:{c}"
+        spec = ChildSpec(wf.name, wf.version, encoded, child_id, limit, abandon)
+        command = x.wait_for(c, "child", wf.name, spec)
+        assert command.future is not None
+        record = await command.future
+        if "error" in record:
+            err = record["error"]
+            raise ChildFailed(record["run_id"], "not started", err["type"], err["message"])
+        x.children[record["run_id"]] = abandon
+        return ChildHandle(self, record["run_id"])
+
+    async def child(
+        self,
+        wf: Workflow[T],
+        kwargs: dict[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+        timeout: timedelta | float | None = None,
+    ) -> T:
+        """Run ``wf(**kwargs)`` as a child run and return its result.
+
+        Raises :class:`ChildFailed` if the child fails, is cancelled, reverts
+        or times out. Many children may run at once (``asyncio.gather``).
+        """
+        handle = await self.start_child(wf, kwargs, run_id=run_id, timeout=timeout)
+        return cast(T, await handle.result())
 
     # -- advanced --------------------------------------------------------------
 
     async def revert(self) -> None:
         """Run the compensations of completed steps, newest first, then end the run as reverted."""
         x = self._x
-        await x.deliver()
+        x.enter()
         for comp in reversed(x.compensations):
-            recorded = x.take("compensated", comp.name)
-            if recorded is not None:
-                continue
-            await x.flush()
-            takes_value = bool(
-                [
-                    p
-                    for p in inspect.signature(comp.fn).parameters.values()
-                    if p.default is p.empty
-                    and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-                ]
-            )
-            policy = DEFAULT_RETRY
-            attempt = 0
-            while True:
-                attempt += 1
-                try:
-                    await _call(comp.fn, (comp.value,) if takes_value else (), None)
-                    break
-                except Exception as exc:
-                    if attempt >= policy.max_attempts:
-                        raise StepFailed(
-                            f"compensation of {comp.name}", type(exc).__name__, str(exc), attempt
-                        ) from exc
-                    await asyncio.sleep(policy.delay(attempt))
-            await x.flush({"k": "compensated", "name": comp.name})
+            c, _bound = x.issue("compensate", comp.name)
+            args = (comp.value,) if _takes_value(comp.fn) else ()
+            spec = StepSpec(comp.fn, args, None, DEFAULT_RETRY)
+            command = x.wait_for(c, "compensate", comp.name, spec)
+            assert command.future is not None
+            record = await command.future
+            if "error" in record:
+                err = record["error"]
+                raise StepFailed(
+                    f"compensation of {comp.name}", err["type"], err["message"],
+                    int(record.get("attempts", 1)),
+                )
         x.compensations.clear()
         raise Reverted()
 
-    async def continue_using(self, workflow: Workflow[Any], /, **kwargs: Any) -> None:
-        """End this run and start ``workflow(**kwargs)`` as its successor; never returns."""
-        await self._x.deliver()
+    async def continue_using(self, workflow: Workflow[Any], /, *args: Any, **kwargs: Any) -> None:
+        """End this run and start ``workflow(*args, **kwargs)`` as its successor; never returns."""
+        self._x.enter()
         self._refuse_with_compensations("continue_using()")
+        if args:
+            try:
+                bound = inspect.signature(workflow.fn).bind(None, *args, **kwargs)
+            except TypeError as exc:
+                raise InvalidArgument(f"continue_using({workflow.name}, ...): {exc}") from exc
+            kwargs = {k: v for k, v in bound.arguments.items() if k != next(iter(bound.arguments))}
         raise ContinueAs(workflow.name, workflow.version, orjson.loads(encode_value(kwargs)))
 
     async def compact(self, **kwargs: Any) -> None:
@@ -375,10 +394,20 @@ class Context:
         The function is called again with its original arguments updated by
         ``kwargs``: pass the state the rest of the run needs. Values saved
         with ``key=`` are carried over; the log before the snapshot is no
-        longer replayed.
+        longer replayed. Call it when nothing else runs concurrently.
         """
-        await self._x.deliver()
+        x = self._x
+        x.enter()
         self._refuse_with_compensations("compact()")
+        busy = [cmd for cmd in x.commands.values() if not cmd.done]
+        others = [t for t in asyncio.all_tasks(x.loop) if t is not x.main and not t.done()]
+        running = [cid for cid in x.children if cid not in x.child_outcomes]
+        if busy or others or running:
+            raise InvalidArgument(
+                "compact() needs the workflow to be quiet: "
+                f"{len(busy)} primitive(s) and {len(others)} other task(s) still run, "
+                f"{len(running)} child run(s) are unfinished; await them first"
+            )
         raise Compact(orjson.loads(encode_value(kwargs)))
 
     def _refuse_with_compensations(self, what: str) -> None:
@@ -389,3 +418,49 @@ class Context:
                 "revert() could then no longer run: call revert() first, or call "
                 f"{what} before the steps that have compensations"
             )
+
+
+class ChildHandle:
+    """A child run started by this workflow: wait for it, send it events, cancel it."""
+
+    def __init__(self, context: Context, run_id: str) -> None:
+        self._c = context
+        self.run_id = run_id
+
+    def __repr__(self) -> str:
+        return f"ChildHandle({self.run_id!r})"
+
+    async def result(self) -> Any:
+        """Wait for the child to end; return its value or raise :class:`ChildFailed`."""
+        x = self._c._x
+        x.enter()
+        outcome = x.child_outcomes.get(self.run_id)
+        if outcome is None:
+            future: asyncio.Future[dict[str, Any]] = x.loop.create_future()
+            x.child_waiters.setdefault(self.run_id, []).append(future)
+            outcome = await future
+        status = outcome.get("status")
+        if status == "completed":
+            return outcome.get("value")
+        err = outcome.get("error") or {}
+        raise ChildFailed(self.run_id, str(status), err.get("type"), str(err.get("message", "")))
+
+    async def send(self, name: str, value: Any = None) -> None:
+        """Post event ``name`` to the child, once (a replay does not send it again)."""
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument("an event name must be a non-empty string")
+        x = self._c._x
+        x.enter()
+        value = orjson.loads(encode_value(value, f"the value of event {name!r}"))
+        c, _bound = x.issue("send", name)
+        event_id = f"{self._c.run_id}.{c}"[-200:].lstrip(".-:=+")
+        command = x.wait_for(c, "send", name, (self.run_id, event_id, name, value))
+        assert command.future is not None
+        record = await command.future
+        if "error" in record:
+            err = record["error"]
+            raise ChildFailed(self.run_id, "unreachable", err["type"], err["message"])
+
+    async def cancel(self) -> None:
+        """Ask the child to stop; it ends as cancelled at its next step or wait."""
+        await self.send(CANCEL_EVENT)

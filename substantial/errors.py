@@ -12,7 +12,11 @@
     ├── SerializationError           a value cannot be stored as JSON (also a TypeError)
     ├── UnknownWorkflow              no registered workflow has that name
     ├── RunNotFound                  no run has that id
+    ├── RunConflict                  a run with that id exists with other arguments
     ├── NonDeterminismError          replay asked for a different step than the log holds
+    ├── WorkflowMisuse               workflow code called something replay cannot repeat
+    ├── WorkflowTimeout              the run's deadline passed (raised inside the workflow)
+    ├── ChildFailed                  a child run ended in failure, cancellation or timeout
     ├── StepFailed                   a ``save`` step failed after its last retry
     ├── StepTimeout                  a ``save`` step ran longer than its timeout
     ├── ReceiveTimeout               ``receive`` waited longer than its timeout
@@ -32,6 +36,7 @@ from typing import Any
 __all__ = [
     "BackendError",
     "BackendUnavailable",
+    "ChildFailed",
     "CorruptRecord",
     "InvalidArgument",
     "NonDeterminismError",
@@ -40,6 +45,7 @@ __all__ = [
     "ReceiveTimeout",
     "ResultTimeout",
     "RunCancelled",
+    "RunConflict",
     "RunNotFound",
     "RunReverted",
     "SerializationError",
@@ -48,6 +54,8 @@ __all__ = [
     "SubstantialError",
     "UnknownWorkflow",
     "WorkflowFailed",
+    "WorkflowMisuse",
+    "WorkflowTimeout",
 ]
 
 
@@ -115,25 +123,61 @@ class RunNotFound(SubstantialError):
     """No run with that id exists in the backend."""
 
 
+class RunConflict(SubstantialError):
+    """``start(run_id=...)`` names an existing run that has other arguments or workflow."""
+
+
 class NonDeterminismError(SubstantialError):
     """Replay asked for a different primitive than the log recorded.
 
     The workflow's code changed in a way that is incompatible with runs
     already in flight, or it branches on something that is not recorded
-    (wall clock, randomness, I/O outside ``save``).
+    (wall clock, randomness, I/O outside ``save``). ``command`` is the number
+    of the primitive call (in the order the workflow issued them) and
+    ``position`` the log entry holding the recorded one.
     """
 
-    def __init__(self, run_id: str, position: int, recorded: Any, requested: Any) -> None:
+    def __init__(
+        self, run_id: str, position: int, recorded: Any, requested: Any, command: int | None = None
+    ) -> None:
+        at = f"command {command} (log position {position})" if command is not None else (
+            f"log position {position}"
+        )
         super().__init__(
-            f"run {run_id!r} is not deterministic at step {position}: the log recorded "
+            f"run {run_id!r} is not deterministic at {at}: the log recorded "
             f"{recorded}, but the code now asks for {requested}. Keep the old code registered "
             "for runs in flight (give the changed workflow a new version=, see "
             "docs/determinism.md), or cancel the run."
         )
         self.run_id = run_id
         self.position = position
+        self.command = command
         self.recorded = recorded
         self.requested = requested
+
+
+class WorkflowMisuse(SubstantialError):
+    """Workflow code called something whose result replay could not reproduce.
+
+    The message names the call and what to use instead (``c.sleep``,
+    ``c.now``, ``c.save``).
+    """
+
+
+class WorkflowTimeout(SubstantialError):
+    """The run's deadline passed; raised inside the workflow so cleanup can run."""
+
+
+class ChildFailed(SubstantialError):
+    """A child run did not complete: it failed, was cancelled, reverted or timed out."""
+
+    def __init__(self, run_id: str, status: str, error_type: str | None, message: str) -> None:
+        detail = f": {error_type}: {message}" if error_type else (f": {message}" if message else "")
+        super().__init__(f"child run {run_id!r} ended {status}{detail}")
+        self.run_id = run_id
+        self.status = status
+        self.error_type = error_type
+        self.message = message
 
 
 class StepFailed(SubstantialError):
@@ -158,13 +202,17 @@ class ReceiveTimeout(SubstantialError):
 
 
 class WorkflowFailed(SubstantialError):
-    """The run ended because the workflow raised."""
+    """The run ended because the workflow raised (or its deadline passed)."""
 
-    def __init__(self, run_id: str, error_type: str, message: str) -> None:
+    def __init__(
+        self, run_id: str, error_type: str, message: str, traceback: list[str] | None = None
+    ) -> None:
         super().__init__(f"run {run_id!r} failed: {error_type}: {message}")
         self.run_id = run_id
         self.error_type = error_type
         self.message = message
+        #: Where the workflow raised, innermost frame last, as the log recorded it.
+        self.traceback = traceback or []
 
 
 class RunCancelled(SubstantialError):

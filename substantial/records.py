@@ -1,20 +1,113 @@
 """The record types of a run's log, and their codec.
 
 A log entry is a JSON array of records; a record is a JSON object whose
-``k`` field names its kind. docs/PROTOCOL.md is the normative description.
+``k`` field names its kind. docs/PROTOCOL.md is the normative description;
+the TypedDicts below mirror it. Records a workflow's primitive produces
+carry ``c``, the number of the command (primitive call) they belong to.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import traceback
+from typing import Any, Literal, NotRequired, TypedDict
 
 import orjson
 
+from substantial.backends.base import PROTOCOL_VERSION, ErrorInfo
 from substantial.errors import CorruptRecord, SerializationError
 
-__all__ = ["Record", "decode_entry", "encode_entry", "encode_value"]
+__all__ = [
+    "EndRecord",
+    "EventRecord",
+    "Record",
+    "StartRecord",
+    "StepRecord",
+    "decode_entry",
+    "encode_entry",
+    "encode_value",
+    "error_of",
+    "start_record",
+]
 
 Record = dict[str, Any]
+"""A decoded record; :func:`decode_entry` has checked its fields against its kind."""
+
+
+class StartRecord(TypedDict):
+    """Position 0 of every run: what to run, with which arguments."""
+
+    k: Literal["start"]
+    p: int
+    run_id: str
+    workflow: str
+    version: str | None
+    kwargs: dict[str, Any]
+    at: float
+    seen: NotRequired[list[str]]
+    parent: NotRequired[str]
+    deadline: NotRequired[float]
+    abandon: NotRequired[bool]
+
+
+class StepRecord(TypedDict):
+    """A ``save`` command completed: its value, or its error after the last attempt."""
+
+    k: Literal["step"]
+    c: int
+    name: str
+    t: float
+    value: NotRequired[Any]
+    error: NotRequired[ErrorInfo]
+    attempts: NotRequired[int]
+    key: NotRequired[str]
+
+
+class EventRecord(TypedDict):
+    """An inbox event delivered into the log."""
+
+    k: Literal["event"]
+    id: str
+    name: str
+    value: Any
+    t: float
+
+
+class EndRecord(TypedDict):
+    """The run ended."""
+
+    k: Literal["end"]
+    status: str
+    t: float
+    value: NotRequired[Any]
+    error: NotRequired[ErrorInfo]
+    next: NotRequired[str]
+    cancel_children: NotRequired[list[str]]
+
+
+_NUM = (int, float)
+_ANY = object
+# kind -> required fields and their types; optional fields are checked where they are read.
+_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "start": {"workflow": str, "kwargs": dict, "at": _NUM},
+    "step": {"c": int, "name": str},
+    "attempt": {"c": int, "name": str, "n": int, "error": dict, "retry_at": _NUM},
+    "sleep": {"c": int, "until": _NUM},
+    "timer": {"c": int},
+    "event": {"id": str, "name": str},
+    "now": {"c": int, "value": _NUM},
+    "random": {"c": int, "value": _NUM},
+    "uuid": {"c": int, "value": str},
+    "log": {"c": int, "msg": str},
+    "compensated": {"c": int, "name": str},
+    "child": {"c": int, "run_id": str},
+    "sent": {"c": int},
+    "publish": {"c": int, "key": str},
+    "emit": {"c": int, "stream": str},
+    "patch": {"c": int, "id": str},
+    "timeout": {},
+    "snapshot": {"start": dict, "kwargs": dict, "next_c": int},
+    "end": {"status": str},
+}
 
 _OPTS = orjson.OPT_NON_STR_KEYS
 
@@ -30,19 +123,24 @@ def encode_entry(records: list[Record]) -> bytes:
         ) from exc
 
 
-def encode_value(value: Any) -> bytes:
-    """Encode one value as JSON, raising :class:`SerializationError` with a useful message."""
+def encode_value(value: Any, what: str = "a value") -> bytes:
+    """Encode one value as JSON, raising :class:`SerializationError` naming ``what``."""
     try:
         return orjson.dumps(value, option=_OPTS)
     except TypeError as exc:
         raise SerializationError(
-            f"cannot store a value of type {type(value).__name__} in the log: {exc}. Use "
+            f"cannot store {what} of type {type(value).__name__} in the log: {exc}. Use "
             "JSON-compatible data (dict, list, str, int, float, bool, None, dataclass, datetime)"
         ) from exc
 
 
 def decode_entry(run_id: str, position: int, data: bytes) -> list[Record]:
-    """Decode one log entry, raising :class:`CorruptRecord` naming the run and position."""
+    """Decode one log entry, raising :class:`CorruptRecord` naming the run and position.
+
+    Every record's required fields are checked against its kind, so a
+    well-formed JSON record of the wrong shape is corrupt here, not a
+    ``KeyError`` deep inside replay.
+    """
     try:
         records = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
@@ -52,7 +150,58 @@ def decode_entry(run_id: str, position: int, data: bytes) -> list[Record]:
     for record in records:
         if not isinstance(record, dict) or not isinstance(record.get("k"), str):
             raise CorruptRecord(run_id, position, "each record must be an object with a 'k' kind")
+        fields = _FIELDS.get(record["k"])
+        if fields is None:
+            raise CorruptRecord(run_id, position, f"unknown record kind {record['k']!r}")
+        for name, kind in fields.items():
+            value = record.get(name)
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+                raise CorruptRecord(
+                    run_id, position, f"a {record['k']!r} record needs a valid {name!r} field"
+                )
     return records
+
+
+def start_record(
+    run_id: str,
+    workflow: str,
+    version: str | None,
+    kwargs: dict[str, Any],
+    at: float,
+    *,
+    seen: list[str] | None = None,
+    parent: str | None = None,
+    deadline: float | None = None,
+    abandon: bool = False,
+) -> StartRecord:
+    """Build the record at position 0 of a run."""
+    record: StartRecord = {
+        "k": "start",
+        "p": PROTOCOL_VERSION,
+        "run_id": run_id,
+        "workflow": workflow,
+        "version": version,
+        "kwargs": kwargs,
+        "at": at,
+    }
+    if seen:
+        record["seen"] = seen
+    if parent is not None:
+        record["parent"] = parent
+    if deadline is not None:
+        record["deadline"] = deadline
+    if abandon:
+        record["abandon"] = True
+    return record
+
+
+def error_of(exc: BaseException, *, frames: int = 8) -> ErrorInfo:
+    """Describe an exception as stored data: type, message and its innermost frames."""
+    info: ErrorInfo = {"type": type(exc).__name__, "message": str(exc)}
+    tb = traceback.extract_tb(exc.__traceback__)[-frames:]
+    if tb:
+        info["traceback"] = [f"{f.filename}:{f.lineno} in {f.name}" for f in tb]
+    return info
 
 
 def _describe(records: list[Record]) -> str:

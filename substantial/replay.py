@@ -1,32 +1,45 @@
-"""Drive one workflow coroutine against its log.
+"""Drive one workflow against its log: commands, completions, replay, then live.
 
-An :class:`Execution` holds what replay needs: the recorded records, a
-cursor into them, the records buffered for the next durable write, the
-mailbox of delivered events and the registered handlers. While the cursor
-is inside the recorded log, primitives return recorded results; past its
-end they act and record. Nothing here knows how the log is stored: the
-only storage calls are ``append``, ``read_inbox`` and ``ack_events`` on the
-backend given to it.
+Every primitive call is a *command*, numbered in the order the workflow
+issues it. What a command produces is recorded with its number ``c``:
+
+* *activations* complete something the workflow waits for (``step``,
+  ``timer``, ``child``, ``sent``, ``compensated``) or bring in something from
+  outside (``event``, ``timeout``); each carries ``t``, the time it was
+  recorded, which is the workflow's clock from then on;
+* *bound* records are read back when the command is issued again
+  (``sleep`` with its due time, ``attempt``, ``now``, ``random``, ``log``...).
+
+The workflow's code runs on a :class:`~substantial._loop.WorkflowLoop`. On
+replay, activations are applied in the order the log holds them, each only
+once every task of the workflow is blocked; live, they are applied in the
+order they happen and recorded in that order. So the same commands are
+issued in the same order, whatever the interleaving was. Nothing here knows
+how the log is stored; the I/O of live commands is in :mod:`substantial._live`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
+from substantial._loop import WorkflowLoop
+from substantial.errors import NonDeterminismError, WorkflowTimeout
+from substantial.records import Record
 
-from substantial.backends.base import Backend
-from substantial.errors import NonDeterminismError, PositionTaken
-from substantial.records import Record, encode_entry
-
-__all__ = ["CANCEL_EVENT", "Execution"]
+__all__ = ["CANCEL_EVENT", "CHILD_EVENT", "Command", "Execution"]
 
 #: Reserved event name that cancels a run.
 CANCEL_EVENT = "substantial.cancel"
+#: Reserved event name that reports a child run's end to its parent.
+CHILD_EVENT = "substantial.child"
+
+ACTIVATIONS = frozenset({"step", "timer", "event", "child", "sent", "compensated", "timeout"})
+_COMMAND_OF = {"attempt": "step", "compensated": "compensate", "sent": "send"}
 
 
 class ControlFlow(BaseException):
@@ -68,7 +81,7 @@ class Fenced(ControlFlow):
 
 
 class Evicted(ControlFlow):
-    """The worker is handing the run back (shutdown): stop at a primitive, write nothing more."""
+    """The worker is handing the run back: stop at a primitive, write nothing more."""
 
 
 @dataclass
@@ -90,12 +103,31 @@ class Compensation:
 
 
 @dataclass
-class Waiting:
-    """What a suspended run waits for."""
+class Command:
+    """One primitive call the workflow is waiting on."""
 
-    until: float | None
-    events: bool
-    future: asyncio.Future[None] = field(repr=False)
+    c: int
+    kind: str
+    name: str | None
+    future: asyncio.Future[Any] | None
+    #: What the live side needs to act (a step's function, a timer's due time, ...).
+    spec: Any = None
+    #: Called instead of resolving ``future`` when the completion is applied.
+    on_done: Callable[[Record], None] | None = None
+    #: The command's I/O is running (or armed) on the worker's loop.
+    started: bool = False
+    done: bool = False
+
+
+@dataclass
+class Recorded:
+    """What the log says about one command number."""
+
+    kind: str
+    name: str | None
+    position: int
+    bound: list[Record] = field(default_factory=list)
+    completed: bool = False
 
 
 def describe(record: Record | None) -> str:
@@ -106,155 +138,250 @@ def describe(record: Record | None) -> str:
     return f"{record['k']}" + (f" {name!r}" if name is not None else "")
 
 
+def _command_of(record: Record) -> tuple[str, str | None]:
+    kind = record["k"]
+    if kind == "sleep":
+        return str(record.get("for", "sleep")), record.get("name")
+    name = record.get("name", record.get("key", record.get("stream", record.get("id"))))
+    return _COMMAND_OF.get(kind, kind), name
+
+
 class Execution:
     """The replay state of one run inside one worker."""
 
     def __init__(
         self,
-        backend: Backend,
         run_id: str,
         records: list[tuple[int, Record]],
         next_position: int,
         *,
+        next_c: int = 0,
         seen_ids: list[str] | None = None,
         keys: dict[str, Any] | None = None,
+        published: dict[str, Any] | None = None,
+        started_at: float = 0.0,
     ) -> None:
-        self.backend = backend
         self.run_id = run_id
-        self.records = records
-        self.cursor = 0
         self.position = next_position
+        self.loop = WorkflowLoop(self)
+        self.loop.now = started_at
+        self.next_c = next_c
+        self.recorded: dict[int, Recorded] = {}
+        self.activations: collections.deque[tuple[int, Record]] = collections.deque()
+        self.seen_ids: dict[str, None] = dict.fromkeys(seen_ids or ())
+        for position, record in records:
+            self._index(position, record)
         self.pending: list[Record] = []
         self.to_ack: list[str] = []
+        self.commands: dict[int, Command] = {}
+        #: Commands issued live whose I/O the worker has not started yet.
+        self.to_start: list[Command] = []
         self.mailbox: list[Delivered] = []
         self.handlers: dict[str, list[Callable[[Any], Any]]] = {}
-        # Insertion-ordered, so a snapshot can keep the most recent ids.
-        self.seen_ids: dict[str, None] = dict.fromkeys(seen_ids or ())
+        self.receivers: dict[str, collections.deque[Command]] = {}
+        self.ensures: list[tuple[Callable[[], bool], asyncio.Future[bool]]] = []
         self.keys: dict[str, Any] = dict(keys or {})
+        self.published: dict[str, Any] = dict(published or {})
+        self.publish_dirty = False
         self.compensations: list[Compensation] = []
-        self.inbox_dirty = True
-        self.waiting: Waiting | None = None
-        self.nondeterminism: NonDeterminismError | None = None
-        self.on_suspend: Callable[[Execution], None] | None = None
-        #: Set by the worker to stop the run at its next primitive call.
-        self.stop_requested = False
-        #: What the run was waiting for when it was stopped: ``(until, events)``.
-        self.stopped_waiting: tuple[float | None, bool] | None = None
-        self.last_active = time.monotonic()
+        #: Children started by this run: run id -> whether it survives the parent's end.
+        self.children: dict[str, bool] = {}
+        self.child_outcomes: dict[str, dict[str, Any]] = {}
+        self.child_waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
+        self.cancelled = False
+        self.timed_out = False
+        self.sweep_pending = False
+        self.stopping = False
+        self.failure: BaseException | None = None
+        self.main: asyncio.Task[Any] | None = None
 
-    # -- replay cursor -----------------------------------------------------
+    def _index(self, position: int, record: Record) -> None:
+        kind = record["k"]
+        if kind == "event":
+            self.seen_ids[record["id"]] = None
+        c = record.get("c")
+        if isinstance(c, int):
+            known = self.recorded.get(c)
+            if known is None:
+                command, name = _command_of(record)
+                known = self.recorded[c] = Recorded(command, name, position)
+            if kind in ACTIVATIONS:
+                known.completed = True
+            else:
+                known.bound.append(record)
+        if kind in ACTIVATIONS:
+            self.activations.append((position, record))
+
+    # -- issuing commands (called by Context, inside the workflow loop) ------------
 
     @property
     def replaying(self) -> bool:
-        """Tell whether recorded records remain ahead of the cursor."""
-        return self.cursor < len(self.records)
+        """Tell whether recorded completions remain to be applied."""
+        return bool(self.activations)
 
-    def peek(self) -> Record | None:
-        """Return the next recorded record without consuming it."""
-        return self.records[self.cursor][1] if self.cursor < len(self.records) else None
+    def enter(self) -> None:
+        """Check the run may go on, then fire handlers of events that arrived."""
+        if self.failure is not None:
+            raise self.failure
+        if self.stopping:
+            raise Evicted()
+        if self.cancelled:
+            raise Cancelled()
+        if self.mailbox:
+            self.process_mailbox()
 
-    def fail_nondeterministic(self, requested: str) -> NonDeterminismError:
-        """Build, remember and return the error for a mismatch at the cursor."""
-        position = self.records[self.cursor][0] if self.replaying else self.position
-        err = NonDeterminismError(self.run_id, position, describe(self.peek()), requested)
-        if self.nondeterminism is None:
-            self.nondeterminism = err
+    def issue(self, kind: str, name: str | None = None) -> tuple[int, list[Record]]:
+        """Number a new command; return its number and the records the log bound to it."""
+        if self.failure is not None:
+            raise self.failure
+        if self.stopping:
+            raise Evicted()
+        c = self.next_c
+        self.next_c += 1
+        known = self.recorded.get(c)
+        if known is None:
+            return c, []
+        if known.kind != kind or (name is not None and known.name is not None and known.name != name):
+            recorded = known.kind + (f" {known.name!r}" if known.name is not None else "")
+            requested = kind + (f" {name!r}" if name is not None else "")
+            raise self.nondeterministic(known.position, recorded, requested, c)
+        return c, known.bound
+
+    def nondeterministic(
+        self, position: int, recorded: str, requested: str, c: int | None
+    ) -> NonDeterminismError:
+        """Build, remember and return the error for a divergence from the log."""
+        err = NonDeterminismError(self.run_id, position, recorded, requested, c)
+        if self.failure is None:
+            self.failure = err
         return err
 
-    def check_health(self) -> None:
-        """Re-raise a non-determinism error the workflow may have swallowed."""
-        if self.nondeterminism is not None:
-            raise self.nondeterminism
-
-    def take(self, kind: str, name: str | None = None) -> Record | None:
-        """Consume the next recorded record if replaying, checking its kind and name."""
-        self.check_health()
-        if self.stop_requested:
-            # Handed back: nothing more is observed or recorded (finally blocks included).
-            raise Evicted()
-        if not self.replaying:
-            return None
-        record = self.records[self.cursor][1]
-        if record["k"] != kind or (name is not None and record.get("name") != name):
-            requested = kind + (f" {name!r}" if name is not None else "")
-            raise self.fail_nondeterministic(requested)
-        self.cursor += 1
-        return record
-
-    def record(self, record: Record) -> Record:
-        """Return the recorded twin of ``record`` when replaying; else buffer it for writing."""
-        recorded = self.take(record["k"], record.get("name"))
-        if recorded is not None:
-            return recorded
+    def record(self, record: Record) -> None:
+        """Buffer a record for the next durable write."""
         self.pending.append(record)
-        return record
 
-    # -- durable writes ----------------------------------------------------
+    def wait_for(
+        self,
+        c: int,
+        kind: str,
+        name: str | None = None,
+        spec: Any = None,
+        on_done: Callable[[Record], None] | None = None,
+    ) -> Command:
+        """Register a command the workflow waits on; live, its I/O starts after the next write."""
+        command = Command(c, kind, name, None if on_done else self.loop.create_future(), spec)
+        command.on_done = on_done
+        self.commands[c] = command
+        known = self.recorded.get(c)
+        if known is None or not known.completed:
+            self.to_start.append(command)
+        return command
 
-    async def flush(self, *records: Record) -> None:
-        """Write the buffered records (and ``records``) as one entry at the next position."""
-        batch = [*self.pending, *records] if records else self.pending
-        if not batch:
+    def add_timer(self, when: float, handle: asyncio.TimerHandle) -> None:
+        """Make an asyncio timer of the workflow (``asyncio.sleep``, ``timeout``) durable."""
+        c, bound = self.issue("timer")
+        until = self.timer_until(c, bound, when, "timer")
+        command = self.wait_for(c, "timer", spec=until, on_done=lambda _r: self.loop.fire(handle))
+        handle._substantial_c = c  # type: ignore[attr-defined]
+        del command
+
+    def cancel_timer(self, handle: asyncio.TimerHandle) -> None:
+        """Forget a durable timer the workflow cancelled (a ``timeout`` block that ended)."""
+        c = getattr(handle, "_substantial_c", None)
+        command = self.commands.pop(c, None) if isinstance(c, int) else None
+        if command is not None:
+            command.done = True
+
+    def timer_until(self, c: int, bound: list[Record], until: float, why: str) -> float:
+        """Return a timer's recorded due time, or record ``until`` as it."""
+        for record in bound:
+            if record["k"] == "sleep":
+                return float(record["until"])
+        record: Record = {"k": "sleep", "c": c, "until": until}
+        if why != "sleep":
+            record["for"] = why
+        self.record(record)
+        return until
+
+    # -- applying completions (called by the worker, outside workflow code) --------
+
+    def apply(self, record: Record, position: int = -1) -> None:
+        """Apply one completion; the caller then runs the loop until idle."""
+        t = record.get("t")
+        if isinstance(t, (int, float)) and t > self.loop.now:
+            self.loop.now = float(t)
+        kind = record["k"]
+        if kind == "event":
+            self.mailbox.append(Delivered(record["id"], record["name"], record.get("value")))
+            self.seen_ids[record["id"]] = None
+            self.loop.call_soon(self.process_mailbox)
             return
-        entry = encode_entry(batch)
-        try:
-            await self.backend.append(self.run_id, self.position, entry)
-        except PositionTaken as exc:
-            raise Fenced(str(exc)) from exc
-        self.position += 1
-        self.pending = []
-        if self.to_ack:
-            acked, self.to_ack = self.to_ack, []
-            await self.backend.ack_events(self.run_id, acked)
-
-    # -- events ------------------------------------------------------------
-
-    async def deliver(self, *, fire_handlers: bool = True) -> None:
-        """Bring newly arrived events into the mailbox, then fire handlers on them."""
-        if self.stop_requested:
-            raise Evicted()
-        while (nxt := self.peek()) is not None and nxt["k"] == "event":
-            self.cursor += 1
-            self.seen_ids[nxt["id"]] = None
-            self.mailbox.append(Delivered(nxt["id"], nxt["name"], nxt.get("value")))
-        if not self.replaying and self.inbox_dirty:
-            self.inbox_dirty = False
-            for event in await self.backend.read_inbox(self.run_id):
-                if event.event_id in self.seen_ids:
-                    self.to_ack.append(event.event_id)
-                    continue
-                body = orjson.loads(event.data)
-                name, value = body["name"], body.get("value")
-                self.seen_ids[event.event_id] = None
-                self.to_ack.append(event.event_id)
-                self.pending.append(
-                    {"k": "event", "id": event.event_id, "name": name, "value": value}
+        if kind == "timeout":
+            self.loop.call_soon(self.time_out)
+            return
+        command = self.commands.pop(record["c"], None)
+        if command is None:
+            if record["c"] >= self.next_c:
+                # The log completed a command this code has not issued (yet, or ever).
+                raise self.nondeterministic(
+                    position,
+                    describe(record) + f" for command {record['c']}",
+                    f"nothing: the workflow issued {self.next_c} command(s) and waits",
+                    record["c"],
                 )
-                self.mailbox.append(Delivered(event.event_id, name, value))
-        if any(d.name == CANCEL_EVENT for d in self.mailbox):
-            raise Cancelled()
-        if fire_handlers and self.handlers:
-            await self.fire_handlers()
+            return  # cancelled or already settled by a timeout or cancel: nothing waits
+        command.done = True
+        if command.on_done is not None:
+            self.loop.call_soon(command.on_done, record)
+        elif command.future is not None and not command.future.done():
+            command.future.set_result(record)
 
-    async def fire_handlers(self) -> None:
-        """Call the handlers of mailbox events that have some, in arrival order."""
+    def process_mailbox(self) -> None:
+        """Route delivered events: cancel, child ends, handlers, then waiting receives."""
         kept: list[Delivered] = []
         for delivered in self.mailbox:
-            callbacks = self.handlers.get(delivered.name)
-            if not callbacks:
-                kept.append(delivered)
+            if delivered.name == CANCEL_EVENT:
+                self.cancel()
                 continue
-            recorded = self.take("handled")
-            if recorded is not None and recorded.get("id") != delivered.event_id:
-                self.cursor -= 1
-                raise self.fail_nondeterministic(f"handled event {delivered.event_id!r}")
-            if recorded is None:
-                self.pending.append({"k": "handled", "id": delivered.event_id})
-            for callback in callbacks:
-                result = callback(delivered.value)
-                if asyncio.iscoroutine(result):
-                    await result
+            if delivered.name == CHILD_EVENT and isinstance(delivered.value, dict):
+                self.child_ended(delivered.value)
+                continue
+            callbacks = self.handlers.get(delivered.name)
+            if callbacks:
+                for callback in callbacks:
+                    result = callback(delivered.value)
+                    if asyncio.iscoroutine(result):
+                        self.loop.create_task(result)
+                continue
+            queue = self.receivers.get(delivered.name)
+            while queue:
+                command = queue.popleft()
+                if command.future is not None and not command.future.done():
+                    command.done = True
+                    self.commands.pop(command.c, None)
+                    command.future.set_result(delivered.value)
+                    break
+            else:
+                kept.append(delivered)
         self.mailbox = kept
+        self.check_ensures()
+
+    def check_ensures(self) -> None:
+        """Re-check every ``ensure`` predicate; resolve those that now hold."""
+        waiting: list[tuple[Callable[[], bool], asyncio.Future[bool]]] = []
+        for predicate, future in self.ensures:
+            if future.done():
+                continue
+            try:
+                holds = predicate()
+            except Exception as exc:
+                future.set_exception(exc)
+                continue
+            if holds:
+                future.set_result(True)
+            else:
+                waiting.append((predicate, future))
+        self.ensures = waiting
 
     def pop_mailbox(self, name: str) -> Delivered | None:
         """Consume the oldest delivered event called ``name``."""
@@ -263,57 +390,85 @@ class Execution:
                 return self.mailbox.pop(i)
         return None
 
-    # -- suspension --------------------------------------------------------
+    def child_ended(self, outcome: dict[str, Any]) -> None:
+        """Record a child's end and wake whoever waits for its result."""
+        run_id = str(outcome.get("run_id"))
+        self.child_outcomes[run_id] = outcome
+        for future in self.child_waiters.pop(run_id, []):
+            if not future.done():
+                future.set_result(outcome)
 
-    async def suspend(self, until: float | None, events: bool) -> str:
-        """Wait for a timer or for events; return ``"timer"`` or ``"event"``.
+    def interrupt(self, exc_type: type[BaseException], message: str) -> None:
+        """Raise ``exc_type`` into every wait of the workflow.
 
-        When replaying, the log says which came first. Live, everything
-        observed so far is written before the run sleeps.
+        Tasks blocked on something that is not a primitive (``asyncio.sleep``,
+        an ``asyncio.Event``) are cancelled once the loop is idle again (see
+        :meth:`sweep`), so nothing is left waiting forever.
         """
-        if self.replaying:
-            nxt = self.peek()
-            assert nxt is not None
-            if nxt["k"] == "timer" and until is not None:
-                return "timer"
-            if nxt["k"] == "event":
-                return "event"
-            raise self.fail_nondeterministic("a wait for " + ("an event" if events else "a timer"))
-        await self.flush()
-        if until is not None and time.time() >= until:
-            return "timer"
-        if self.inbox_dirty:
-            return "event"
-        loop = asyncio.get_running_loop()
-        self.last_active = time.monotonic()
-        self.waiting = Waiting(until, events, loop.create_future())
-        if self.on_suspend is not None:
-            self.on_suspend(self)
-        try:
-            if not self.stop_requested:
-                await self.waiting.future
-            if self.stop_requested:
-                self.stopped_waiting = (until, events)
-                raise Evicted()
-        finally:
-            self.waiting = None
-            self.last_active = time.monotonic()
-        if until is not None and time.time() >= until:
-            return "timer"
-        return "event"
+        self.sweep_pending = True
+        for command in list(self.commands.values()):
+            if command.kind == "timer":
+                continue  # asyncio's own timers: the swept tasks cancel them
+            command.done = True
+            self.commands.pop(command.c, None)
+            if command.future is not None and not command.future.done():
+                command.future.set_exception(exc_type(message))
+                command.future.exception()  # retrieved: whoever awaits it still gets it
+        futures: list[asyncio.Future[Any]] = [f for _p, f in self.ensures]
+        futures += [f for waiters in self.child_waiters.values() for f in waiters]
+        self.ensures, self.child_waiters = [], {}
+        self.receivers = {}
+        for future in futures:
+            if not future.done():
+                future.set_exception(exc_type(message))
+                future.exception()
 
-    def wake(self) -> None:
-        """Resume a suspended run (its timer is due or it has new events)."""
-        waiting = self.waiting
-        if waiting is not None and not waiting.future.done():
-            waiting.future.set_result(None)
+    def cancel(self) -> None:
+        """The run was asked to stop: every wait and every later primitive raises Cancelled."""
+        if not self.cancelled:
+            self.cancelled = True
+            self.interrupt(Cancelled, "the run was cancelled")
+
+    def time_out(self) -> None:
+        """The run's deadline passed: raise WorkflowTimeout into every wait."""
+        if not self.timed_out:
+            self.timed_out = True
+            self.interrupt(WorkflowTimeout, f"run {self.run_id!r} passed its deadline")
+
+    def sweep(self) -> bool:
+        """After an interrupt, cancel tasks still blocked on non-primitives; tell if any were."""
+        if not self.sweep_pending:
+            return False
+        self.sweep_pending = False
+        ours = {id(cmd.future) for cmd in self.commands.values() if cmd.future is not None}
+        stuck = False
+        for task in asyncio.all_tasks(self.loop):
+            waiter = getattr(task, "_fut_waiter", None)
+            if waiter is not None and not waiter.done() and id(waiter) not in ours:
+                task.cancel()
+                stuck = True
+        return stuck
+
+    # -- state for the worker ------------------------------------------------------
+
+    def next_wakeup(self) -> float | None:
+        """Return the earliest due time among the timers the workflow waits on."""
+        times = [
+            float(cmd.spec)
+            for cmd in self.commands.values()
+            if cmd.kind in ("sleep", "timer", "receive") and cmd.spec is not None
+        ]
+        return min(times, default=None)
 
     def stop(self) -> None:
-        """Make the run stop at its next primitive call or wait (graceful hand-back)."""
-        self.stop_requested = True
-        self.wake()
+        """Tear the workflow down: every wait raises Evicted, and nothing more is recorded."""
+        self.stopping = True
+        self.interrupt(Evicted, "handed back")
+        for task in asyncio.all_tasks(self.loop):
+            task.cancel()
+        self.loop.run_until_idle()
+        self.loop.close()
 
-    def poke(self) -> None:
-        """Tell the run that its inbox has changed."""
-        self.inbox_dirty = True
-        self.wake()
+    def now(self) -> float:
+        """Return real time for live records (the workflow's clock only moves forward)."""
+        return max(time.time(), self.loop.now)

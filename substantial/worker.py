@@ -1,74 +1,55 @@
 """The agent loop: find due runs, lease them, replay them, persist what they do.
 
-A worker keeps each live run's coroutine in memory while it holds the
-run's lease, so a run that waits N times costs N steps, not N replays.
-Runs idle for longer than ``idle_timeout`` are evicted: their coroutine is
-dropped, their next wake-up time goes back into the due index, and any
-worker replays them from the log when they are due again.
+A worker keeps each live run's workflow in memory while it holds the run's
+lease, so a run that waits N times costs N steps, not N replays. Runs idle
+for longer than ``idle_timeout`` are evicted: their workflow is torn down,
+their next wake-up time goes back into the due index, and any worker
+replays them from the log when they are due again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from substantial.backends.base import Backend, RunInfo, make_owner
+from substantial._live import Driver
+from substantial._outcome import Outcome, end_of, finish_run, snapshot_of
+from substantial._runs import create_run, existing_start, same_start
+from substantial.backends.base import PROTOCOL_VERSION, Backend, RunInfo, make_owner
 from substantial.context import Context
 from substantial.errors import (
     BackendError,
     BackendUnavailable,
     CorruptRecord,
-    NonDeterminismError,
-    SerializationError,
+    ProtocolMismatch,
+    RunConflict,
 )
-from substantial.records import Record, decode_entry, encode_entry, encode_value
-from substantial.replay import (
-    Cancelled,
-    Compact,
-    ContinueAs,
-    Delivered,
-    Evicted,
-    Execution,
-    Fenced,
-    Reverted,
-)
-
-if TYPE_CHECKING:
-    from substantial.conductor import Conductor
-    from substantial.workflow import Workflow
+from substantial.records import Record, decode_entry, encode_value, start_record
+from substantial.replay import Command, Evicted, Execution, Fenced
+from substantial.workflow import ChildSpec, Registry
 
 __all__ = ["Worker"]
 
 logger = logging.getLogger("substantial.worker")
 
-#: How early a timer is armed before its due time, to absorb the event loop's lateness.
-TIMER_EARLY = 0.002
-
-#: How many consumed event ids a snapshot remembers, to drop late duplicate sends.
-SEEN_IDS_KEPT = 10_000
-
 
 @dataclass
 class LiveRun:
-    """A run this worker holds: its lease, its task and its replay state."""
+    """A run this worker holds: its lease, its task and its driver."""
 
     run_id: str
     known_at: float
     task: asyncio.Task[None] | None = None
-    execution: Execution | None = None
-    timer: asyncio.TimerHandle | None = None
+    driver: Driver | None = None
+    info: RunInfo | None = None
     #: Another worker took the lease: hand nothing back to the due index.
     lost: bool = False
-
-
-def error_text(exc: BaseException) -> str:
-    """Render an exception as ``Type: message`` for run metadata."""
-    return f"{type(exc).__name__}: {exc}"
 
 
 class Worker:
@@ -76,16 +57,20 @@ class Worker:
 
     def __init__(
         self,
-        conductor: Conductor,
+        registry: Registry,
+        backend: Backend,
         *,
+        on_ended: Callable[[str], None] | None = None,
         concurrency: int = 1000,
         lease_ttl: float = 30.0,
         idle_timeout: float = 60.0,
         poll_interval: float = 5.0,
         shutdown_grace: float = 10.0,
+        step_threads: int = 64,
     ) -> None:
-        self.conductor = conductor
-        self.backend: Backend = conductor.backend
+        self.registry = registry
+        self.backend = backend
+        self.on_ended = on_ended or (lambda _run_id: None)
         self.owner = make_owner("w")
         self.concurrency = concurrency
         self.lease_ttl = lease_ttl
@@ -94,8 +79,9 @@ class Worker:
         self.shutdown_grace = shutdown_grace
         self.runs: dict[str, LiveRun] = {}
         self._skip_until: dict[str, float] = {}
-        self._missing: set[tuple[str, str | None]] = set()
+        self._noted: set[str] = set()
         self._stopping = False
+        self._executor = ThreadPoolExecutor(step_threads, thread_name_prefix="substantial-step")
 
     # -- main loop -------------------------------------------------------------
 
@@ -117,6 +103,7 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await housekeeping
             await asyncio.shield(self._shutdown())
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _poll_once(self) -> None:
         now = time.time()
@@ -126,21 +113,35 @@ class Worker:
             if live is not None:
                 if at != live.known_at:
                     live.known_at = at
-                    if live.execution is not None:
-                        live.execution.poke()
+                    if live.driver is not None:
+                        live.driver.poke()
                 continue
             if len(self.runs) >= self.concurrency:
                 break
             if self._skip_until.get(run_id, 0.0) > now:
                 continue
-            if await self.backend.try_lease(run_id, self.owner, self.lease_ttl):
-                live = LiveRun(run_id, at)
-                self.runs[run_id] = live
-                live.task = asyncio.create_task(self._drive(live), name=f"substantial:{run_id}")
-            else:
-                lease = await self.backend.get_lease(run_id)
-                retry = lease.expires_at if lease is not None else now + 1.0
-                self._skip_until[run_id] = min(retry, now + self.lease_ttl)
+            try:
+                taken = await self.backend.try_lease(run_id, self.owner, self.lease_ttl)
+                if not taken:
+                    lease = await self.backend.get_lease(run_id)
+                    retry = lease.expires_at if lease is not None else now + 1.0
+                    self._skip_until[run_id] = min(retry, now + self.lease_ttl)
+                    continue
+            except BackendUnavailable:
+                raise
+            except BackendError as exc:
+                # One bad record must not stop the worker: set the run aside, serve the rest.
+                self._set_aside(run_id, exc)
+                continue
+            live = LiveRun(run_id, at)
+            self.runs[run_id] = live
+            live.task = asyncio.create_task(self._drive(live), name=f"substantial:{run_id}")
+
+    def _set_aside(self, run_id: str, exc: BaseException, seconds: float = 60.0) -> None:
+        if run_id not in self._noted:
+            self._noted.add(run_id)
+            logger.error("run %s set aside: %s", run_id, exc)
+        self._skip_until[run_id] = time.time() + seconds
 
     async def _next_wait(self) -> float:
         nxt = await self.backend.next_due_at()
@@ -155,30 +156,22 @@ class Worker:
         return max(wait, 0.001)
 
     async def _housekeeping(self) -> None:
-        """Renew leases, forget stale skips and evict idle runs."""
+        """Renew leases and forget stale skips."""
         period = max(0.05, self.lease_ttl / 3)
         while True:
-            await asyncio.sleep(min(period, self.idle_timeout / 2))
+            await asyncio.sleep(period)
             now = time.time()
             self._skip_until = {k: v for k, v in self._skip_until.items() if v > now}
             for live in list(self.runs.values()):
-                x = live.execution
-                if (
-                    x is not None
-                    and x.waiting is not None
-                    and time.monotonic() - x.last_active > self.idle_timeout
-                ):
-                    await self._evict(live)
-                    continue
                 try:
                     held = await self.backend.acquire_lease(live.run_id, self.owner, self.lease_ttl)
                 except BackendError as exc:
                     logger.warning("could not renew lease of %s: %s", live.run_id, exc)
                     continue
-                if not held and live.execution is not None:
+                if not held and live.driver is not None:
                     logger.warning("lost the lease of run %s; dropping it", live.run_id)
                     live.lost = True
-                    live.execution.stop()
+                    live.driver.stop(lost=True)
 
     # -- one run ---------------------------------------------------------------
 
@@ -186,40 +179,42 @@ class Worker:
         run_id = live.run_id
         release = True
         try:
-            release = await self._execute(live)
+            await self._execute(live)
         except asyncio.CancelledError:
             pass
         except Evicted:
-            x = live.execution
-            if not live.lost and x is not None and x.stopped_waiting is not None:
-                await self._reschedule(run_id, x.stopped_waiting[0])
+            driver = live.driver
+            if not live.lost and driver is not None:
+                await self._reschedule(run_id, driver)
         except Fenced:
             logger.info("run %s was extended by another worker; dropped here", run_id)
+        except ProtocolMismatch as exc:
+            self._set_aside(run_id, exc, 3600.0)
+            await self._note(live, str(exc))
         except CorruptRecord as exc:
-            logger.error("%s", exc)
-            await self._note_error(run_id, exc)
-            await self.backend.schedule(run_id, time.time() + 60)
+            self._set_aside(run_id, exc)
+            await self._note(live, str(exc))
         except BackendError as exc:
             logger.warning("run %s: backend error, will retry: %s", run_id, exc)
             self._skip_until[run_id] = time.time() + 1.0
         except Exception:
             logger.exception("run %s: unexpected engine error", run_id)
+            self._skip_until[run_id] = time.time() + 5.0
         finally:
-            if live.timer is not None:
-                live.timer.cancel()
             self.runs.pop(run_id, None)
             if release:
                 with contextlib.suppress(BackendError):
                     await self.backend.release_lease(run_id, self.owner)
 
-    async def _note_error(self, run_id: str, exc: BaseException) -> None:
+    async def _note(self, live: LiveRun, note: str) -> None:
+        """Say on the run's metadata why it is not progressing."""
         with contextlib.suppress(BackendError):
-            info = await self.backend.get_run(run_id)
-            if info is not None:
-                await self.backend.put_run(info.with_status(info.status, error=error_text(exc)))
+            info = live.info or await self.backend.get_run(live.run_id)
+            if info is not None and info.note != note and info.status == "active":
+                await self.backend.put_run(replace(info, note=note, updated_at=time.time()))
 
-    async def _execute(self, live: LiveRun) -> bool:
-        """Load, replay and run one run; return whether to release its lease."""
+    async def _execute(self, live: LiveRun) -> None:
+        """Load, replay and run one run until it ends or leaves this worker."""
         run_id = live.run_id
         info = await self.backend.get_run(run_id)
         start_at = info.log_start if info is not None else 0
@@ -232,141 +227,107 @@ class Worker:
         if not entries:
             # Created by a start that has not written its first entry yet, or never will.
             self._skip_until[run_id] = time.time() + 1.0
-            return True
+            return
         records: list[tuple[int, Record]] = []
         for i, data in enumerate(entries):
             records.extend((start_at + i, r) for r in decode_entry(run_id, start_at + i, data))
         next_position = start_at + len(entries)
-        start = next(r for _, r in records if r["k"] == "start") if start_at == 0 else None
         snapshot_index = max(
             (i for i, (_, r) in enumerate(records) if r["k"] == "snapshot"), default=None
         )
-        if start is None and snapshot_index is not None:
-            start = records[snapshot_index][1]["start"]
-        if start is None:
-            raise CorruptRecord(run_id, start_at, "the log does not begin with a start record")
-        if info is None:
-            now = time.time()
-            info = RunInfo(
-                run_id,
-                start["workflow"],
-                "active",
-                start.get("at", now),
-                now,
-                version=start.get("version"),
-            )
-        end = records[-1][1]
-        if end["k"] == "end":
-            await self._finish_metadata(info, end)
-            return True
-        wf = self.conductor.lookup(start["workflow"], start.get("version"))
-        if wf is None:
-            key = (start["workflow"], start.get("version"))
-            if key not in self._missing:
-                self._missing.add(key)
-                logger.warning(
-                    "run %s needs workflow %r version %r, which this worker has not registered; "
-                    "leaving it for a worker that has",
-                    run_id,
-                    key[0],
-                    key[1],
-                )
-            self._skip_until[run_id] = time.time() + 60
-            return True
-        kwargs: dict[str, Any] = dict(start.get("kwargs") or {})
-        # A successor inherits its predecessor's consumed ids: a resend is not a new event.
-        seen: list[str] = list(start.get("seen") or ())
-        keys: dict[str, Any] = {}
-        mailbox: list[Delivered] = []
         if snapshot_index is not None:
             snap = records[snapshot_index][1]
+            start = snap["start"]
+        elif records[0][1]["k"] == "start":
+            start, snap = records[0][1], None
+        else:
+            raise CorruptRecord(run_id, start_at, "the log does not begin with a start record")
+        if start.get("p") != PROTOCOL_VERSION:
+            raise ProtocolMismatch(
+                f"run {run_id!r} was started under storage protocol {start.get('p', 1)}; this "
+                f"version runs protocol {PROTOCOL_VERSION} logs only: finish it with the "
+                "substantial release that started it, or cancel it"
+            )
+        if info is None:
+            info = RunInfo(run_id, start["workflow"], "active", start["at"], time.time(),
+                           version=start.get("version"), parent=start.get("parent"),
+                           deadline=start.get("deadline"))
+        live.info = info
+        if records[-1][1]["k"] == "end":
+            await self._finish(live, start, records[-1][1])
+            return
+        wf = self.registry.lookup(start["workflow"], start.get("version"))
+        if wf is None:
+            version = start.get("version")
+            note = (
+                f"waiting for a worker that registers workflow {start['workflow']!r}"
+                + (f" (version {version!r})" if version is not None else "")
+            )
+            self._set_aside(run_id, note)
+            await self._note(live, note)
+            return
+        kwargs: dict[str, Any] = dict(start["kwargs"])
+        seen: list[str] = list(start.get("seen") or ())
+        keys: dict[str, Any] = {}
+        published = dict(info.published or {})
+        next_c = 0
+        mailbox: list[dict[str, Any]] = []
+        if snap is not None:
             kwargs.update(snap.get("kwargs") or {})
             seen = list(snap.get("seen") or seen)
             keys.update(snap.get("keys") or {})
-            mailbox = [
-                Delivered(m["id"], m["name"], m.get("value")) for m in snap.get("mailbox", ())
-            ]
-            records = records[snapshot_index + 1 :]
+            published.update(snap.get("published") or {})
+            next_c = int(snap["next_c"])
+            mailbox = list(snap.get("mailbox") or ())
+            records = records[snapshot_index + 1 :]  # type: ignore[operator]
         else:
-            records = [(p, r) for p, r in records if r["k"] != "start"]
+            records = records[1:]
         while True:
-            x = Execution(self.backend, run_id, records, next_position, seen_ids=seen, keys=keys)
-            x.mailbox = mailbox
-            x.on_suspend = functools.partial(self._on_suspend, live)
-            live.execution = x
-            outcome = await self._run_function(wf, x, kwargs, info)
-            if not isinstance(outcome, Compact):
-                return outcome
-            snapshot: dict[str, Any] = {
-                "k": "snapshot",
-                "start": start,
-                "kwargs": {**kwargs, **outcome.kwargs},
-                "keys": x.keys,
-                # Ids guard against a sender retrying an event already consumed; keep the latest.
-                "seen": list(x.seen_ids)[-SEEN_IDS_KEPT:],
-                "mailbox": [
-                    {"id": m.event_id, "name": m.name, "value": m.value} for m in x.mailbox
-                ],
-            }
-            await x.flush(snapshot)
-            info = replace(info, log_start=x.position - 1, updated_at=time.time())
-            await self.backend.put_run(info)
-            kwargs, seen, keys, records = snapshot["kwargs"], snapshot["seen"], dict(x.keys), []
-            mailbox = list(x.mailbox)
-            next_position = x.position
-
-    async def _run_function(
-        self, wf: Workflow[Any], x: Execution, kwargs: dict[str, Any], info: RunInfo
-    ) -> bool | Compact:
-        """Run the workflow to its end or next eviction; return whether to release, or a Compact."""
-        c = Context(x, x.run_id)
-        end: Record
-        try:
-            value = await wf.fn(c, **kwargs)
-            x.check_health()
+            x = Execution(run_id, records, next_position, next_c=next_c, seen_ids=seen, keys=keys,
+                          published=published, started_at=float(start["at"]))
+            for m in mailbox:
+                x.apply({"k": "event", "id": m["id"], "name": m["name"], "value": m.get("value")})
+            ctx = Context(x, run_id)
+            effects = _RunEffects(self, live)
+            driver = Driver(x, self.backend, effects, executor=self._executor,
+                            idle_timeout=self.idle_timeout, deadline=start.get("deadline"))
+            live.driver = driver
             try:
-                encode_value(value)
-                end = {"k": "end", "status": "completed", "value": value}
-            except SerializationError as exc:
-                end = {"k": "end", "status": "failed", "error": _err(exc)}
-        except Compact as compact:
-            x.check_health()
-            return compact
-        except Cancelled:
-            end = {"k": "end", "status": "cancelled"}
-        except Reverted:
-            end = {"k": "end", "status": "reverted"}
-        except ContinueAs as cont:
-            x.check_health()
-            end = await self._continue(x, info, cont)
-        except (Fenced, Evicted, asyncio.CancelledError, BackendError):
-            raise
-        except NonDeterminismError as exc:
-            end = {"k": "end", "status": "failed", "error": _err(exc)}
-        except Exception as exc:
-            end = {"k": "end", "status": "failed", "error": _err(x.nondeterminism or exc)}
-        if (
-            x.nondeterminism is not None
-            and end.get("error", {}).get("type") != "NonDeterminismError"
-        ):
-            end = {"k": "end", "status": "failed", "error": _err(x.nondeterminism)}
-        if x.replaying and x.nondeterminism is None:
-            # The log holds more than this code produced: that is a divergence too.
-            end = {
-                "k": "end",
-                "status": "failed",
-                "error": _err(x.fail_nondeterministic("the end of the workflow")),
-            }
-            x.cursor = len(x.records)
-        await x.flush(end)
-        await self._finish_metadata(info, end)
-        return True
+                await driver.run(lambda: wf.fn(ctx, **kwargs))
+            finally:
+                x.stop()
+            outcome: Outcome = end_of(x, encode_value)
+            if outcome.compact is None:
+                end = outcome.end
+                await driver.flush(end)
+                if outcome.successor is not None:
+                    await self._continue(x, start, outcome.successor, end)
+                await self._finish(live, start, end)
+                return
+            snapshot = snapshot_of(x, start, {**kwargs, **outcome.compact})
+            await driver.flush(snapshot)
+            live.info = info = replace(live.info or info, log_start=x.position - 1,
+                                       updated_at=time.time())
+            await self.backend.put_run(info)
+            kwargs, seen, keys = snapshot["kwargs"], snapshot["seen"], dict(x.keys)
+            mailbox, records, next_position, next_c = snapshot["mailbox"], [], x.position, x.next_c
+            published = dict(x.published)
 
-    async def _continue(self, x: Execution, info: RunInfo, cont: ContinueAs) -> Record:
-        next_id = _successor_id(x.run_id)
+    async def _continue(
+        self, x: Execution, start: Record, successor: dict[str, Any], end: Record
+    ) -> None:
+        """Start the successor of a run that called ``continue_using``; forward its events."""
+        next_id = end["next"]
         forwarded = {d.event_id for d in x.mailbox}
-        seen = [i for i in x.seen_ids if i not in forwarded][-SEEN_IDS_KEPT:]
-        await self.conductor._create(cont.workflow, cont.version, cont.kwargs, next_id, seen=seen)
+        seen = [i for i in x.seen_ids if i not in forwarded][-10_000:]
+        record = start_record(
+            next_id, successor["workflow"], successor["version"], successor["kwargs"],
+            time.time(), seen=seen, parent=start.get("parent"), deadline=start.get("deadline"),
+            abandon=bool(start.get("abandon")),
+        )
+        if "parent" in start:
+            record["reports_as"] = start.get("reports_as", start["run_id"])  # type: ignore[typeddict-unknown-key]
+        await create_run(self.backend, record)
         # Events that arrived for this run and were never consumed go to its successor.
         for delivered in x.mailbox:
             body = encode_value({"name": delivered.name, "value": delivered.value})
@@ -374,62 +335,21 @@ class Worker:
         for event in await self.backend.read_inbox(x.run_id):
             if event.event_id not in x.seen_ids:
                 await self.backend.send_event(next_id, event.event_id, event.data)
-        return {"k": "end", "status": "continued", "next": next_id}
 
-    async def _finish_metadata(self, info: RunInfo, end: Record) -> None:
-        status = end["status"]
-        error = None
-        output: Any = None
-        if status == "completed":
-            output = end.get("value")
-        elif status == "continued":
-            output = {"next": end["next"]}
-        elif status == "failed":
-            err = end.get("error") or {}
-            error = f"{err.get('type')}: {err.get('message')}"
-        await self.backend.put_run(info.with_status(status, error=error, output=output))
-        await self.backend.unschedule(info.run_id)
-        if status == "continued":
-            # A sender that saw this run active may have posted after the forwarding in
-            # _continue; now that the status says "continued", senders forward themselves.
-            for event in await self.backend.read_inbox(info.run_id):
-                await self.backend.send_event(end["next"], event.event_id, event.data)
-        self.conductor._run_ended(info.run_id)
+    async def _finish(self, live: LiveRun, start: Record, end: Record) -> None:
+        """Bring metadata, children, parent and due index in step with an ended log."""
+        info = live.info
+        assert info is not None
+        await finish_run(self.backend, info, start, end)
+        self.on_ended(info.run_id)
 
     # -- waiting, eviction and shutdown -------------------------------------------
 
-    def _on_suspend(self, live: LiveRun, x: Execution) -> None:
-        if live.timer is not None:
-            live.timer.cancel()
-            live.timer = None
-        waiting = x.waiting
-        if waiting is not None and waiting.until is not None:
-            loop = asyncio.get_running_loop()
-            # The loop's timers wake up to a millisecond late (epoll rounds up), so
-            # aim a millisecond early and finish the wait in _fire.
-            delay = max(0.0, waiting.until - time.time() - TIMER_EARLY)
-            live.timer = loop.call_later(delay, self._fire, live, x, waiting.until)
-
-    def _fire(self, live: LiveRun, x: Execution, until: float) -> None:
-        if time.time() >= until:
-            live.timer = None
-            x.wake()
-        else:
-            live.timer = asyncio.get_running_loop().call_later(0, self._fire, live, x, until)
-
-    async def _evict(self, live: LiveRun) -> None:
-        """Drop an idle run's coroutine; it hands its wake-up time back to the due index.
-
-        The run stops inside its wait (raising ``Evicted``), never by task
-        cancellation, so the workflow's ``finally`` blocks cannot record anything.
-        """
-        x = live.execution
-        if x is None or x.waiting is None or live.task is None:
-            return
-        x.stop()
-        await asyncio.wait([live.task])
-
-    async def _reschedule(self, run_id: str, until: float | None) -> None:
+    async def _reschedule(self, run_id: str, driver: Driver) -> None:
+        x = driver.x
+        until = x.next_wakeup()
+        if driver.deadline is not None and not x.timed_out:
+            until = driver.deadline if until is None else min(until, driver.deadline)
         if until is not None:
             await self.backend.schedule(run_id, until)
         else:
@@ -442,8 +362,8 @@ class Worker:
     async def _shutdown(self) -> None:
         """Let running steps finish and be recorded (bounded), then hand every run back."""
         for live in list(self.runs.values()):
-            if live.execution is not None:
-                live.execution.stop()
+            if live.driver is not None:
+                live.driver.stop()
         tasks = [lv.task for lv in self.runs.values() if lv.task is not None]
         if tasks:
             _done, late = await asyncio.wait(tasks, timeout=self.shutdown_grace)
@@ -453,34 +373,42 @@ class Worker:
                 await asyncio.wait(late)
 
 
-def _err(exc: BaseException) -> dict[str, str]:
-    return {"type": type(exc).__name__, "message": str(exc)}
+class _RunEffects:
+    """What one run's commands do outside its own log."""
 
+    def __init__(self, worker: Worker, live: LiveRun) -> None:
+        self.worker = worker
+        self.live = live
 
-def _successor_id(run_id: str) -> str:
-    base, sep, gen = run_id.rpartition("+")
-    if sep and gen.isdigit():
-        return f"{base}+{int(gen) + 1}"
-    return f"{run_id}+1"
+    async def start_child(self, x: Execution, command: Command) -> str:
+        spec: ChildSpec = command.spec
+        now = time.time()
+        parent_deadline = self.live.info.deadline if self.live.info is not None else None
+        deadline = None if spec.timeout is None else now + spec.timeout
+        if parent_deadline is not None:
+            deadline = parent_deadline if deadline is None else min(deadline, parent_deadline)
+        record = start_record(
+            spec.run_id, spec.workflow, spec.version, spec.kwargs, now,
+            parent=x.run_id, deadline=deadline, abandon=spec.abandon,
+        )
+        if not await create_run(self.worker.backend, record):
+            existing = await existing_start(self.worker.backend, spec.run_id)
+            if not same_start(existing, record):
+                raise RunConflict(
+                    f"cannot start child {spec.run_id!r}: a run with that id exists and was "
+                    "not started by this command; give start_child another run_id"
+                )
+        return spec.run_id
 
+    async def send(self, run_id: str, event_id: str, name: str, value: Any) -> None:
+        body = encode_value({"name": name, "value": value})
+        await self.worker.backend.send_event(run_id, event_id, body)
 
-def encode_start(
-    run_id: str,
-    workflow: str,
-    version: str | None,
-    kwargs: dict[str, Any],
-    at: float,
-    seen: list[str] | None = None,
-) -> bytes:
-    """Encode the first entry of a run; ``seen`` carries a predecessor's consumed event ids."""
-    record: Record = {
-        "k": "start",
-        "run_id": run_id,
-        "workflow": workflow,
-        "version": version,
-        "kwargs": kwargs,
-        "at": at,
-    }
-    if seen:
-        record["seen"] = seen
-    return encode_entry([record])
+    async def publish(self, x: Execution) -> None:
+        backend = self.worker.backend
+        info = self.live.info or await backend.get_run(x.run_id)
+        if info is not None:
+            info = replace(info, published=dict(x.published), updated_at=time.time())
+            self.live.info = info
+            await backend.put_run(info)
+

@@ -1,10 +1,12 @@
-"""The ``@workflow`` decorator."""
+"""The ``@workflow`` decorator, and the registry workers look workflows up in."""
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from substantial.backends.base import validate_id
@@ -13,7 +15,7 @@ from substantial.errors import InvalidArgument
 if TYPE_CHECKING:
     from substantial.context import Context
 
-__all__ = ["Workflow", "workflow"]
+__all__ = ["ChildSpec", "Registry", "Workflow", "workflow"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -25,11 +27,13 @@ class Workflow(Generic[R]):
 
     ``version`` pins runs to code: a run started on version ``"2"`` is only
     replayed by a worker that registered version ``"2"`` of this workflow.
+    ``timeout`` (seconds) is the default deadline of its runs.
     """
 
     fn: Callable[..., Awaitable[R]]
     name: str
     version: str | None = None
+    timeout: float | None = None
 
     @property
     def key(self) -> tuple[str, str | None]:
@@ -41,13 +45,38 @@ class Workflow(Generic[R]):
         return self.fn(c, *args, **kwargs)
 
 
+@dataclass(frozen=True, slots=True)
+class ChildSpec:
+    """What a ``start_child`` command creates."""
+
+    workflow: str
+    version: str | None
+    kwargs: dict[str, Any]
+    run_id: str
+    timeout: float | None
+    abandon: bool
+
+
+def timeout_seconds(timeout: timedelta | float | None) -> float | None:
+    """Return a run timeout in seconds (None: no deadline), refusing nonsense."""
+    if timeout is None:
+        return None
+    value = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
+    if not math.isfinite(value) or value <= 0:
+        raise InvalidArgument(f"a run timeout must be a finite number of seconds > 0, got {timeout!r}")
+    return value
+
+
 @overload
 def workflow(fn: Callable[..., Awaitable[R]], /) -> Workflow[R]: ...
 
 
 @overload
 def workflow(
-    *, name: str | None = None, version: str | int | None = None
+    *,
+    name: str | None = None,
+    version: str | int | None = None,
+    timeout: timedelta | float | None = None,
 ) -> Callable[[Callable[..., Awaitable[R]]], Workflow[R]]: ...
 
 
@@ -57,13 +86,17 @@ def workflow(
     *,
     name: str | None = None,
     version: str | int | None = None,
+    timeout: timedelta | float | None = None,
 ) -> Workflow[R] | Callable[[Callable[..., Awaitable[R]]], Workflow[R]]:
     """Declare an ``async def`` taking a :class:`Context` as a durable workflow.
 
-    Use as ``@workflow()`` or ``@workflow(name="billing", version=2)``. The
-    name defaults to the function's name and is what the log records, so
-    renaming the function does not orphan runs in flight if ``name`` is kept.
+    Use as ``@workflow()`` or ``@workflow(name="billing", version=2,
+    timeout=timedelta(hours=1))``. The name defaults to the function's name
+    and is what the log records, so renaming the function does not orphan
+    runs in flight if ``name`` is kept. ``timeout`` gives every run a
+    deadline (``start(..., timeout=...)`` overrides it).
     """
+    limit = timeout_seconds(timeout)
 
     def wrap(f: Callable[..., Awaitable[R]]) -> Workflow[R]:
         if not inspect.iscoroutinefunction(f):
@@ -72,8 +105,36 @@ def workflow(
                 "declare it as `async def name(c: Context, ...)`"
             )
         wf_name = validate_id("workflow name", name or f.__name__)
-        return Workflow(fn=f, name=wf_name, version=None if version is None else str(version))
+        return Workflow(
+            fn=f, name=wf_name, version=None if version is None else str(version), timeout=limit
+        )
 
     if fn is not None:
         return wrap(fn)
     return wrap
+
+
+class Registry:
+    """The workflows a process can run, by name and version."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[tuple[str, str | None], Workflow[Any]] = {}
+        self._latest: dict[str, Workflow[Any]] = {}
+
+    def register(self, wf: Workflow[Any]) -> Workflow[Any]:
+        """Add ``wf``; the last version registered under a name is the one new runs use."""
+        if not isinstance(wf, Workflow):
+            raise InvalidArgument(
+                f"register() takes a function decorated with @workflow(), got {wf!r}"
+            )
+        self._by_key[wf.key] = wf
+        self._latest[wf.name] = wf
+        return wf
+
+    def lookup(self, name: str, version: str | None) -> Workflow[Any] | None:
+        """Return the workflow for a run's recorded name and version."""
+        return self._by_key.get((name, version))
+
+    def latest(self, name: str) -> Workflow[Any] | None:
+        """Return the last version registered under ``name``."""
+        return self._latest.get(name)

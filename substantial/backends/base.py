@@ -28,7 +28,7 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, NotRequired, TypedDict
 
 import orjson
 
@@ -38,6 +38,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Backend",
     "Durability",
+    "ErrorInfo",
     "Event",
     "Lease",
     "RunInfo",
@@ -48,13 +49,40 @@ __all__ = [
     "validate_id",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
-RunStatus = Literal["active", "completed", "failed", "cancelled", "reverted", "continued"]
+RunStatus = Literal[
+    "active", "completed", "failed", "cancelled", "reverted", "continued", "timed_out", "corrupt"
+]
+"""``corrupt`` is never stored: listing reports it for a run whose metadata cannot be read."""
 TERMINAL_STATUSES: frozenset[str] = frozenset(
-    {"completed", "failed", "cancelled", "reverted", "continued"}
+    {"completed", "failed", "cancelled", "reverted", "continued", "timed_out"}
 )
-RUN_STATUSES: frozenset[str] = TERMINAL_STATUSES | {"active"}
+RUN_STATUSES: frozenset[str] = TERMINAL_STATUSES | {"active", "corrupt"}
+
+
+class ErrorInfo(TypedDict):
+    """A failure as stored data: the exception's type, its message, where it was raised."""
+
+    type: str
+    message: str
+    traceback: NotRequired[list[str]]
+
+
+def error_info(value: Any) -> ErrorInfo | None:
+    """Read a stored error: a structured one, or a protocol-1 ``"Type: message"`` string."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        kind, sep, message = value.partition(": ")
+        return {"type": kind, "message": message} if sep else {"type": "Error", "message": value}
+    if isinstance(value, dict) and isinstance(value.get("type"), str):
+        info: ErrorInfo = {"type": value["type"], "message": str(value.get("message", ""))}
+        tb = value.get("traceback")
+        if isinstance(tb, list) and all(isinstance(line, str) for line in tb):
+            info["traceback"] = tb
+        return info
+    raise ValueError(f"an error must be an object with a 'type', got {value!r}")
 
 Durability = Literal["process", "fsync"]
 """``process``: a write survives the writing process being killed (it reached the OS).
@@ -88,17 +116,39 @@ class RunInfo:
     updated_at: float
     version: str | None = None
     protocol: int = PROTOCOL_VERSION
-    error: str | None = None
+    error: ErrorInfo | None = None
     #: The run's return value once completed (or ``{"next": run_id}`` once continued).
     output: Any = None
     #: Position of the log's latest snapshot: replay reads from here (a hint; 0 is always safe).
     log_start: int = 0
+    #: The run that started this one as a child, if any.
+    parent: str | None = None
+    #: When the run times out (epoch seconds), if it has a deadline.
+    deadline: float | None = None
+    #: Why an active run is not progressing (e.g. no worker knows its workflow), for people.
+    note: str | None = None
+    #: The latest value of each key the workflow published with ``c.publish``.
+    published: dict[str, Any] | None = None
 
     def with_status(
-        self, status: RunStatus, *, error: str | None = None, output: Any = None
+        self, status: RunStatus, *, error: ErrorInfo | None = None, output: Any = None
     ) -> RunInfo:
         """Return a copy with a new status and ``updated_at`` set to now."""
-        return replace(self, status=status, updated_at=time.time(), error=error, output=output)
+        return replace(
+            self, status=status, updated_at=time.time(), error=error, output=output, note=None
+        )
+
+    @classmethod
+    def unreadable(cls, run_id: str, detail: str) -> RunInfo:
+        """Stand in for a run whose metadata cannot be decoded, so a listing can flag it."""
+        return cls(
+            run_id,
+            "?",
+            "corrupt",
+            0.0,
+            0.0,
+            error={"type": "CorruptRecord", "message": detail},
+        )
 
     def to_bytes(self) -> bytes:
         """Encode as the JSON object stored by every backend."""
@@ -114,6 +164,10 @@ class RunInfo:
                 "error": self.error,
                 "output": self.output,
                 "log_start": self.log_start,
+                "parent": self.parent,
+                "deadline": self.deadline,
+                "note": self.note,
+                "published": self.published,
             },
             option=orjson.OPT_NON_STR_KEYS,
         )
@@ -125,7 +179,7 @@ class RunInfo:
             obj = orjson.loads(data)
             protocol = int(obj["protocol"])
             status = obj["status"]
-            if status not in RUN_STATUSES:
+            if status not in RUN_STATUSES or status == "corrupt":
                 raise ValueError(f"unknown status {status!r}")
             info = cls(
                 run_id=str(obj["run_id"]),
@@ -135,9 +189,13 @@ class RunInfo:
                 updated_at=float(obj["updated_at"]),
                 version=obj.get("version"),
                 protocol=protocol,
-                error=obj.get("error"),
+                error=error_info(obj.get("error")),
                 output=obj.get("output"),
                 log_start=int(obj.get("log_start", 0)),
+                parent=_opt_str(obj.get("parent")),
+                deadline=None if obj.get("deadline") is None else float(obj["deadline"]),
+                note=_opt_str(obj.get("note")),
+                published=_opt_dict(obj.get("published")),
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise CorruptRecord(run_id, "meta", str(exc)) from exc
@@ -147,6 +205,18 @@ class RunInfo:
                 f"substantial reads up to {PROTOCOL_VERSION}: upgrade substantial"
             )
         return info
+
+
+def _opt_str(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise ValueError(f"expected a string or null, got {value!r}")
+
+
+def _opt_dict(value: Any) -> dict[str, Any] | None:
+    if value is None or isinstance(value, dict):
+        return value
+    raise ValueError(f"expected an object or null, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,430 @@
+"""Run one execution: replay its log, then act live until the workflow ends or leaves.
+
+The :class:`Driver` lives on the worker's real event loop. It steps the
+workflow's own loop, starts the I/O of new commands (step functions, timers,
+children, sends) as tasks on the real loop, and turns what they produce into
+completions. Completions that arrive together are applied one by one, in
+order, and written as one entry; a step function only starts once every
+completion the workflow had seen before issuing it is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from substantial.backends.base import Backend
+from substantial.errors import PositionTaken, SerializationError, StepTimeout
+from substantial.records import Record, encode_entry, encode_value, error_of
+from substantial.replay import ACTIVATIONS, Command, Evicted, Execution, Fenced
+
+__all__ = ["Driver", "Effects", "RetryPolicy", "StepSpec"]
+
+logger = logging.getLogger("substantial.workflow")
+
+#: How early a timer is armed before its due time, to absorb the event loop's lateness.
+TIMER_EARLY = 0.002
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How ``save`` retries a failing step: exponential backoff, each attempt recorded.
+
+    ``max_attempts=1`` disables retries. Delays are ``initial_delay *
+    backoff ** (attempt - 1)``, capped at ``max_delay`` seconds.
+    """
+
+    max_attempts: int = 5
+    initial_delay: float = 0.1
+    backoff: float = 2.0
+    max_delay: float = 30.0
+
+    def __post_init__(self) -> None:
+        from substantial.errors import InvalidArgument
+
+        if self.max_attempts < 1:
+            raise InvalidArgument("RetryPolicy.max_attempts must be at least 1")
+        if not (0 <= self.initial_delay < float("inf") and 0 <= self.max_delay < float("inf")):
+            raise InvalidArgument("RetryPolicy needs finite initial_delay >= 0 and max_delay >= 0")
+        if not 1 <= self.backoff < float("inf"):
+            raise InvalidArgument("RetryPolicy needs a finite backoff >= 1")
+
+    def delay(self, attempt: int) -> float:
+        """Return the pause after failed attempt number ``attempt`` (1-based)."""
+        return float(min(self.max_delay, self.initial_delay * self.backoff ** (attempt - 1)))
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+@dataclass(frozen=True, slots=True)
+class StepSpec:
+    """What a ``save`` (or a compensation) command runs."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    timeout: float | None
+    retry: RetryPolicy
+    key: str | None = None
+    #: Attempts already recorded, and when the next one may start.
+    attempts: int = 0
+    retry_at: float = 0.0
+
+
+class Effects(Protocol):
+    """What a run's commands do to other runs and to metadata (the worker provides it)."""
+
+    async def start_child(self, x: Execution, command: Command) -> str:
+        """Create the child run (idempotent by its id); return its id."""
+
+    async def send(self, run_id: str, event_id: str, name: str, value: Any) -> None:
+        """Post an event to another run (idempotent by ``event_id``)."""
+
+    async def publish(self, x: Execution) -> None:
+        """Make the run's published values readable by clients."""
+
+
+class Driver:
+    """Replays one execution, then runs it live on the worker's loop."""
+
+    def __init__(
+        self,
+        x: Execution,
+        backend: Backend,
+        effects: Effects,
+        *,
+        executor: Executor | None,
+        idle_timeout: float,
+        deadline: float | None,
+    ) -> None:
+        self.x = x
+        self.backend = backend
+        self.effects = effects
+        self.executor = executor
+        self.idle_timeout = idle_timeout
+        self.deadline = deadline
+        self.ready: list[Record] = []
+        self.inbox_dirty = True
+        self.stop_requested = False
+        #: Set when another worker holds the lease: write nothing more.
+        self.lost = False
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.timers: dict[int, asyncio.TimerHandle] = {}
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._wakeup = asyncio.Event()
+        self._bad_events: set[str] = set()
+        self.last_active = time.monotonic()
+
+    # -- signals from the worker -------------------------------------------------
+
+    def poke(self) -> None:
+        """The run's inbox changed."""
+        self.inbox_dirty = True
+        self._wakeup.set()
+
+    def stop(self, *, lost: bool = False) -> None:
+        """Hand the run back at the next chance (shutdown, or the lease was lost)."""
+        self.stop_requested = True
+        self.lost = self.lost or lost
+        self._wakeup.set()
+
+    def _post(self, record: Record) -> None:
+        self.ready.append(record)
+        self._wakeup.set()
+
+    # -- the whole run -----------------------------------------------------------
+
+    async def run(self, body: Callable[[], Awaitable[Any]]) -> None:
+        """Run the workflow until its main task is done; raise Evicted/Fenced if it leaves."""
+        x = self.x
+        x.main = x.loop.create_task(body(), name=f"workflow:{x.run_id}")
+        try:
+            self.step()
+            while x.activations and not x.main.done():
+                position, record = x.activations.popleft()
+                x.apply(record, position)
+                self.step()
+            if x.activations and x.failure is None:
+                position, record = x.activations[0]
+                x.nondeterministic(position, _describe(record), "the end of the workflow", None)
+            if not x.main.done() and x.failure is None:
+                await self._live()
+        finally:
+            for handle in self.timers.values():
+                handle.cancel()
+            if self._deadline_timer is not None:
+                self._deadline_timer.cancel()
+            for task in self.tasks:
+                task.cancel()
+
+    def step(self) -> None:
+        """Run the workflow's loop until every task is blocked; settle interrupts."""
+        loop = self.x.loop
+        loop.run_until_idle()
+        while self.x.sweep():
+            loop.run_until_idle()
+        if loop.unhandled and self.x.failure is None:
+            self.x.failure = loop.unhandled[0]
+
+    async def _live(self) -> None:
+        x = self.x
+        assert x.main is not None
+        self._arm_deadline()
+        while True:
+            items, self.ready = self.ready, []
+            if self.inbox_dirty and not self.stop_requested:
+                self.inbox_dirty = False
+                items += await self._read_events()
+            for record in items:
+                if x.main.done() or x.failure is not None:
+                    break
+                if record["k"] in ACTIVATIONS:
+                    if not self._wanted(record):
+                        continue
+                    x.record(record)
+                    if record["k"] == "event":
+                        x.to_ack.append(record["id"])
+                    x.apply(record)
+                    self.step()
+                else:
+                    x.record(record)
+            if x.main.done() or x.failure is not None:
+                return
+            if self.stop_requested:
+                await self._hand_back()
+            await self.flush()
+            self._start_commands()
+            if not self.ready and not self.inbox_dirty:
+                await self._wait()
+
+    def _wanted(self, record: Record) -> bool:
+        kind = record["k"]
+        if kind == "event":
+            return record["id"] not in self.x.seen_ids
+        if kind == "timeout":
+            return not self.x.timed_out
+        command = self.x.commands.get(record["c"])
+        return command is not None and not command.done
+
+    async def _wait(self) -> None:
+        self._wakeup.clear()
+        busy = any(not t.done() for t in self.tasks)
+        self.last_active = time.monotonic()
+        try:
+            async with asyncio.timeout(None if busy else self.idle_timeout):
+                await self._wakeup.wait()
+        except TimeoutError:
+            if not self.ready and not self.inbox_dirty:
+                raise Evicted() from None
+
+    async def _hand_back(self) -> None:
+        """On stop: let running steps finish and record them (not applied), then leave."""
+        if not self.lost:
+            running = [t for t in self.tasks if not t.done()]
+            if running:
+                await asyncio.wait(running)
+            for record in self.ready:
+                if record["k"] != "timer" and (record["k"] not in ACTIVATIONS or self._wanted(record)):
+                    self.x.record(record)
+            self.ready = []
+            with contextlib.suppress(Fenced):
+                await self.flush()
+        raise Evicted()
+
+    # -- writes --------------------------------------------------------------------
+
+    async def flush(self, *extra: Record) -> None:
+        """Write what is buffered (and ``extra``) as one entry at the next position."""
+        x = self.x
+        batch = [*x.pending, *extra] if extra else x.pending
+        if not batch:
+            return
+        if self.lost:
+            raise Fenced("the lease was lost")
+        entry = encode_entry(batch)
+        try:
+            await self.backend.append(x.run_id, x.position, entry)
+        except PositionTaken as exc:
+            raise Fenced(str(exc)) from exc
+        x.position += 1
+        x.pending = []
+        if x.to_ack:
+            acked, x.to_ack = x.to_ack, []
+            await self.backend.ack_events(x.run_id, acked)
+        if x.publish_dirty:
+            x.publish_dirty = False
+            await self.effects.publish(x)
+
+    async def _read_events(self) -> list[Record]:
+        x = self.x
+        out: list[Record] = []
+        for event in await self.backend.read_inbox(x.run_id):
+            if event.event_id in x.seen_ids:
+                x.to_ack.append(event.event_id)  # recorded before a crash, never acked
+                continue
+            try:
+                body = orjson.loads(event.data)
+                name = body["name"]
+                if not isinstance(name, str):
+                    raise TypeError("the event name is not a string")
+            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                if event.event_id not in self._bad_events:
+                    self._bad_events.add(event.event_id)
+                    logger.error(
+                        "run %s: event %r in the inbox is malformed (%s); left there, not delivered",
+                        x.run_id,
+                        event.event_id,
+                        exc,
+                    )
+                continue
+            out.append(
+                {"k": "event", "id": event.event_id, "name": name, "value": body.get("value"),
+                 "t": x.now()}
+            )
+        return out
+
+    # -- live commands -------------------------------------------------------------
+
+    def _start_commands(self) -> None:
+        x = self.x
+        commands, x.to_start = x.to_start, []
+        for command in commands:
+            if command.done or command.started:
+                continue
+            command.started = True
+            if command.kind in ("sleep", "timer", "receive"):
+                if command.spec is not None:
+                    self._arm(command.c, float(command.spec))
+                continue
+            runner = {
+                "step": self._run_step,
+                "compensate": self._run_step,
+                "child": self._run_child,
+                "send": self._run_send,
+            }[command.kind]
+            task = asyncio.create_task(runner(command))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def _arm(self, c: int, until: float) -> None:
+        loop = asyncio.get_running_loop()
+        # The loop's timers wake up to a millisecond late (epoll rounds up), so aim a
+        # little early and finish the wait in _fire.
+        delay = max(0.0, until - time.time() - TIMER_EARLY)
+        self.timers[c] = loop.call_later(delay, self._fire, c, until)
+
+    def _fire(self, c: int, until: float) -> None:
+        if time.time() >= until:
+            self.timers.pop(c, None)
+            self._post({"k": "timer", "c": c, "t": self.x.now()})
+        else:
+            self.timers[c] = asyncio.get_running_loop().call_later(0, self._fire, c, until)
+
+    def _arm_deadline(self) -> None:
+        if self.deadline is None or self.x.timed_out:
+            return
+        delay = max(0.0, self.deadline - time.time())
+        self._deadline_timer = asyncio.get_running_loop().call_later(
+            delay, lambda: self._post({"k": "timeout", "t": self.x.now()})
+        )
+
+    async def _run_step(self, command: Command) -> None:
+        spec: StepSpec = command.spec
+        x = self.x
+        kind = "step" if command.kind == "step" else "compensated"
+        attempts = spec.attempts
+        if attempts:
+            await asyncio.sleep(max(0.0, spec.retry_at - time.time()))
+        while True:
+            attempts += 1
+            what = f"the result of step {command.name!r} of run {x.run_id!r}"
+            try:
+                value = orjson.loads(encode_value(await self._call(spec), what))
+            except SerializationError as exc:
+                error = error_of(exc)
+                attempts = spec.retry.max_attempts  # retrying would store nothing either
+            except Exception as exc:
+                error = error_of(exc)
+            else:
+                done: Record = {"k": kind, "c": command.c, "name": command.name, "t": x.now()}
+                if kind == "step":
+                    done["value"] = value
+                    if spec.key is not None:
+                        done["key"] = spec.key
+                self._post(done)
+                return
+            if attempts >= spec.retry.max_attempts:
+                self._post(
+                    {"k": kind, "c": command.c, "name": command.name, "error": error,
+                     "attempts": attempts, "t": x.now()}
+                )
+                return
+            pause = spec.retry.delay(attempts)
+            if kind == "step":
+                self._post(
+                    {"k": "attempt", "c": command.c, "name": command.name, "n": attempts,
+                     "error": error, "retry_at": time.time() + pause}
+                )
+            logger.warning(
+                "run %s: %s %r attempt %d failed: %s: %s; retrying in %.2fs",
+                x.run_id, "step" if kind == "step" else "compensation of", command.name,
+                attempts, error["type"], error["message"], pause,
+            )
+            await asyncio.sleep(pause)
+
+    async def _call(self, spec: StepSpec) -> Any:
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(spec.timeout):
+                fn = spec.fn
+                if inspect.iscoroutinefunction(fn):
+                    return await fn(*spec.args)
+                if self.executor is None:
+                    result = fn(*spec.args)
+                else:
+                    # Sync step functions run in threads: a blocking call in one step never
+                    # stalls the other steps of this run, or other runs.
+                    ctx = contextvars.copy_context()
+                    call = functools.partial(ctx.run, fn, *spec.args)
+                    result = await asyncio.get_running_loop().run_in_executor(self.executor, call)
+                return await result if inspect.isawaitable(result) else result
+        except TimeoutError as exc:
+            if spec.timeout is None or time.monotonic() - started < spec.timeout:
+                raise  # the step's own TimeoutError, not ours
+            raise StepTimeout(f"the step took longer than its timeout of {spec.timeout}s") from exc
+
+    async def _run_child(self, command: Command) -> None:
+        record: Record = {"k": "child", "c": command.c, "name": command.name}
+        try:
+            record["run_id"] = await self.effects.start_child(self.x, command)
+        except Exception as exc:
+            record["run_id"] = str(command.spec.run_id)
+            record["error"] = error_of(exc)
+        record["t"] = self.x.now()
+        self._post(record)
+
+    async def _run_send(self, command: Command) -> None:
+        run_id, event_id, name, value = command.spec
+        record: Record = {"k": "sent", "c": command.c}
+        try:
+            await self.effects.send(run_id, event_id, name, value)
+        except Exception as exc:
+            record["error"] = error_of(exc)
+        record["t"] = self.x.now()
+        self._post(record)
+
+
+def _describe(record: Record) -> str:
+    name = record.get("name")
+    return f"{record['k']}" + (f" {name!r}" if name is not None else "")
