@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from substantial.backends._redact import redact_url
 from substantial.backends.base import Backend
 from substantial.errors import InvalidArgument
 
-__all__ = ["Backend", "from_url"]
+__all__ = ["Backend", "from_url", "redact_url"]
 
 
 def from_url(url: str) -> Backend:
@@ -20,7 +21,10 @@ def from_url(url: str) -> Backend:
     A ``durability=fsync`` query parameter selects power-loss safety on the
     fs and sqlite backends.
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise InvalidArgument(f"malformed backend URL {redact_url(url)!r}: {exc}") from None
     scheme = parts.scheme.lower()
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     if scheme == "memory":
@@ -30,10 +34,17 @@ def from_url(url: str) -> Backend:
     if scheme in ("file", "sqlite"):
         path = unquote(parts.netloc + parts.path)
         if not path:
-            raise InvalidArgument(f"{url!r} names no path: use {scheme}:///absolute/path")
+            raise InvalidArgument(
+                f"{redact_url(url)!r} names no path: use {scheme}:///absolute/path"
+            )
+        if parts.password is not None:
+            # It would become part of the path, and of describe()'s output.
+            raise InvalidArgument(f"{redact_url(url)!r}: {scheme}:// URLs take no password")
         durability = query.get("durability", "process")
         if durability not in ("process", "fsync"):
-            raise InvalidArgument(f"durability={durability!r} in {url!r}: use 'process' or 'fsync'")
+            raise InvalidArgument(
+                f"durability={durability!r} in {redact_url(url)!r}: use 'process' or 'fsync'"
+            )
         if scheme == "file":
             from substantial.backends.fs import FSBackend
 
@@ -54,6 +65,6 @@ def from_url(url: str) -> Backend:
 
         return PostgresBackend.from_url(url)
     raise InvalidArgument(
-        f"unknown backend URL scheme {scheme!r} in {url!r}: use memory://, file://, "
+        f"unknown backend URL scheme {scheme!r} in {redact_url(url)!r}: use memory://, file://, "
         "sqlite://, redis://, rediss://, s3:// or postgresql://"
     )
