@@ -30,6 +30,7 @@ from pathlib import Path
 
 import orjson
 
+from substantial.backends import _hostile
 from substantial.backends._wake import WakeChannel
 from substantial.backends.base import (
     Backend,
@@ -136,11 +137,14 @@ def _tmp_name(directory: str, base: str) -> str:
 
 
 def _parse_due_name(name: str) -> tuple[int, str] | None:
-    """Split ``<at µs>-<run_id>``; None for anything else (temporaries, foreign files)."""
-    if len(name) <= _AT_DIGITS + 1 or name[_AT_DIGITS] != "-":
+    """Split ``<at µs>-<run_id>``; None if the time is not 17 ASCII digits.
+
+    The run id is not checked here: due() drops a key whose id is not valid.
+    """
+    if len(name) < _AT_DIGITS + 1 or name[_AT_DIGITS] != "-":
         return None
     digits = name[:_AT_DIGITS]
-    if not digits.isdigit():
+    if not (digits.isascii() and digits.isdigit()):
         return None
     return int(digits), name[_AT_DIGITS + 1 :]
 
@@ -508,7 +512,7 @@ class FSBackend(Backend):
             if self._bucket_cache is not None and self._bucket_cache[0] == mtime:
                 return self._bucket_cache[1]
             listed_at = time.time_ns()
-            names = sorted(b for b in os.listdir(self._due) if b.isdigit())
+            names = sorted(b for b in os.listdir(self._due) if b.isascii() and b.isdigit())
         except FileNotFoundError:
             return []
         # A change made within one timestamp tick of the last one may leave the
@@ -566,13 +570,15 @@ class FSBackend(Backend):
         if limit <= 0:
             return out
         seen: set[str] = set()
+        bad: list[str] = []
         try:
             for bucket in self._buckets():
                 if int(bucket) > now_bucket:
                     break
                 for name in self._scan_bucket(bucket, now_bucket) or ():
                     parsed = _parse_due_name(name)
-                    if parsed is None:
+                    if parsed is None or not _hostile.is_valid_id(parsed[1]):
+                        bad.append(f"{bucket}/{name}")
                         continue
                     at_us, run_id = parsed
                     if at_us > now_us:
@@ -584,23 +590,48 @@ class FSBackend(Backend):
                     seen.add(run_id)
                     out.append((run_id, at_us / _US))
                     if len(out) >= limit:
-                        return out
+                        break
+                if len(out) >= limit:
+                    break
         except OSError as exc:
             raise self._unavailable(exc, "read the due index") from exc
+        await self._drop_bad_due(bad)
         return out
 
     async def next_due_at(self) -> float | None:
         """Return the earliest current key, reading only up to the first bucket that has one."""
         now_bucket = _key_us(time.time()) // _BUCKET_US
+        bad: list[str] = []
+        found: float | None = None
         try:
             for bucket in self._buckets():
                 for name in self._scan_bucket(bucket, now_bucket) or ():
                     parsed = _parse_due_name(name)
-                    if parsed is not None and self._is_current(parsed[1], f"{bucket}/{name}"):
-                        return parsed[0] / _US
+                    if parsed is None or not _hostile.is_valid_id(parsed[1]):
+                        bad.append(f"{bucket}/{name}")
+                    elif self._is_current(parsed[1], f"{bucket}/{name}"):
+                        found = parsed[0] / _US
+                        break
+                if found is not None:
+                    break
         except OSError as exc:
             raise self._unavailable(exc, "read the due index") from exc
-        return None
+        await self._drop_bad_due(bad)
+        return found
+
+    async def _drop_bad_due(self, keys: list[str]) -> None:
+        """Remove due keys no worker can act on; a run whose live key it was is due now."""
+        for key in keys:
+            name = key.partition("/")[2]
+            run_id = name[_AT_DIGITS + 1 :]
+            live = _hostile.is_valid_id(run_id) and _read_pointer(self._pointer(run_id)) == key
+            action = "scheduling its run now" if live else "removing it from the due index"
+            _hostile.warn_once(self, "due entry", name, "not <17-digit time>-<run id>", action)
+            with contextlib.suppress(OSError):
+                os.unlink(f"{self._due}/{key}")
+            if live:
+                with contextlib.suppress(BackendUnavailable):
+                    await self.schedule(run_id, time.time())
 
     # -- leases -----------------------------------------------------------
 
@@ -611,9 +642,13 @@ class FSBackend(Backend):
             return None
         try:
             obj = orjson.loads(raw)
-            return Lease(run_id, str(obj["owner"]), float(obj["expires_at"]))
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise CorruptRecord(run_id, "lease", str(exc)) from exc
+            lease = _hostile.lease_or_none(run_id, obj.get("owner"), obj.get("expires_at"))
+        except (orjson.JSONDecodeError, AttributeError):
+            lease = None
+        if lease is None:
+            _hostile.warn_once(self, "lease", run_id, f"{raw[:80]!r}", "reading it as expired")
+            return _hostile.unreadable_lease(run_id)
+        return lease
 
     async def acquire_lease(
         self, run_id: str, owner: str, ttl: float, *, steal_from: str | None = None
@@ -645,7 +680,7 @@ class FSBackend(Backend):
                 return  # nothing to release: do not create the run's directory for a lock
             with self._locked(run_id):
                 lease = self._read_lease(run_id)
-                if lease is not None and lease.owner == owner:
+                if lease is not None and (lease.owner == owner or _hostile.is_unreadable(lease)):
                     os.unlink(f"{self._runs}/{run_id}/lease")
         except OSError as exc:
             raise self._unavailable(exc, f"release the lease of run {run_id!r}") from exc
@@ -703,12 +738,12 @@ class FSBackend(Backend):
                     break
                 if after is not None and run_id <= after:
                     continue
-                info = self._get_run(run_id)  # None: a run with only events, or a half start
-                if (
-                    info is not None
-                    and (status is None or info.status == status)
-                    and (workflow is None or info.workflow == workflow)
-                ):
+                try:
+                    data = _read_file(f"{self._runs}/{run_id}/meta.json")
+                except FileNotFoundError:
+                    continue  # a run with only events, or a half start
+                info = _hostile.read_listed(self, run_id, data)
+                if _hostile.listed(info, status, workflow):
                     out.append(info)
         except OSError as exc:
             raise self._unavailable(exc, "list runs") from exc

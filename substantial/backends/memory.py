@@ -10,7 +10,9 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Sequence
+from typing import Any
 
+from substantial.backends import _hostile
 from substantial.backends.base import Backend, Event, Lease, RunInfo, validate_id
 from substantial.errors import PositionTaken
 
@@ -87,19 +89,42 @@ class MemoryBackend(Backend):
 
     async def due(self, now: float, limit: int = 100) -> list[tuple[str, float]]:
         """Return the earliest due runs."""
+        self._drop_bad_due()
         end = bisect.bisect_right(self._due, (now, "\U0010ffff"))
         return [(run_id, at) for at, run_id in self._due[: min(end, limit)]]
 
     async def next_due_at(self) -> float | None:
         """Return the earliest scheduled time."""
+        self._drop_bad_due()
         return self._due[0][0] if self._due else None
+
+    def _drop_bad_due(self) -> None:
+        # Only code that bypasses schedule() can put these here; the other backends
+        # meet them in stores written by others. A NaN also breaks bisect's order.
+        bad = [
+            (at, run_id)
+            for at, run_id in self._due
+            if not (_hostile.is_valid_id(run_id) and _hostile.valid_time(at))
+        ]
+        if not bad:
+            return
+        self._due = sorted(e for e in self._due if e not in bad)
+        self._due_at = {run_id: at for at, run_id in self._due}
+        for at, run_id in bad:
+            valid = _hostile.is_valid_id(run_id)
+            action = "scheduling it now" if valid else "removing it from the due index"
+            _hostile.warn_once(self, "due entry", run_id, f"due at {at!r}", action)
+            if valid and run_id not in self._due_at:
+                now = time.time()
+                bisect.insort(self._due, (now, run_id))
+                self._due_at[run_id] = now
 
     async def acquire_lease(
         self, run_id: str, owner: str, ttl: float, *, steal_from: str | None = None
     ) -> bool:
         """Take the lease if free, expired, ours or held by ``steal_from``."""
         now = time.time()
-        lease = self.leases.get(run_id)
+        lease = self._lease(run_id)
         if (
             lease is None
             or lease.expires_at <= now
@@ -112,13 +137,25 @@ class MemoryBackend(Backend):
 
     async def release_lease(self, run_id: str, owner: str) -> None:
         """Drop our lease."""
-        lease = self.leases.get(run_id)
-        if lease is not None and lease.owner == owner:
+        lease = self._lease(run_id)
+        if lease is not None and (lease.owner == owner or _hostile.is_unreadable(lease)):
             del self.leases[run_id]
 
     async def get_lease(self, run_id: str) -> Lease | None:
-        """Return the lease, if any."""
-        return self.leases.get(run_id)
+        """Return the lease, if any; an unreadable one reads as expired, owner ``?``."""
+        return self._lease(run_id)
+
+    def _lease(self, run_id: str) -> Lease | None:
+        lease: Any = self.leases.get(run_id)
+        if lease is None:
+            return None
+        good = isinstance(lease, Lease) and _hostile.lease_or_none(
+            run_id, lease.owner, lease.expires_at
+        )
+        if good:
+            return lease  # type: ignore[no-any-return]
+        _hostile.warn_once(self, "lease", run_id, f"{lease!r}", "reading it as expired")
+        return _hostile.unreadable_lease(run_id)
 
     async def put_run(self, info: RunInfo) -> None:
         """Store metadata."""
@@ -142,10 +179,8 @@ class MemoryBackend(Backend):
         for run_id in sorted(self.runs):
             if after is not None and run_id <= after:
                 continue
-            info = RunInfo.from_bytes(run_id, self.runs[run_id])
-            if (status is None or info.status == status) and (
-                workflow is None or info.workflow == workflow
-            ):
+            info = _hostile.read_listed(self, run_id, self.runs[run_id])
+            if _hostile.listed(info, status, workflow):
                 out.append(info)
                 if len(out) >= limit:
                     break

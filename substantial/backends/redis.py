@@ -34,8 +34,16 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
+from substantial.backends import _hostile
+from substantial.backends._redact import redact_text, redact_url
 from substantial.backends.base import Backend, Event, Lease, RunInfo, validate_id
-from substantial.errors import BackendError, BackendUnavailable, InvalidArgument, PositionTaken
+from substantial.errors import (
+    BackendError,
+    BackendUnavailable,
+    CorruptRecord,
+    InvalidArgument,
+    PositionTaken,
+)
 
 __all__ = ["SHARDS", "RedisBackend", "shard_of"]
 
@@ -90,27 +98,60 @@ if redis.call('XLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
 return 0
 """
 
+# Reads the lease at KEYS[1]: nil if absent, false if unreadable (not a hash, no
+# owner, an expiry that is not a finite number), else owner and expiry.
+_LEASE = """
+local function lease()
+  local kind = redis.call('TYPE', KEYS[1])['ok']
+  if kind == 'none' then return nil end
+  if kind ~= 'hash' then return false end
+  local cur = redis.call('HMGET', KEYS[1], 'owner', 'expires_at')
+  local exp = tonumber(cur[2])
+  if not cur[1] or cur[1] == '' or not exp or exp ~= exp or exp == math.huge
+     or exp == -math.huge then
+    return false
+  end
+  return cur[1], exp
+end
+"""
+
 # KEYS: lease hash. ARGV: owner, ttl seconds[, steal_from]. Expiry is on the
-# server's clock, so workers with skewed clocks agree on it.
-_ACQUIRE = """
+# server's clock, so workers with skewed clocks agree on it. Returns 0 (held
+# elsewhere), 1 (taken), 2 (taken over an unreadable lease, which is expired).
+_ACQUIRE = (
+    _LEASE
+    + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local cur = redis.call('HMGET', KEYS[1], 'owner', 'expires_at')
-if cur[1] and tonumber(cur[2]) > now and cur[1] ~= ARGV[1] and cur[1] ~= ARGV[3] then
+local owner, exp = lease()
+local took = 1
+if owner == false then
+  took = 2
+  redis.call('DEL', KEYS[1])
+elseif owner and exp > now and owner ~= ARGV[1] and owner ~= ARGV[3] then
   return 0
 end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1],
            'expires_at', string.format('%.6f', now + tonumber(ARGV[2])))
-return 1
+return took
 """
+)
 
-# KEYS: lease hash. ARGV: owner.
-_RELEASE = """
-if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
+# KEYS: lease hash. ARGV: owner. Removes an unreadable lease whoever asks (returns 2).
+_RELEASE = (
+    _LEASE
+    + """
+local owner = lease()
+if owner == false then
+  redis.call('DEL', KEYS[1])
+  return 2
+end
+if owner == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
 """
+)
 
 # Single server only (the keys are in different slots): the due shards' heads
 # in one round trip; a cluster gets one command per shard in a pipeline.
@@ -124,17 +165,17 @@ end
 return out
 """
 
-# Single server only, as _DUE. KEYS: due shards. Returns the smallest score
-# as Redis formatted it (exact), or nil.
+# Single server only, as _DUE. KEYS: due shards. Returns the member and the
+# smallest score as Redis formatted it (exact), or an empty list.
 _HEAD = """
-local best, text = nil, false
+local best, out = nil, {}
 for _, key in ipairs(KEYS) do
   local head = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
   if head[2] and (best == nil or tonumber(head[2]) < best) then
-    best, text = tonumber(head[2]), head[2]
+    best, out = tonumber(head[2]), head
   end
 end
-return text
+return out
 """
 
 _SCRIPTS = {
@@ -223,8 +264,9 @@ class RedisBackend(Backend):
                     self._client = Redis.from_pool(pool)
             except ValueError as exc:
                 raise InvalidArgument(
-                    f"invalid Redis URL {_redact(client_or_url)!r}: {exc}"
-                ) from exc
+                    f"invalid Redis URL {redact_url(client_or_url)!r}: "
+                    f"{redact_text(str(exc), client_or_url)}"
+                ) from None
             self._owns_client = True
         else:
             self._client = client_or_url
@@ -257,9 +299,14 @@ class RedisBackend(Backend):
         ``prefix`` and ``cluster=yes`` are read here; every other query
         parameter goes to redis-py (``socket_timeout=...``, ``ssl_ca_certs=...``).
         """
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:
+            raise InvalidArgument(f"malformed Redis URL {redact_url(url)!r}: {exc}") from None
         if parts.scheme not in ("redis", "rediss", "unix"):
-            raise InvalidArgument(f"{_redact(url)!r} is not a redis://, rediss:// or unix:// URL")
+            raise InvalidArgument(
+                f"{redact_url(url)!r} is not a redis://, rediss:// or unix:// URL"
+            )
         rest: list[tuple[str, str]] = []
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
             if key == "prefix":
@@ -272,7 +319,7 @@ class RedisBackend(Backend):
 
     def describe(self) -> str:
         """Return the server address and prefix, without credentials."""
-        return f"redis {self._where} prefix={self.prefix}"
+        return f"redis {redact_url(self._where)} prefix={self.prefix}"
 
     # -- keys -------------------------------------------------------------
 
@@ -355,27 +402,22 @@ class RedisBackend(Backend):
 
         A single server runs a pipeline's commands in the order sent; a
         cluster pipeline fans out to several nodes, so there they are sent
-        one after the other. Scripts are called by SHA; after a server
-        restart flushed the script cache, they are loaded and every command
-        is sent again (each command here is idempotent).
+        one after the other.
         """
-        for attempt in range(2):
-            try:
-                if self._cluster:
-                    return [await self._client.execute_command(*c) for c in commands]
-                pipe = self._client.pipeline(transaction=False)
-                for c in commands:
-                    pipe.execute_command(*c)
-                return await pipe.execute()
-            except rx.NoScriptError:
-                if attempt:
-                    raise
-                for script in self._scripts.values():
-                    script.sha = await self._client.script_load(script.script)
-        raise AssertionError("unreachable")
+        if self._cluster:
+            return [await self._client.execute_command(*c) for c in commands]
+        pipe = self._client.pipeline(transaction=False)
+        for c in commands:
+            pipe.execute_command(*c)
+        return await pipe.execute()
 
-    def _evalsha(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> tuple[Any, ...]:
-        return ("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
+    def _eval(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> tuple[Any, ...]:
+        # EVAL with the source, not EVALSHA: in a pipeline, a NOSCRIPT (script cache
+        # flushed, server restarted) fails only its own command, and the ZADD and
+        # PUBLISH after it would run before the event is stored. A worker that took
+        # that wake-up and found no event would then see the retry's ZADD repeat the
+        # same score, and not look again until the run was evicted.
+        return ("EVAL", self._scripts[name].script, len(keys), *keys, *args)
 
     def _publish(self, at: float) -> tuple[Any, ...]:
         return ("PUBLISH", self._channel, repr(at))
@@ -417,7 +459,7 @@ class RedisBackend(Backend):
         validate_id("event id", event_id)
         async with self._io("post_event"):
             stored, _ = await self._in_order(
-                self._evalsha("post", keys, [event_id, bytes(data)]), self._publish(time.time())
+                self._eval("post", keys, [event_id, bytes(data)]), self._publish(time.time())
             )
         return bool(stored)
 
@@ -428,7 +470,7 @@ class RedisBackend(Backend):
         now = time.time()
         async with self._io("send_event"):
             stored, _, _ = await self._in_order(
-                self._evalsha("post", keys, [event_id, bytes(data)]),
+                self._eval("post", keys, [event_id, bytes(data)]),
                 ("ZADD", self._due_keys[shard_of(run_id)], repr(now), run_id),
                 self._publish(now),
             )
@@ -491,19 +533,60 @@ class RedisBackend(Backend):
                 flat = await self._script("due", self._due_keys, [high, limit])
                 found = [(float(flat[i + 1]), flat[i]) for i in range(0, len(flat), 2)]
         found.sort()
-        return [(run_id.decode(), at) for at, run_id in found[:limit]]
+        out: list[tuple[str, float]] = []
+        bad: list[tuple[bytes, float]] = []
+        for at, member in found[:limit]:
+            run_id = _member_id(member)
+            if run_id is None or not _hostile.valid_time(at):
+                bad.append((member, at))
+            else:
+                out.append((run_id, at))
+        await self._drop_bad_due(bad)
+        return out
 
     async def next_due_at(self) -> float | None:
-        """Return the smallest head score over the due shards."""
-        async with self._io("next_due_at"):
-            if not self._cluster:
-                head = await self._script("head", self._due_keys, [])
-                return None if head is None else float(head)
-            pipe = self._client.pipeline(transaction=False)
-            for key in self._due_keys:
-                pipe.zrange(key, 0, 0, withscores=True)
-            heads: list[list[tuple[bytes, float]]] = await pipe.execute()
-        return min((at for head in heads for _, at in head), default=None)
+        """Return the smallest head score over the due shards, dropping bad heads on the way."""
+        heads: list[tuple[float, bytes]] = []
+        good: list[float] = []
+        for _ in range(16):
+            async with self._io("next_due_at"):
+                if not self._cluster:
+                    head = await self._script("head", self._due_keys, [])
+                    heads = [(float(head[1]), head[0])] if head else []
+                else:
+                    pipe = self._client.pipeline(transaction=False)
+                    for key in self._due_keys:
+                        pipe.zrange(key, 0, 0, withscores=True)
+                    shards: list[list[tuple[bytes, float]]] = await pipe.execute()
+                    heads = [(at, member) for shard in shards for member, at in shard]
+            good = [at for at, m in heads if _member_id(m) and _hostile.valid_time(at)]
+            if len(good) == len(heads):
+                break
+            # Another shard's second entry may come before the next good head: read again.
+            await self._drop_bad_due(
+                [(m, at) for at, m in heads if not (_member_id(m) and _hostile.valid_time(at))]
+            )
+        return min(good, default=None)
+
+    async def _drop_bad_due(self, bad: Sequence[tuple[bytes, float]]) -> None:
+        """Remove due entries no worker can act on; a good run id with a bad time is due now."""
+        if not bad:
+            return
+        try:
+            async with self._io("drop bad due entries"):
+                pipe = self._client.pipeline(transaction=False)
+                for member, at in bad:
+                    run_id = _member_id(member)
+                    action = "scheduling it now" if run_id else "removing it from the due index"
+                    _hostile.warn_once(self, "due entry", member, f"due at {at!r}", action)
+                    # Wherever it was written: not necessarily in the shard its id hashes to.
+                    for key in self._due_keys:
+                        pipe.zrem(key, member)
+                    if run_id is not None:
+                        pipe.zadd(self._due_keys[shard_of(run_id)], {run_id: time.time()})
+                await pipe.execute()
+        except BackendError as exc:
+            log.warning("could not drop bad due entries: %s", exc)
 
     # -- leases -----------------------------------------------------------
 
@@ -516,24 +599,46 @@ class RedisBackend(Backend):
         if steal_from is not None:
             args.append(steal_from)
         async with self._io("acquire_lease"):
-            return bool(await self._script("acquire", [key], args))
+            took = await self._script("acquire", [key], args)
+        if took == 2:
+            self._unreadable_lease(run_id, "replaced it")
+        return bool(took)
 
     async def release_lease(self, run_id: str, owner: str) -> None:
-        """Delete the lease if ``owner`` holds it (Lua, atomic)."""
+        """Delete the lease if ``owner`` holds it, or if it is unreadable (Lua, atomic)."""
         key = self._key(run_id, "lease")
         async with self._io("release_lease"):
-            await self._script("release", [key], [owner])
+            if await self._script("release", [key], [owner]) == 2:
+                self._unreadable_lease(run_id, "removed it")
 
     async def get_lease(self, run_id: str) -> Lease | None:
-        """Read the lease hash."""
+        """Read the lease hash; an unreadable one reads as expired, owner ``?``."""
         key = self._key(run_id, "lease")
+        fields: list[bytes | None] | None
         async with self._io("get_lease"):
-            owner, expires_at = cast(
-                list[bytes | None], await self._client.hmget(key, ["owner", "expires_at"])
-            )
-        if owner is None or expires_at is None:
+            try:
+                fields = cast(
+                    list[bytes | None], await self._client.hmget(key, ["owner", "expires_at"])
+                )
+            except rx.ResponseError as exc:
+                if not str(exc).startswith("WRONGTYPE"):
+                    raise
+                fields = None  # not a hash
+        if fields == [None, None]:
             return None
-        return Lease(run_id, owner.decode(), float(expires_at))
+        lease = None
+        if fields is not None:
+            owner, expires_at = fields
+            lease = _hostile.lease_or_none(
+                run_id, owner and owner.decode(errors="replace"), _number(expires_at)
+            )
+        if lease is None:
+            self._unreadable_lease(run_id, "reading it as expired")
+            return _hostile.unreadable_lease(run_id)
+        return lease
+
+    def _unreadable_lease(self, run_id: str, action: str) -> None:
+        _hostile.warn_once(self, "lease", run_id, "not an owner and a finite expiry", action)
 
     # -- run metadata -----------------------------------------------------
 
@@ -554,7 +659,12 @@ class RedisBackend(Backend):
         """GET the run's metadata."""
         key = self._key(run_id, "meta")
         async with self._io("get_run"):
-            data = cast(bytes | None, await self._client.get(key))
+            try:
+                data = cast(bytes | None, await self._client.get(key))
+            except rx.ResponseError as exc:
+                if not str(exc).startswith("WRONGTYPE"):
+                    raise
+                raise CorruptRecord(run_id, "meta", "the key is not a string") from None
         return None if data is None else RunInfo.from_bytes(run_id, data)
 
     async def list_runs(
@@ -578,14 +688,16 @@ class RedisBackend(Backend):
                 pipe = self._client.pipeline(transaction=False)
                 for run_id in ids:
                     pipe.get(self._key(run_id, "meta"))
-                metas: list[bytes | None] = await pipe.execute()
+                # A key of another type fails alone, not the listing.
+                metas: list[Any] = await pipe.execute(raise_on_error=False)
             for run_id, data in zip(ids, metas, strict=True):
                 if data is None:
                     continue  # indexed by a put_run that crashed before its SET
-                info = RunInfo.from_bytes(run_id, data)
-                if (status is None or info.status == status) and (
-                    workflow is None or info.workflow == workflow
-                ):
+                if isinstance(data, rx.ResponseError):
+                    info = RunInfo.unreadable(run_id, f"metadata cannot be read: {data}")
+                else:
+                    info = _hostile.read_listed(self, run_id, data)
+                if _hostile.listed(info, status, workflow):
                     out.append(info)
                     if len(out) >= limit:
                         break
@@ -745,6 +857,22 @@ class RedisBackend(Backend):
             await self._client.aclose()
 
 
+def _member_id(member: bytes) -> str | None:
+    """Return the run id a due-index member names, or None if it is not a valid one."""
+    try:
+        run_id = member.decode()
+    except UnicodeDecodeError:
+        return None
+    return run_id if _hostile.is_valid_id(run_id) else None
+
+
+def _number(raw: bytes | None) -> float | None:
+    try:
+        return None if raw is None else float(raw)
+    except ValueError:
+        return None
+
+
 def _describe_client(client: Client) -> str:
     if isinstance(client, RedisCluster):
         return "cluster " + ",".join(client.nodes_manager.startup_nodes)
@@ -752,11 +880,3 @@ def _describe_client(client: Client) -> str:
     if "path" in kwargs:
         return f"unix:{kwargs['path']}"
     return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))

@@ -53,6 +53,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
 
+from substantial.backends import _hostile
+from substantial.backends._redact import redact_url
 from substantial.backends.base import Backend, Event, Lease, RunInfo, validate_id
 from substantial.errors import BackendError, BackendUnavailable, InvalidArgument, PositionTaken
 
@@ -220,6 +222,8 @@ class _LeaseState:
     etag: str
     owner: str | None
     expires_at: float
+    #: The stored object could not be read: it counts as expired, release removes it.
+    unreadable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +335,8 @@ class S3Backend(Backend):
         self._sem: asyncio.Semaphore | None = None
         self._closed = False
         self._leases: OrderedDict[str, _LeaseState] = OrderedDict()
+        # Due keys that cannot be parsed, to delete at the next due() or next_due_at().
+        self._junk: set[str] = set()
         # Due keys checked against their run's pointer: key -> (exact time, checked at).
         self._valid: dict[str, tuple[float, float]] = {}
         # Due keys the last due() call returned, and when it ran: what a poll need not report.
@@ -357,16 +363,16 @@ class S3Backend(Backend):
         """
         parts = urlsplit(url)
         if parts.scheme.lower() != "s3":
-            raise InvalidArgument(f"{url!r} is not an s3:// URL")
+            raise InvalidArgument(f"{redact_url(url)!r} is not an s3:// URL")
         userinfo, at, host = parts.netloc.rpartition("@")
         access_key_id = secret_access_key = None
         if at:
             key, colon, secret = userinfo.partition(":")
             if not colon:
-                raise InvalidArgument(f"credentials in {url!r} must be key:secret")
+                raise InvalidArgument(f"credentials in {redact_url(url)!r} must be key:secret")
             access_key_id, secret_access_key = unquote(key), unquote(secret)
         if not host:
-            raise InvalidArgument(f"{url!r} names no bucket: use s3://bucket/prefix")
+            raise InvalidArgument(f"{redact_url(url)!r} names no bucket: use s3://bucket/prefix")
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         known = {
             "endpoint",
@@ -382,7 +388,7 @@ class S3Backend(Backend):
         unknown = sorted(set(query) - known)
         if unknown:
             raise InvalidArgument(
-                f"unknown parameter(s) {', '.join(unknown)} in {url!r}: "
+                f"unknown parameter(s) {', '.join(unknown)} in {redact_url(url)!r}: "
                 f"use {', '.join(sorted(known))}"
             )
         kwargs: dict[str, Any] = {}
@@ -405,7 +411,7 @@ class S3Backend(Backend):
 
     def describe(self) -> str:
         """Return ``s3://bucket/prefix`` and the endpoint, if not AWS."""
-        where = f" at {self.endpoint_url}" if self.endpoint_url else ""
+        where = f" at {redact_url(self.endpoint_url)}" if self.endpoint_url else ""
         return f"s3://{self.bucket}/{self.key_prefix}{where}"
 
     # -- keys -------------------------------------------------------------
@@ -436,9 +442,32 @@ class S3Backend(Backend):
     def _parse_due(self, item: _Listed) -> _DueKey | None:
         name = item.key[len(self._due_prefix) :]
         parts = name.split(SEP)
-        if len(parts) != 3 or not parts[0].isdigit():
-            return None  # not ours: ignore rather than fail every worker
+        if (
+            len(parts) != 3
+            or not (parts[0].isascii() and parts[0].isdigit())
+            or not _hostile.is_valid_id(parts[1])
+        ):
+            # Not a key any worker can act on: skip it rather than fail every worker,
+            # and have the next due() or next_due_at() delete it.
+            self._junk.add(item.key)
+            return None
         return _DueKey(item.key, name, int(parts[0]), parts[1], item.last_modified)
+
+    async def _drop_junk(self) -> None:
+        """Delete the due keys _parse_due could not read; a run whose live key it was is due now."""
+        junk, self._junk = self._junk, set()
+        for key in junk:
+            name = key[len(self._due_prefix) :]
+            run_id = name.split(SEP)[1] if name.count(SEP) == 2 else ""
+            live = False
+            if _hostile.is_valid_id(run_id):
+                pointer = await self._read_pointer(run_id)
+                live = pointer is not None and pointer.name == name
+            action = "scheduling its run now" if live else "removing it from the due index"
+            _hostile.warn_once(self, "due entry", name, "not <time>!<run id>!<id>", action)
+            await self._delete(key)
+            if live:
+                await self.schedule(run_id, time.time())
 
     # -- the client and the one place driver errors are translated ----------
 
@@ -1000,6 +1029,8 @@ class S3Backend(Backend):
                 break
             start_after = items[-1].key
         self._returned = returned
+        if self._junk:
+            await self._drop_junk()
         return out
 
     def _remember_head(
@@ -1014,6 +1045,13 @@ class S3Backend(Backend):
         self._head = (time.monotonic(), server_now, first, future, seen_end)
 
     async def next_due_at(self) -> float | None:
+        """Return the time of the first due key its run's pointer names."""
+        found = await self._next_due_at()
+        if self._junk:
+            await self._drop_junk()
+        return found
+
+    async def _next_due_at(self) -> float | None:
         """Return the time of the first due key its run's pointer names.
 
         Right after due() (within HEAD_TTL, with no schedule change made in
@@ -1065,12 +1103,17 @@ class S3Backend(Backend):
             return None
         try:
             data = orjson.loads(obj.body)
-            owner = data.get("owner")
-            state = _LeaseState(
-                obj.etag, owner if isinstance(owner, str) else None, float(data["expires_at"])
-            )
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-            state = _LeaseState(obj.etag, None, 0.0)  # unreadable: treat as free, CAS over it
+            owner, expires_at = data.get("owner"), data.get("expires_at")
+        except (orjson.JSONDecodeError, AttributeError):
+            owner = expires_at = None
+        if owner is None and expires_at == 0.0:
+            state = _LeaseState(obj.etag, None, 0.0)  # released
+        elif _hostile.lease_or_none(run_id, owner, expires_at) is not None:
+            state = _LeaseState(obj.etag, owner, float(expires_at))
+        else:
+            # Unreadable: free to take, by CAS over it like any other lease.
+            _hostile.warn_once(self, "lease", run_id, f"{obj.body[:80]!r}", "reading it as expired")
+            state = _LeaseState(obj.etag, None, 0.0, unreadable=True)
         self._remember_lease(run_id, state)
         return state
 
@@ -1129,13 +1172,15 @@ class S3Backend(Backend):
         ):
             return
         current = await self._read_lease(run_id)
-        if current is not None and current.owner == owner:
+        if current is not None and (current.owner == owner or current.unreadable):
             await self._write_lease(run_id, None, 0.0, current.etag)
 
     async def get_lease(self, run_id: str) -> Lease | None:
         """Read the lease object; a released one reads as None."""
         validate_id("run id", run_id)
         state = await self._read_lease(run_id)
+        if state is not None and state.unreadable:
+            return _hostile.unreadable_lease(run_id)
         if state is None or state.owner is None:
             return None
         return Lease(run_id, state.owner, state.expires_at)
@@ -1178,10 +1223,8 @@ class S3Backend(Backend):
             for item, obj in zip(items, objects, strict=True):
                 if obj is None:
                     continue
-                info = RunInfo.from_bytes(item.key[len(prefix) :], obj.body)
-                if (status is None or info.status == status) and (
-                    workflow is None or info.workflow == workflow
-                ):
+                info = _hostile.read_listed(self, item.key[len(prefix) :], obj.body)
+                if _hostile.listed(info, status, workflow):
                     out.append(info)
                     if len(out) >= limit:
                         break

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from substantial.backends import _hostile
 from substantial.backends._wake import WakeChannel
 from substantial.backends.base import Backend, Durability, Event, Lease, RunInfo, validate_id
 from substantial.errors import BackendUnavailable, InvalidArgument, PositionTaken, ProtocolMismatch
@@ -75,14 +76,26 @@ _POST = "INSERT OR IGNORE INTO inbox (run_id, event_id, data, posted_at) VALUES 
 _SCHEDULE = (
     "INSERT INTO due (run_id, at) VALUES (?, ?) ON CONFLICT (run_id) DO UPDATE SET at = excluded.at"
 )
+_GET_LEASE = "SELECT owner, expires_at FROM leases WHERE run_id = ?"
 _PUT_RUN = "INSERT OR REPLACE INTO runs (run_id, workflow, status, info) VALUES (?, ?, ?, ?)"
-_ACQUIRE = """
+# A lease row that other code wrote with wrong types (SQLite keeps them) is unreadable:
+# it counts as expired, and release removes it.
+_UNREADABLE = (
+    "(typeof(leases.owner) != 'text' OR leases.owner = '' "
+    "OR typeof(leases.expires_at) NOT IN ('real', 'integer') OR abs(leases.expires_at) > 1e308)"
+)
+_ACQUIRE = f"""
 INSERT INTO leases (run_id, owner, expires_at) VALUES (?1, ?2, ?3)
 ON CONFLICT (run_id) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at
-WHERE leases.expires_at <= ?4 OR leases.owner = ?2 OR leases.owner = ?5
+WHERE leases.expires_at <= ?4 OR leases.owner = ?2 OR leases.owner = ?5 OR {_UNREADABLE}
 """
+_RELEASE = f"DELETE FROM leases WHERE run_id = ?1 AND (leases.owner = ?2 OR {_UNREADABLE})"
 
 _Write = Callable[[sqlite3.Connection], Any]
+
+
+def _good_due(run_id: Any, at: Any) -> bool:
+    return _hostile.is_valid_id(run_id) and _hostile.valid_time(at)
 
 
 class _Op:
@@ -445,13 +458,43 @@ class SQLiteBackend(Backend):
             (now, limit),
             "read the due index",
         )
-        return [(run_id, at) for run_id, at in rows]
+        out = [(run_id, at) for run_id, at in rows if _good_due(run_id, at)]
+        if len(out) < len(rows):
+            await self._drop_bad_due([row for row in rows if not _good_due(*row)])
+        return out
 
     async def next_due_at(self) -> float | None:
-        """Read the first entry of the ``at`` index."""
-        rows = self._read("SELECT min(at) FROM due", (), "read the due index")
-        at = rows[0][0]
-        return None if at is None else float(at)
+        """Read the first entry of the ``at`` index (text sorts after every number)."""
+        for _ in range(16):
+            rows = self._read(
+                "SELECT run_id, at FROM due ORDER BY at, run_id LIMIT 16", (), "read the due index"
+            )
+            bad = [row for row in rows if not _good_due(*row)]
+            good = [float(at) for run_id, at in rows if _good_due(run_id, at)]
+            if bad:
+                await self._drop_bad_due(bad)
+            if good or len(rows) < 16:
+                return good[0] if good else None
+        return None
+
+    async def _drop_bad_due(self, rows: list[Any]) -> None:
+        """Remove due rows no worker can act on; a good run id with a bad time is due now."""
+        now = time.time()
+
+        def write(db: sqlite3.Connection) -> None:
+            for run_id, at in rows:
+                valid = _hostile.is_valid_id(run_id)
+                action = "scheduling it now" if valid else "removing it from the due index"
+                _hostile.warn_once(self, "due entry", run_id, f"due at {at!r}", action)
+                if valid:
+                    db.execute("UPDATE due SET at = ? WHERE run_id = ?", (now, run_id))
+                else:
+                    db.execute("DELETE FROM due WHERE run_id = ?", (run_id,))
+
+        try:
+            await self._write(write)
+        except BackendUnavailable as exc:
+            _hostile.log.warning("could not drop bad due entries: %s", exc)
 
     # -- leases -----------------------------------------------------------
 
@@ -463,7 +506,11 @@ class SQLiteBackend(Backend):
 
         def write(db: sqlite3.Connection) -> bool:
             now = time.time()
+            # Read first only to warn: an unreadable lease is replaced by the upsert.
+            old = db.execute(_GET_LEASE, (run_id,)).fetchone()
             cur = db.execute(_ACQUIRE, (run_id, owner, now + ttl, now, steal_from))
+            if old is not None and cur.rowcount == 1:
+                self._check_lease(run_id, old, "replaced it")
             return cur.rowcount == 1
 
         return await self._write(write, single=True)
@@ -473,19 +520,22 @@ class SQLiteBackend(Backend):
         validate_id("run id", run_id)
 
         def write(db: sqlite3.Connection) -> None:
-            db.execute("DELETE FROM leases WHERE run_id = ? AND owner = ?", (run_id, owner))
+            db.execute(_RELEASE, (run_id, owner))
 
         await self._write(write, single=True)
 
     async def get_lease(self, run_id: str) -> Lease | None:
         """Select the lease row."""
         validate_id("run id", run_id)
-        rows = self._read(
-            "SELECT owner, expires_at FROM leases WHERE run_id = ?",
-            (run_id,),
-            f"read the lease of run {run_id!r}",
-        )
-        return Lease(run_id, rows[0][0], rows[0][1]) if rows else None
+        rows = self._read(_GET_LEASE, (run_id,), f"read the lease of run {run_id!r}")
+        return self._check_lease(run_id, rows[0], "reading it as expired") if rows else None
+
+    def _check_lease(self, run_id: str, row: tuple[Any, Any], action: str) -> Lease:
+        lease = _hostile.lease_or_none(run_id, *row)
+        if lease is None:
+            _hostile.warn_once(self, "lease", run_id, f"row {row!r}", action)
+            return _hostile.unreadable_lease(run_id)
+        return lease
 
     # -- run metadata -----------------------------------------------------
 
@@ -521,17 +571,30 @@ class SQLiteBackend(Backend):
     ) -> list[RunInfo]:
         """Select runs in id order through the matching index."""
         sql = "SELECT run_id, info FROM runs WHERE run_id > ?"
-        args: list[Any] = [after or ""]
-        if status is not None:
+        filters: list[Any] = []
+        # Unreadable metadata lists as "corrupt", which no status column holds: read all.
+        if status is not None and status != "corrupt":
             sql += " AND status = ?"
-            args.append(status)
+            filters.append(status)
         if workflow is not None:
             sql += " AND workflow = ?"
-            args.append(workflow)
+            filters.append(workflow)
         sql += " ORDER BY run_id LIMIT ?"
-        args.append(limit)
-        rows = self._read(sql, args, "list runs")
-        return [RunInfo.from_bytes(run_id, info) for run_id, info in rows]
+        out: list[RunInfo] = []
+        cursor = after or ""
+        while len(out) < limit:
+            page = max(limit, 100) if status == "corrupt" else limit
+            rows = self._read(sql, [cursor, *filters, page], "list runs")
+            for run_id, data in rows:
+                info = _hostile.read_listed(self, run_id, data)
+                if _hostile.listed(info, status, workflow):
+                    out.append(info)
+                    if len(out) >= limit:
+                        break
+            if len(rows) < page:
+                break
+            cursor = rows[-1][0]
+        return out
 
     async def create_run(self, info: RunInfo, entry: bytes, due_at: float) -> bool:
         """Write the first entry, metadata and schedule in one transaction."""
