@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio
 
-from tests.harness import Harness
+from substantial.backends.redis import shard_of
+from tests.harness import BadDue, Damage, Harness, bad_due_name, damaged
 from tests.redis_server import RedisServer, RedisServerMissing
 
 
@@ -58,6 +59,35 @@ class RedisHarness(Harness):
         raw = self.raw()
         try:
             await raw.lset(f"{{{self.prefix}:{run_id}}}:log", position, b"\x00{not json")
+        finally:
+            await raw.aclose()
+
+    async def corrupt_lease(self, run_id: str, form: Damage) -> None:
+        key = f"{{{self.prefix}:{run_id}}}:lease"
+        raw = self.raw()
+        try:
+            await raw.delete(key)
+            if form == "garbage":
+                await raw.set(key, damaged(form))  # a string where a hash belongs
+            else:
+                await raw.hset(key, mapping={"owner": "", "expires_at": "soon"})
+        finally:
+            await raw.aclose()
+
+    async def corrupt_meta(self, run_id: str, form: Damage) -> None:
+        raw = self.raw()
+        try:
+            await raw.set(f"{{{self.prefix}:{run_id}}}:meta", damaged(form))
+        finally:
+            await raw.aclose()
+
+    async def add_bad_due(self, kind: BadDue, at: float) -> None:
+        # Scores are always numbers in Redis: the bad time is one no clock reaches.
+        member = bad_due_name(kind)
+        score = float("-inf") if kind == "bad-time" else at
+        raw = self.raw()
+        try:
+            await raw.zadd(f"{{{self.prefix}:due:{shard_of(member)}}}", {member: score})
         finally:
             await raw.aclose()
 

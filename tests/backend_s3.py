@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from substantial.backends.s3 import S3Backend
-from tests.harness import Harness
+from tests.harness import BadDue, Damage, Harness, bad_due_name, damaged
 from tests.s3_server import S3Server, S3ServerMissing
 
 #: Poll bounds for tests: cross-process wake-ups in the engine tests within 0.2 s.
@@ -48,13 +48,26 @@ class S3Harness(Harness):
 
     async def corrupt_entry(self, run_id: str, position: int) -> None:
         key = S3Backend(self.server.bucket, self.prefix).entry_key(run_id, position)
+        await self._put(key, b"\x00{not json")
+
+    async def _put(self, key: str, body: bytes) -> None:
         client = self.server.client()
         try:
             await asyncio.to_thread(
-                client.put_object, Bucket=self.server.bucket, Key=key, Body=b"\x00{not json"
+                client.put_object, Bucket=self.server.bucket, Key=key, Body=body
             )
         finally:
             client.close()
+
+    async def corrupt_lease(self, run_id: str, form: Damage) -> None:
+        await self._put(f"{self.prefix}/runs/{run_id}/lease", damaged(form))
+
+    async def corrupt_meta(self, run_id: str, form: Damage) -> None:
+        await self._put(f"{self.prefix}/meta/{run_id}", damaged(form))
+
+    async def add_bad_due(self, kind: BadDue, at: float) -> None:
+        time_part = "notatime" if kind == "bad-time" else f"{int(at * 1_000_000):017d}"
+        await self._put(f"{self.prefix}/due/{time_part}!{bad_due_name(kind)}!w", b"")
 
 
 @pytest.fixture(scope="session")
