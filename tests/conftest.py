@@ -15,9 +15,9 @@ import pytest
 from tests.harness import FSHarness, Harness, MemoryHarness, SQLiteHarness
 
 # Each server backend lives in tests/backend_<name>.py (its server fixture and harness).
-pytest_plugins: list[str] = ["tests.backend_redis", "tests.backend_s3"]
+pytest_plugins: list[str] = ["tests.backend_redis", "tests.backend_s3", "tests.backend_postgres"]
 
-ALL_BACKENDS = ["memory", "fs", "sqlite", "redis", "s3"]
+ALL_BACKENDS = ["memory", "fs", "sqlite", "redis", "s3", "postgres"]
 BACKENDS = [
     b for b in os.environ.get("SUBSTANTIAL_TEST_BACKENDS", ",".join(ALL_BACKENDS)).split(",") if b
 ]

@@ -11,13 +11,13 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
+from substantial.backends._redact import redact_url
 from substantial.backends.base import Backend, Event, Lease, RunInfo, validate_id
 from substantial.backends.postgres._batch import AppendBatcher, Key
 from substantial.backends.postgres._errors import (
     is_connection_error,
     is_connection_lost,
     parse_url,
-    redact,
     translate,
 )
 from substantial.backends.postgres._listen import Listener
@@ -89,7 +89,7 @@ class PostgresBackend(Backend):
             parts = urlsplit(url)
             query = parse_qsl(parts.query, keep_blank_values=True)
         except ValueError as exc:
-            raise InvalidArgument(f"invalid Postgres URL {redact(url)!r}: {exc}") from exc
+            raise InvalidArgument(f"invalid Postgres URL {redact_url(url)!r}: {exc}") from exc
         rest: list[tuple[str, str]] = []
         for key, value in query:
             try:
@@ -105,7 +105,7 @@ class PostgresBackend(Backend):
                     rest.append((key, value))
             except ValueError as exc:
                 raise InvalidArgument(
-                    f"{key}={value!r} in {redact(url)!r} is not a number"
+                    f"{key}={value!r} in {redact_url(url)!r} is not a number"
                 ) from exc
         return cls(urlunsplit(parts._replace(query=urlencode(rest))), **kwargs)
 
@@ -143,7 +143,7 @@ class PostgresBackend(Backend):
                 except ValueError as exc:  # asyncpg's verdict on the URL's options
                     detail = str(exc).replace(self._password or "\0", "***")
                     raise InvalidArgument(
-                        f"invalid Postgres URL {redact(self._dsn)!r}: {detail}"
+                        f"invalid Postgres URL {redact_url(self._dsn)!r}: {detail}"
                     ) from exc
                 try:
                     async with pool.acquire() as conn:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 from asyncpg import exceptions as px
 
+from substantial.backends._redact import redact_url
 from substantial.errors import BackendError, BackendUnavailable, InvalidArgument
 
-__all__ = ["is_connection_error", "is_connection_lost", "parse_url", "redact", "translate"]
+__all__ = ["is_connection_error", "is_connection_lost", "parse_url", "translate"]
 
 # The connection went away under the call: on a fresh connection the call may succeed.
 _LOST: tuple[type[BaseException], ...] = (
@@ -90,23 +91,10 @@ def parse_url(url: str) -> tuple[str, str, str | None]:
         parts = urlsplit(url)
         password = parts.password
     except ValueError as exc:
-        raise InvalidArgument(f"invalid Postgres URL {redact(url)!r}: {exc}") from exc
+        raise InvalidArgument(f"invalid Postgres URL {redact_url(url)!r}: {exc}") from exc
     if parts.scheme not in ("postgres", "postgresql"):
-        raise InvalidArgument(f"{redact(url)!r} is not a postgresql:// or postgres:// URL")
+        raise InvalidArgument(f"{redact_url(url)!r} is not a postgresql:// or postgres:// URL")
     user = unquote(parts.username) + "@" if parts.username else ""
     host = parts.netloc.rpartition("@")[2] or "localhost"
     where = f"{user}{host}{parts.path or '/'}"
     return url, where, None if password is None else unquote(password)
-
-
-def redact(url: str) -> str:
-    """Return ``url`` with its password replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-    except ValueError:
-        return "<unparsable URL>"
-    userinfo, _, host = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
