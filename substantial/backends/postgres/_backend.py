@@ -139,6 +139,7 @@ class PostgresBackend(Backend):
                         timeout=self.connect_timeout,
                         command_timeout=self.command_timeout,
                         server_settings={"application_name": "substantial"},
+                        reset=_keep_session,
                     )
                 except ValueError as exc:  # asyncpg's verdict on the URL's options
                     detail = str(exc).replace(self._password or "\0", "***")
@@ -397,3 +398,12 @@ class PostgresBackend(Backend):
                     await pool.close()
             except TimeoutError:
                 pool.terminate()
+
+
+async def _keep_session(_conn: Conn) -> None:
+    """Return a connection to the pool as it is.
+
+    Statements here change no session state (no SET, no LISTEN, no session
+    locks), and asyncpg still rolls back a transaction left open; its
+    default reset would add a round trip to every call.
+    """

@@ -33,6 +33,13 @@ class AppendBatcher:
         """Store the entry with the others of this iteration; raise PositionTaken if taken."""
         loop = asyncio.get_running_loop()
         if self._batch is None:
+            # asyncio's queue of callbacks to run before the next poll: when it is
+            # empty no other task can join a batch, so waiting for one only adds latency.
+            ready = getattr(loop, "_ready", None)
+            if ready is not None and not ready:
+                if (run_id, position) not in await self._insert([(run_id, position, entry)]):
+                    raise PositionTaken(run_id, position)
+                return
             self._batch = []
             # Runs after every callback already queued: each task that is ready in
             # this iteration gets to add its append before the batch leaves.
