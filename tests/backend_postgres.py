@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 
-from tests.harness import Harness
+from tests.harness import BadDue, Damage, Harness, bad_due_name, damaged
 from tests.postgres_server import PostgresServer, PostgresServerMissing
 
 TABLES = ("schema", "log", "inbox", "due", "leases", "runs")
@@ -62,6 +62,38 @@ class PostgresHarness(Harness):
             )
         finally:
             await conn.close()
+
+    async def _execute(self, sql: str, *args: object) -> None:
+        conn = await self.raw()
+        try:
+            await conn.execute(sql, *args)
+        finally:
+            await conn.close()
+
+    async def corrupt_lease(self, run_id: str, form: Damage) -> None:
+        # Typed columns hold no wrong types: the damage they can hold is an empty
+        # owner and an expiry that is not a finite number.
+        owner, expires_at = ("", float("nan")) if form == "garbage" else ("5", float("inf"))
+        await self._execute(
+            f"INSERT INTO {self.table('leases')} VALUES ($1, $2, $3) "
+            "ON CONFLICT (run_id) DO UPDATE SET owner = $2, expires_at = $3",
+            run_id,
+            owner,
+            expires_at,
+        )
+
+    async def corrupt_meta(self, run_id: str, form: Damage) -> None:
+        await self._execute(
+            f"UPDATE {self.table('runs')} SET info = $1 WHERE run_id = $2", damaged(form), run_id
+        )
+
+    async def add_bad_due(self, kind: BadDue, at: float) -> None:
+        await self._execute(
+            f"INSERT INTO {self.table('due')} VALUES ($1, $2) "
+            "ON CONFLICT (run_id) DO UPDATE SET at = $2",
+            bad_due_name(kind),
+            float("nan") if kind == "bad-time" else at,
+        )
 
     async def aclose(self) -> None:
         await super().aclose()

@@ -11,6 +11,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
+from substantial.backends import _hostile
 from substantial.backends._redact import redact_url
 from substantial.backends.base import Backend, Event, Lease, RunInfo, validate_id
 from substantial.backends.postgres._batch import AppendBatcher, Key
@@ -28,6 +29,11 @@ __all__ = ["PostgresBackend"]
 
 T = TypeVar("T")
 Conn = Any  # asyncpg.Connection: asyncpg ships no type information
+
+
+def _good_due(run_id: Any, at: Any) -> bool:
+    return _hostile.is_valid_id(run_id) and _hostile.valid_time(at)
+
 
 # How long the first due() waits for the wake-up LISTEN to be in place, so a
 # signal sent right after it is not missed.
@@ -284,12 +290,41 @@ class PostgresBackend(Backend):
             "read the due index",
             lambda c: c.fetch(self._sql["due"], float(now), max(0, limit)),
         )
-        return [(run_id, at) for run_id, at in rows]
+        out = [(run_id, at) for run_id, at in rows if _good_due(run_id, at)]
+        if len(out) < len(rows):
+            await self._repair_due([tuple(r) for r in rows if not _good_due(*r)])
+        return out
 
     async def next_due_at(self) -> float | None:
-        """Read the first entry of the ``at`` index."""
-        at = await self._run("read the due index", lambda c: c.fetchval(self._sql["next_due"]))
-        return None if at is None else float(at)
+        """Read the first entry of the ``at`` index (NaN sorts after every number)."""
+        for _ in range(16):
+            rows = await self._run(
+                "read the due index", lambda c: c.fetch(self._sql["due_head"], 16)
+            )
+            bad = [tuple(r) for r in rows if not _good_due(*r)]
+            good = [float(at) for run_id, at in rows if _good_due(run_id, at)]
+            if bad:
+                await self._repair_due(bad)
+            if good or len(rows) < 16:
+                return good[0] if good else None
+        return None
+
+    async def _repair_due(self, rows: list[tuple[Any, ...]]) -> None:
+        """Remove due rows no worker can act on; a good run id with a bad time is due now."""
+        fix: list[str] = []
+        drop: list[str] = []
+        for run_id, at in rows:
+            valid = _hostile.is_valid_id(run_id)
+            action = "scheduling it now" if valid else "removing it from the due index"
+            _hostile.warn_once(self, "due entry", run_id, f"due at {at!r}", action)
+            (fix if valid else drop).append(run_id)
+        try:
+            await self._run(
+                "repair the due index",
+                lambda c: c.execute(self._sql["due_repair"], fix, drop, time.time()),
+            )
+        except BackendUnavailable as exc:
+            _hostile.log.warning("could not drop bad due entries: %s", exc)
 
     # -- leases -----------------------------------------------------------
 
@@ -301,7 +336,10 @@ class PostgresBackend(Backend):
         args = (run_id, owner, float(ttl), steal_from)
         # Retrying is safe: a first try that took the lease makes the retry a renewal.
         row = await self._run("acquire_lease", lambda c: c.fetchrow(self._sql["acquire"], *args))
-        return row is not None
+        taken, old_owner, old_expiry = row
+        if taken and old_owner is not None:
+            self._check_lease(run_id, old_owner, old_expiry, "replaced it")
+        return bool(taken)
 
     async def release_lease(self, run_id: str, owner: str) -> None:
         """Delete the lease row if ``owner`` holds it."""
@@ -315,7 +353,17 @@ class PostgresBackend(Backend):
             f"read the lease of run {run_id!r}",
             lambda c: c.fetchrow(self._sql["get_lease"], run_id),
         )
-        return None if row is None else Lease(run_id, row[0], row[1])
+        if row is None:
+            return None
+        return self._check_lease(run_id, row[0], row[1], "reading it as expired")
+
+    def _check_lease(self, run_id: str, owner: Any, expires_at: Any, action: str) -> Lease:
+        lease = _hostile.lease_or_none(run_id, owner, expires_at)
+        if lease is None:
+            detail = f"owner {owner!r}, expires at {expires_at!r}"
+            _hostile.warn_once(self, "lease", run_id, detail, action)
+            return _hostile.unreadable_lease(run_id)
+        return lease
 
     # -- run metadata -----------------------------------------------------
 
@@ -342,13 +390,31 @@ class PostgresBackend(Backend):
         limit: int = 100,
         after: str | None = None,
     ) -> list[RunInfo]:
-        """Select runs in id order through the matching index."""
-        sql = self._sql.list_runs(status is not None, workflow is not None)
-        args: list[Any] = [after or ""]
-        args += [v for v in (status, workflow) if v is not None]
-        args.append(max(0, limit))
-        rows = await self._run("list runs", lambda c: c.fetch(sql, *args))
-        return [RunInfo.from_bytes(run_id, bytes(info)) for run_id, info in rows]
+        """Select runs in id order through the matching index; unreadable ones list as corrupt."""
+        # Unreadable metadata lists as "corrupt", which no status column holds: read all.
+        by_status = status if status != "corrupt" else None
+        sql = self._sql.list_runs(by_status is not None, workflow is not None)
+        filters = [v for v in (by_status, workflow) if v is not None]
+        out: list[RunInfo] = []
+        cursor = after or ""
+        while len(out) < limit:
+            page = max(limit, 100) if status == "corrupt" else limit
+            args: list[Any] = [cursor, *filters, page]
+
+            async def fetch(conn: Conn, args: list[Any] = args) -> Any:
+                return await conn.fetch(sql, *args)
+
+            rows = await self._run("list runs", fetch)
+            for run_id, data in rows:
+                info = _hostile.read_listed(self, run_id, bytes(data))
+                if _hostile.listed(info, status, workflow):
+                    out.append(info)
+                    if len(out) >= limit:
+                        break
+            if len(rows) < page:
+                break
+            cursor = rows[-1][0]
+        return out
 
     async def create_run(self, info: RunInfo, entry: bytes, due_at: float) -> bool:
         """Write the first entry, metadata and schedule in one statement; False if it existed."""

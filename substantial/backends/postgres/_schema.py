@@ -65,6 +65,12 @@ WHERE {schema}.version < excluded.version;
 
 # The server's clock, in epoch seconds: lease expiry is judged by one clock for all workers.
 _NOW = "extract(epoch FROM clock_timestamp())::float8"
+# A lease row no reader can use (no owner, or an expiry that is NaN or infinite): it
+# counts as expired. NaN sorts above every number in Postgres, so it fails "< Infinity".
+_UNREADABLE = (
+    "(l.owner = '' OR NOT (l.expires_at > '-Infinity'::float8 "
+    "AND l.expires_at < 'Infinity'::float8))"
+)
 
 
 def validate_prefix(prefix: str) -> str:
@@ -144,17 +150,30 @@ class Statements:
                 f"SELECT run_id, at FROM {due} WHERE at <= $1::float8 "
                 "ORDER BY at, run_id LIMIT $2::int"
             ),
-            "next_due": f"SELECT at FROM {due} ORDER BY at LIMIT 1",
-            # $1 run, $2 owner, $3 ttl, $4 steal_from (NULL matches nobody)
+            "due_head": f"SELECT run_id, at FROM {due} ORDER BY at, run_id LIMIT $1::int",
+            # Entries no worker can act on: $1 valid ids with a bad time (due now, $3),
+            # $2 bad ids (removed).
+            "due_repair": (
+                f"WITH fix AS (UPDATE {due} SET at = $3::float8 WHERE run_id = ANY($1::text[])) "
+                f"DELETE FROM {due} WHERE run_id = ANY($2::text[])"
+            ),
+            # $1 run, $2 owner, $3 ttl, $4 steal_from (NULL matches nobody). The old row
+            # comes back only so that replacing an unreadable one can be reported.
             "acquire": (
-                f"INSERT INTO {leases} AS l (run_id, owner, expires_at) "
+                f"WITH old AS (SELECT owner, expires_at FROM {leases} WHERE run_id = $1::text), "
+                f"up AS (INSERT INTO {leases} AS l (run_id, owner, expires_at) "
                 f"VALUES ($1::text, $2::text, {_NOW} + $3::float8) "
                 "ON CONFLICT (run_id) DO UPDATE "
                 "SET owner = excluded.owner, expires_at = excluded.expires_at "
                 f"WHERE l.expires_at <= {_NOW} OR l.owner = $2::text OR l.owner = $4::text "
-                "RETURNING 1"
+                f"OR {_UNREADABLE} RETURNING 1) "
+                "SELECT EXISTS (SELECT 1 FROM up), "
+                "(SELECT owner FROM old), (SELECT expires_at FROM old)"
             ),
-            "release": f"DELETE FROM {leases} WHERE run_id = $1::text AND owner = $2::text",
+            "release": (
+                f"DELETE FROM {leases} AS l WHERE run_id = $1::text "
+                f"AND (owner = $2::text OR {_UNREADABLE})"
+            ),
             "get_lease": f"SELECT owner, expires_at FROM {leases} WHERE run_id = $1::text",
             "put_run": (
                 f"INSERT INTO {runs} (run_id, workflow, status, info) "
