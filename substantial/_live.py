@@ -125,6 +125,10 @@ class Driver:
         self._wakeup = asyncio.Event()
         self._bad_events: set[str] = set()
         self.last_active = time.monotonic()
+        #: When the run next needs a worker, as it was when it left this one.
+        self.handback_at: float | None = None
+        #: The workflow is blocked and nothing of it is ready: the driver sleeps.
+        self.waiting = False
 
     # -- signals from the worker -------------------------------------------------
 
@@ -221,12 +225,15 @@ class Driver:
         self._wakeup.clear()
         busy = any(not t.done() for t in self.tasks)
         self.last_active = time.monotonic()
+        self.waiting = True
         try:
             async with asyncio.timeout(None if busy else self.idle_timeout):
                 await self._wakeup.wait()
         except TimeoutError:
             if not self.ready and not self.inbox_dirty:
                 raise Evicted() from None
+        finally:
+            self.waiting = False
 
     async def _hand_back(self) -> None:
         """On stop: let running steps finish and record them (not applied), then leave."""
@@ -235,7 +242,9 @@ class Driver:
             if running:
                 await asyncio.wait(running)
             for record in self.ready:
-                if record["k"] != "timer" and (record["k"] not in ACTIVATIONS or self._wanted(record)):
+                if record["k"] != "timer" and (
+                    record["k"] not in ACTIVATIONS or self._wanted(record)
+                ):
                     self.x.record(record)
             self.ready = []
             with contextlib.suppress(Fenced):
@@ -289,8 +298,13 @@ class Driver:
                     )
                 continue
             out.append(
-                {"k": "event", "id": event.event_id, "name": name, "value": body.get("value"),
-                 "t": x.now()}
+                {
+                    "k": "event",
+                    "id": event.event_id,
+                    "name": name,
+                    "value": body.get("value"),
+                    "t": x.now(),
+                }
             )
         return out
 
@@ -366,20 +380,37 @@ class Driver:
                 return
             if attempts >= spec.retry.max_attempts:
                 self._post(
-                    {"k": kind, "c": command.c, "name": command.name, "error": error,
-                     "attempts": attempts, "t": x.now()}
+                    {
+                        "k": kind,
+                        "c": command.c,
+                        "name": command.name,
+                        "error": error,
+                        "attempts": attempts,
+                        "t": x.now(),
+                    }
                 )
                 return
             pause = spec.retry.delay(attempts)
             if kind == "step":
                 self._post(
-                    {"k": "attempt", "c": command.c, "name": command.name, "n": attempts,
-                     "error": error, "retry_at": time.time() + pause}
+                    {
+                        "k": "attempt",
+                        "c": command.c,
+                        "name": command.name,
+                        "n": attempts,
+                        "error": error,
+                        "retry_at": time.time() + pause,
+                    }
                 )
             logger.warning(
                 "run %s: %s %r attempt %d failed: %s: %s; retrying in %.2fs",
-                x.run_id, "step" if kind == "step" else "compensation of", command.name,
-                attempts, error["type"], error["message"], pause,
+                x.run_id,
+                "step" if kind == "step" else "compensation of",
+                command.name,
+                attempts,
+                error["type"],
+                error["message"],
+                pause,
             )
             await asyncio.sleep(pause)
 

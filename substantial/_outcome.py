@@ -78,7 +78,9 @@ def end_of(x: Execution, encode: Callable[[Any], bytes] = encode_value) -> Outco
         successor = {"workflow": exc.workflow, "version": exc.version, "kwargs": exc.kwargs}
         _cancel_children(x, end)
         return Outcome(end, successor=successor)
-    elif isinstance(exc, WorkflowTimeout) or (x.timed_out and isinstance(exc, asyncio.CancelledError)):
+    elif isinstance(exc, WorkflowTimeout) or (
+        x.timed_out and isinstance(exc, asyncio.CancelledError)
+    ):
         end.update(status="timed_out", error=error_of(exc))
     elif isinstance(exc, Evicted):
         raise exc
@@ -89,8 +91,9 @@ def end_of(x: Execution, encode: Callable[[Any], bytes] = encode_value) -> Outco
 
 
 def _cancel_children(x: Execution, end: Record) -> None:
-    unfinished = [cid for cid, abandon in x.children.items()
-                  if not abandon and cid not in x.child_outcomes]
+    unfinished = [
+        cid for cid, abandon in x.children.items() if not abandon and cid not in x.child_outcomes
+    ]
     if unfinished:
         end["cancel_children"] = unfinished
 
@@ -155,4 +158,3 @@ async def finish_run(backend: Backend, info: RunInfo, start: Record, end: Record
         # the status says "continued", senders forward themselves.
         for event in await backend.read_inbox(info.run_id):
             await backend.send_event(end["next"], event.event_id, event.data)
-

@@ -276,9 +276,7 @@ class Run:
                     continue
                 if info.status in ("failed", "timed_out"):
                     err = info.error or {"type": "Error", "message": "unknown"}
-                    raise WorkflowFailed(
-                        run_id, err["type"], err["message"], err.get("traceback")
-                    )
+                    raise WorkflowFailed(run_id, err["type"], err["message"], err.get("traceback"))
                 if info.status == "cancelled":
                     raise RunCancelled(f"run {run_id!r} was cancelled")
                 raise RunReverted(f"run {run_id!r} was reverted: its compensations ran")

@@ -370,7 +370,9 @@ class Context:
             if "error" in record:
                 err = record["error"]
                 raise StepFailed(
-                    f"compensation of {comp.name}", err["type"], err["message"],
+                    f"compensation of {comp.name}",
+                    err["type"],
+                    err["message"],
                     int(record.get("attempts", 1)),
                 )
         x.compensations.clear()

@@ -140,8 +140,10 @@ class NonDeterminismError(SubstantialError):
     def __init__(
         self, run_id: str, position: int, recorded: Any, requested: Any, command: int | None = None
     ) -> None:
-        at = f"command {command} (log position {position})" if command is not None else (
-            f"log position {position}"
+        at = (
+            f"command {command} (log position {position})"
+            if command is not None
+            else (f"log position {position}")
         )
         super().__init__(
             f"run {run_id!r} is not deterministic at {at}: the log recorded "

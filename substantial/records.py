@@ -8,6 +8,7 @@ carry ``c``, the number of the command (primitive call) they belong to.
 
 from __future__ import annotations
 
+import os
 import traceback
 from typing import Any, Literal, NotRequired, TypedDict
 
@@ -85,7 +86,6 @@ class EndRecord(TypedDict):
 
 
 _NUM = (int, float)
-_ANY = object
 # kind -> required fields and their types; optional fields are checked where they are read.
 _FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "start": {"workflow": str, "kwargs": dict, "at": _NUM},
@@ -195,10 +195,25 @@ def start_record(
     return record
 
 
+_OWN_FRAMES = (
+    os.path.dirname(__file__) + os.sep,
+    os.sep + "asyncio" + os.sep,
+    os.sep + "concurrent" + os.sep,
+)
+
+
 def error_of(exc: BaseException, *, frames: int = 8) -> ErrorInfo:
-    """Describe an exception as stored data: type, message and its innermost frames."""
+    """Describe an exception as stored data: type, message and the user's innermost frames.
+
+    Frames of the engine, asyncio and thread pools are left out: they say
+    nothing about where the workflow or step went wrong.
+    """
     info: ErrorInfo = {"type": type(exc).__name__, "message": str(exc)}
-    tb = traceback.extract_tb(exc.__traceback__)[-frames:]
+    tb = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not any(part in f.filename for part in _OWN_FRAMES)
+    ][-frames:]
     if tb:
         info["traceback"] = [f"{f.filename}:{f.lineno} in {f.name}" for f in tb]
     return info

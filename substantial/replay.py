@@ -241,7 +241,9 @@ class Execution:
         known = self.recorded.get(c)
         if known is None:
             return c, []
-        if known.kind != kind or (name is not None and known.name is not None and known.name != name):
+        if known.kind != kind or (
+            name is not None and known.name is not None and known.name != name
+        ):
             recorded = known.kind + (f" {known.name!r}" if known.name is not None else "")
             requested = kind + (f" {name!r}" if name is not None else "")
             raise self.nondeterministic(known.position, recorded, requested, c)
@@ -459,6 +461,13 @@ class Execution:
             if cmd.kind in ("sleep", "timer", "receive") and cmd.spec is not None
         ]
         return min(times, default=None)
+
+    def has_work(self) -> bool:
+        """Tell whether a step, child start or send is pending (the run is due at once)."""
+        return any(
+            cmd.kind in ("step", "compensate", "child", "send") and not cmd.done
+            for cmd in self.commands.values()
+        )
 
     def stop(self) -> None:
         """Tear the workflow down: every wait raises Evicted, and nothing more is recorded."""

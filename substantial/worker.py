@@ -249,9 +249,16 @@ class Worker:
                 "substantial release that started it, or cancel it"
             )
         if info is None:
-            info = RunInfo(run_id, start["workflow"], "active", start["at"], time.time(),
-                           version=start.get("version"), parent=start.get("parent"),
-                           deadline=start.get("deadline"))
+            info = RunInfo(
+                run_id,
+                start["workflow"],
+                "active",
+                start["at"],
+                time.time(),
+                version=start.get("version"),
+                parent=start.get("parent"),
+                deadline=start.get("deadline"),
+            )
         live.info = info
         if records[-1][1]["k"] == "end":
             await self._finish(live, start, records[-1][1])
@@ -259,9 +266,8 @@ class Worker:
         wf = self.registry.lookup(start["workflow"], start.get("version"))
         if wf is None:
             version = start.get("version")
-            note = (
-                f"waiting for a worker that registers workflow {start['workflow']!r}"
-                + (f" (version {version!r})" if version is not None else "")
+            note = f"waiting for a worker that registers workflow {start['workflow']!r}" + (
+                f" (version {version!r})" if version is not None else ""
             )
             self._set_aside(run_id, note)
             await self._note(live, note)
@@ -283,18 +289,33 @@ class Worker:
         else:
             records = records[1:]
         while True:
-            x = Execution(run_id, records, next_position, next_c=next_c, seen_ids=seen, keys=keys,
-                          published=published, started_at=float(start["at"]))
+            x = Execution(
+                run_id,
+                records,
+                next_position,
+                next_c=next_c,
+                seen_ids=seen,
+                keys=keys,
+                published=published,
+                started_at=float(start["at"]),
+            )
             for m in mailbox:
                 x.apply({"k": "event", "id": m["id"], "name": m["name"], "value": m.get("value")})
             ctx = Context(x, run_id)
             effects = _RunEffects(self, live)
-            driver = Driver(x, self.backend, effects, executor=self._executor,
-                            idle_timeout=self.idle_timeout, deadline=start.get("deadline"))
+            driver = Driver(
+                x,
+                self.backend,
+                effects,
+                executor=self._executor,
+                idle_timeout=self.idle_timeout,
+                deadline=start.get("deadline"),
+            )
             live.driver = driver
             try:
                 await driver.run(lambda: wf.fn(ctx, **kwargs))
             finally:
+                driver.handback_at = time.time() if x.has_work() else x.next_wakeup()
                 x.stop()
             outcome: Outcome = end_of(x, encode_value)
             if outcome.compact is None:
@@ -306,8 +327,9 @@ class Worker:
                 return
             snapshot = snapshot_of(x, start, {**kwargs, **outcome.compact})
             await driver.flush(snapshot)
-            live.info = info = replace(live.info or info, log_start=x.position - 1,
-                                       updated_at=time.time())
+            live.info = info = replace(
+                live.info or info, log_start=x.position - 1, updated_at=time.time()
+            )
             await self.backend.put_run(info)
             kwargs, seen, keys = snapshot["kwargs"], snapshot["seen"], dict(x.keys)
             mailbox, records, next_position, next_c = snapshot["mailbox"], [], x.position, x.next_c
@@ -321,8 +343,14 @@ class Worker:
         forwarded = {d.event_id for d in x.mailbox}
         seen = [i for i in x.seen_ids if i not in forwarded][-10_000:]
         record = start_record(
-            next_id, successor["workflow"], successor["version"], successor["kwargs"],
-            time.time(), seen=seen, parent=start.get("parent"), deadline=start.get("deadline"),
+            next_id,
+            successor["workflow"],
+            successor["version"],
+            successor["kwargs"],
+            time.time(),
+            seen=seen,
+            parent=start.get("parent"),
+            deadline=start.get("deadline"),
             abandon=bool(start.get("abandon")),
         )
         if "parent" in start:
@@ -347,7 +375,7 @@ class Worker:
 
     async def _reschedule(self, run_id: str, driver: Driver) -> None:
         x = driver.x
-        until = x.next_wakeup()
+        until = driver.handback_at
         if driver.deadline is not None and not x.timed_out:
             until = driver.deadline if until is None else min(until, driver.deadline)
         if until is not None:
@@ -388,8 +416,14 @@ class _RunEffects:
         if parent_deadline is not None:
             deadline = parent_deadline if deadline is None else min(deadline, parent_deadline)
         record = start_record(
-            spec.run_id, spec.workflow, spec.version, spec.kwargs, now,
-            parent=x.run_id, deadline=deadline, abandon=spec.abandon,
+            spec.run_id,
+            spec.workflow,
+            spec.version,
+            spec.kwargs,
+            now,
+            parent=x.run_id,
+            deadline=deadline,
+            abandon=spec.abandon,
         )
         if not await create_run(self.worker.backend, record):
             existing = await existing_start(self.worker.backend, spec.run_id)
@@ -411,4 +445,3 @@ class _RunEffects:
             info = replace(info, published=dict(x.published), updated_at=time.time())
             self.live.info = info
             await backend.put_run(info)
-

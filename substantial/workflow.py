@@ -63,7 +63,9 @@ def timeout_seconds(timeout: timedelta | float | None) -> float | None:
         return None
     value = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
     if not math.isfinite(value) or value <= 0:
-        raise InvalidArgument(f"a run timeout must be a finite number of seconds > 0, got {timeout!r}")
+        raise InvalidArgument(
+            f"a run timeout must be a finite number of seconds > 0, got {timeout!r}"
+        )
     return value
 
 

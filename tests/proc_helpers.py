@@ -22,7 +22,7 @@ from substantial.records import encode_entry
 async def append_race(url: str, run_id: str, position: int, tag: str, start_at: float) -> None:
     backend = from_url(url)
     try:
-        entry = encode_entry([{"k": "step", "name": "race", "value": tag}])
+        entry = encode_entry([{"k": "step", "c": 0, "name": "race", "value": tag}])
         await backend.read_log(run_id)  # connect before the start line
         delay = start_at - time.time()
         if delay > 0:
@@ -43,7 +43,7 @@ async def append_forever(url: str, run_id: str) -> None:
     print("ready", flush=True)
     while True:
         await backend.append(
-            run_id, position, encode_entry([{"k": "step", "name": str(position), "value": blob}])
+            run_id, position, encode_entry([{"k": "step", "c": position, "name": str(position), "value": blob}])
         )
         position += 1
 

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def entry(value: object) -> bytes:
-    return encode_entry([{"k": "step", "name": "s", "value": value}])
+    return encode_entry([{"k": "step", "c": 0, "name": "s", "value": value}])
 
 
 def info(run_id: str, workflow: str = "wf", status: str = "active") -> RunInfo:
@@ -45,12 +45,12 @@ async def test_append_and_read(backend: Backend) -> None:
 
 
 async def test_entry_with_many_records_is_one_position(backend: Backend) -> None:
-    data = encode_entry([{"k": "a"}, {"k": "b"}, {"k": "c"}])
+    data = encode_entry([{"k": "timer", "c": c} for c in range(3)])
     await backend.append("r", 0, data)
     await backend.append("r", 1, entry("next"))
     log = await backend.read_log("r")
     assert len(log) == 2
-    assert [r["k"] for r in decode_entry("r", 0, log[0])] == ["a", "b", "c"]
+    assert [r["c"] for r in decode_entry("r", 0, log[0])] == [0, 1, 2]
 
 
 async def test_append_at_taken_position_raises_and_keeps_the_first(backend: Backend) -> None:

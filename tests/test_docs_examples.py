@@ -19,7 +19,7 @@ DOCS = ["steps", "waiting", "determinism", "long-runs", "guarantees"]
 EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("docs_*.py"))
 
 NONDETERMINISM = (
-    "run 'order-1' is not deterministic at step 1: the log recorded step 'reserve', but the code "
+    "run 'order-1' is not deterministic at command 0 (log position 1): the log recorded step 'reserve', but the code "
     "now asks for step 'price'. Keep the old code registered for runs in flight (give the changed "
     "workflow a new version=, see docs/determinism.md), or cancel the run."
 )
@@ -59,7 +59,7 @@ EXPECTED: dict[str, list[str]] = {
         "ledger: {'account': 'acct-1', 'balance': 20, 'entries': 7}",
         "snapshots: 2 | setup ran: 1 time(s)",
         "replay starts at a snapshot: True",
-        "entries before it are still stored: 4 of 6",
+        "entries before it are still stored: 3 of 5",
     ],
     "docs_steps": [
         "total: 83",
@@ -69,7 +69,7 @@ EXPECTED: dict[str, list[str]] = {
         "upstream: TimeoutError: upstream read timed out",
         "a tuple step handed the workflow: list [40, 'EUR']",
         "sync step with timeout ran in a thread: True",
-        "sync step without timeout ran on the loop: True",
+        "sync step without timeout ran in a thread too: True",
         "keyed step returned the first value: True",
         "calls: {'load_config': 1, 'fetch_price': 1, 'charge_card': 3}",
         "log:",
@@ -86,7 +86,7 @@ EXPECTED: dict[str, list[str]] = {
         "  10: step quote",
         "  11: step sync-with-timeout",
         "  12: step sync-without-timeout",
-        "  13: end",
+        "  12: end",
     ],
     "docs_versions": [
         "order-1 on a v2-only worker: active",

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 async def wait_until_waiting(conductor_agent: Any, run_id: str) -> None:
     for _ in range(1000):
         live = conductor_agent.worker.runs.get(run_id)
-        if live is not None and live.execution is not None and live.execution.waiting:
+        if live is not None and live.driver is not None and live.driver.waiting:
             return
         await asyncio.sleep(0.005)
     raise AssertionError("the run never started waiting")
@@ -103,14 +103,14 @@ async def test_a_corrupt_record_stops_the_run_clearly_and_leaves_the_log_alone(
     try:
         for _ in range(300):
             info = await run.status()
-            if info.error:
+            if info.note:
                 break
             await asyncio.sleep(0.01)
     finally:
         agent.cancel()
         await agent
     assert info.status == "active"
-    assert info.error is not None and "CorruptRecord" in info.error and "record 1" in info.error
+    assert info.note is not None and "corrupt" in info.note and "record 1" in info.note
     assert await conductor.backend.read_log("broken") == before
 
 

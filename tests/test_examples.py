@@ -42,7 +42,7 @@ def test_demo_command_narrates_the_readme_scenario(tmp_path: Path) -> None:
     shown = CliRunner().invoke(main, ["runs", "show", run_id, "--backend", url])
     assert shown.exit_code == 0, shown.output
     assert "status completed" in shown.output
-    for kind in ("start", "step", "sleep", "timer", "event", "handled", "end"):
+    for kind in ("start", "step", "sleep", "timer", "event", "end"):
         assert f"  {kind} " in shown.output
 
     listed = CliRunner().invoke(main, ["runs", "list", "--backend", url])

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def entry(value: object) -> bytes:
-    return encode_entry([{"k": "step", "name": "s", "value": value}])
+    return encode_entry([{"k": "step", "c": 0, "name": "s", "value": value}])
 
 
 def info(run_id: str) -> RunInfo:

@@ -31,7 +31,7 @@ async def store(redis_harness: RedisHarness) -> AsyncIterator[RedisHarness]:
 
 
 def entry(value: object) -> bytes:
-    return encode_entry([{"k": "step", "name": "s", "value": value}])
+    return encode_entry([{"k": "step", "c": 0, "name": "s", "value": value}])
 
 
 def info(run_id: str, workflow: str = "wf") -> RunInfo:

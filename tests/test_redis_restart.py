@@ -154,4 +154,4 @@ async def test_concurrent_appenders_lose_nothing_across_a_restart(tmp_path: Path
 
 
 def entry(writer: str, position: int) -> bytes:
-    return encode_entry([{"k": "step", "name": "w", "value": [writer, position]}])
+    return encode_entry([{"k": "step", "c": 0, "name": "w", "value": [writer, position]}])

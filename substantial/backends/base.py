@@ -84,6 +84,7 @@ def error_info(value: Any) -> ErrorInfo | None:
         return info
     raise ValueError(f"an error must be an object with a 'type', got {value!r}")
 
+
 Durability = Literal["process", "fsync"]
 """``process``: a write survives the writing process being killed (it reached the OS).
 ``fsync``: a write survives power loss (it reached the disk)."""
