@@ -149,8 +149,12 @@ class Driver:
 
     # -- the whole run -----------------------------------------------------------
 
-    async def run(self, body: Callable[[], Awaitable[Any]]) -> None:
-        """Run the workflow until its main task is done; raise Evicted/Fenced if it leaves."""
+    async def run(self, body: Callable[[], Awaitable[Any]], *, live: bool = True) -> None:
+        """Run the workflow until its main task is done; raise Evicted/Fenced if it leaves.
+
+        With ``live=False`` only the recorded log is replayed: nothing runs,
+        nothing is written, and the workflow is left where the log ends.
+        """
         x = self.x
         x.main = x.loop.create_task(body(), name=f"workflow:{x.run_id}")
         try:
@@ -162,7 +166,7 @@ class Driver:
             if x.activations and x.failure is None:
                 position, record = x.activations[0]
                 x.nondeterministic(position, _describe(record), "the end of the workflow", None)
-            if not x.main.done() and x.failure is None:
+            if live and not x.main.done() and x.failure is None:
                 await self._live()
         finally:
             for handle in self.timers.values():

@@ -174,6 +174,8 @@ class Execution:
         self.pending: list[Record] = []
         self.to_ack: list[str] = []
         self.commands: dict[int, Command] = {}
+        #: The command number of each live asyncio timer, by ``id()`` of its handle.
+        self.timer_commands: dict[int, int] = {}
         #: Commands issued live whose I/O the worker has not started yet.
         self.to_start: list[Command] = []
         self.mailbox: list[Delivered] = []
@@ -283,14 +285,17 @@ class Execution:
         """Make an asyncio timer of the workflow (``asyncio.sleep``, ``timeout``) durable."""
         c, bound = self.issue("timer")
         until = self.timer_until(c, bound, when, "timer")
-        command = self.wait_for(c, "timer", spec=until, on_done=lambda _r: self.loop.fire(handle))
-        handle._substantial_c = c  # type: ignore[attr-defined]
-        del command
+        self.wait_for(c, "timer", spec=until, on_done=lambda _r: self._fired(handle))
+        self.timer_commands[id(handle)] = c
+
+    def _fired(self, handle: asyncio.TimerHandle) -> None:
+        self.timer_commands.pop(id(handle), None)
+        self.loop.fire(handle)
 
     def cancel_timer(self, handle: asyncio.TimerHandle) -> None:
         """Forget a durable timer the workflow cancelled (a ``timeout`` block that ended)."""
-        c = getattr(handle, "_substantial_c", None)
-        command = self.commands.pop(c, None) if isinstance(c, int) else None
+        c = self.timer_commands.pop(id(handle), None)
+        command = self.commands.pop(c, None) if c is not None else None
         if command is not None:
             command.done = True
 
