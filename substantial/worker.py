@@ -228,8 +228,10 @@ class Worker:
             # Created by a start that has not written its first entry yet, or never will.
             self._skip_until[run_id] = time.time() + 1.0
             return
-        records: list[tuple[int, Record]] = []
-        for i, data in enumerate(entries):
+        first = decode_entry(run_id, start_at, entries[0])
+        _check_protocol(run_id, first)  # before the rest: older records are not corrupt, only old
+        records: list[tuple[int, Record]] = [(start_at, r) for r in first]
+        for i, data in enumerate(entries[1:], start=1):
             records.extend((start_at + i, r) for r in decode_entry(run_id, start_at + i, data))
         next_position = start_at + len(entries)
         snapshot_index = max(
@@ -242,12 +244,6 @@ class Worker:
             start, snap = records[0][1], None
         else:
             raise CorruptRecord(run_id, start_at, "the log does not begin with a start record")
-        if start.get("p") != PROTOCOL_VERSION:
-            raise ProtocolMismatch(
-                f"run {run_id!r} was started under storage protocol {start.get('p', 1)}; this "
-                f"version runs protocol {PROTOCOL_VERSION} logs only: finish it with the "
-                "substantial release that started it, or cancel it"
-            )
         if info is None:
             info = RunInfo(
                 run_id,
@@ -399,6 +395,17 @@ class Worker:
                 task.cancel()
             if late:
                 await asyncio.wait(late)
+
+
+def _check_protocol(run_id: str, first: list[Record]) -> None:
+    for record in first:
+        start = record if record["k"] == "start" else record.get("start")
+        if isinstance(start, dict) and start.get("p") != PROTOCOL_VERSION:
+            raise ProtocolMismatch(
+                f"run {run_id!r} was started under storage protocol {start.get('p', 1)}; this "
+                f"version runs protocol {PROTOCOL_VERSION} logs only: finish it with the "
+                "substantial release that started it, or cancel it"
+            )
 
 
 class _RunEffects:
