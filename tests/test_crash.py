@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from typing import Any
 from substantial import Conductor
 from substantial.records import decode_entry
 from tests.harness import Harness
-from tests.workflows import hundred_steps, ten_steps
+from tests.workflows import fan_parent, hundred_steps, ten_steps
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -141,3 +142,52 @@ async def test_sigterm_hands_runs_back_and_another_worker_finishes_them(
     assert set(starts.values()) == {1}, "a step ran twice after a graceful stop"
     pids = {row.split()[-1] for row in trace.read_text().splitlines()}
     assert len(pids) == 2, "the second worker should have finished the run"
+
+
+async def test_fan_out_of_children_survives_random_sigkills(
+    shared_harness: Harness, tmp_path: Path
+) -> None:
+    """A parent gathers 20 children of 5 steps plus 10 steps of its own while workers die."""
+    trace = tmp_path / "trace.txt"
+    client = Conductor(await shared_harness.open())
+    client.register(fan_parent)
+    run = await client.start(fan_parent, run_id="fan")
+    workers = [spawn_worker(shared_harness.url, trace) for _ in range(2)]
+    rng = random.Random(7)
+    kills = 0
+    result_task = asyncio.ensure_future(run.result(timeout=120))
+    try:
+        while not result_task.done():
+            await asyncio.wait([result_task], timeout=rng.uniform(0.2, 0.4))
+            if result_task.done() or kills >= 6:
+                continue
+            victim = workers.pop(rng.randrange(len(workers)))
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+            stop(victim)
+            kills += 1
+            workers.append(spawn_worker(shared_harness.url, trace))
+        result = result_task.result()
+    finally:
+        for w in workers:
+            stop(w)
+    assert kills >= 2, "the run finished before the test could kill workers"
+    assert result == [sum(i * 10 + j for i in range(20) for j in range(5)), sum(range(10))]
+    children = await client.list(parent="fan", limit=1000)
+    assert sorted(info.run_id for info in children) == sorted(f"fan:{c}" for c in range(20))
+    # A step whose completion is in the log never starts again after that moment.
+    recorded: dict[tuple[str, str], float] = {}
+    for run_id in ["fan", *(info.run_id for info in children)]:
+        log = await client.backend.read_log(run_id)
+        starts = [
+            r for p, e in enumerate(log) for r in decode_entry(run_id, p, e) if r["k"] == "start"
+        ]
+        assert len(starts) == 1, f"{run_id} was started {len(starts)} times"
+        for step in await step_records(client, run_id):
+            assert (run_id, step["name"]) not in recorded, "a step was recorded twice"
+            recorded[(run_id, step["name"])] = step["t"]
+    assert len(recorded) == 10 + 20 * 5
+    for row in trace.read_text().splitlines():
+        run_id, name, at, _pid = row.split()
+        assert float(at) < recorded[(run_id, name)], f"{run_id} {name} ran after it was recorded"
+    print(f"fan-out: {kills} SIGKILLs, {len(recorded)} steps, every result right")

@@ -69,9 +69,38 @@ async def sleepy(c: Context, seconds: float = 0.5) -> float:
     return await c.save(time.time) - t0
 
 
+def traced_step(c: Context, name: str, value: int, pause: float) -> Any:
+    """A step that notes (with the time) each time it really starts."""
+
+    async def step() -> int:
+        trace(f"{c.run_id} {name} {time.time():.6f}")
+        await asyncio.sleep(pause)
+        return value
+
+    return step
+
+
+@workflow()
+async def fan_child(c: Context, i: int = 0) -> int:
+    total = 0
+    for j in range(5):
+        total += await c.save(traced_step(c, f"s{j}", i * 10 + j, 0.15), name=f"s{j}")
+    return total
+
+
+@workflow()
+async def fan_parent(c: Context, children: int = 20, steps: int = 10) -> list[int]:
+    kids = asyncio.gather(*(c.child(fan_child, {"i": i}) for i in range(children)))
+    own = asyncio.gather(
+        *(c.save(traced_step(c, f"p{k}", k, 0.3), name=f"p{k}") for k in range(steps))
+    )
+    done_kids, done_own = await asyncio.gather(kids, own)
+    return [sum(done_kids), sum(done_own)]
+
+
 def _conductor() -> Conductor:
     conductor = Conductor(os.environ.get("SUBSTANTIAL_TEST_URL", "memory://"))
-    for wf in (hundred_steps, ten_steps, collect, sleepy):
+    for wf in (hundred_steps, ten_steps, collect, sleepy, fan_child, fan_parent):
         conductor.register(wf)
     return conductor
 
