@@ -133,7 +133,7 @@ class Driver:
     # -- signals from the worker -------------------------------------------------
 
     def poke(self) -> None:
-        """The run's inbox changed."""
+        """Note that the run's inbox changed."""
         self.inbox_dirty = True
         self._wakeup.set()
 
@@ -156,7 +156,11 @@ class Driver:
         nothing is written, and the workflow is left where the log ends.
         """
         x = self.x
-        x.main = x.loop.create_task(body(), name=f"workflow:{x.run_id}")
+
+        async def main() -> Any:
+            return await body()
+
+        x.main = x.loop.create_task(main(), name=f"workflow:{x.run_id}")
         try:
             self.step()
             while x.activations and not x.main.done():
@@ -295,7 +299,7 @@ class Driver:
                 if event.event_id not in self._bad_events:
                     self._bad_events.add(event.event_id)
                     logger.error(
-                        "run %s: event %r in the inbox is malformed (%s); left there, not delivered",
+                        "run %s: event %r in the inbox is malformed (%s); left, not delivered",
                         x.run_id,
                         event.event_id,
                         exc,

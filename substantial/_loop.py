@@ -126,7 +126,7 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
 
     # -- scheduling --------------------------------------------------------------
 
-    def call_soon(
+    def call_soon(  # type: ignore[override]
         self,
         callback: Callable[..., object],
         *args: Any,
@@ -137,7 +137,7 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         self._ready.append(handle)
         return handle
 
-    def call_later(
+    def call_later(  # type: ignore[override]
         self,
         delay: float,
         callback: Callable[..., object],
@@ -147,7 +147,7 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         """Schedule ``callback`` after ``delay`` seconds of workflow time, durably."""
         return self.call_at(self.now + delay, callback, *args, context=context)
 
-    def call_at(
+    def call_at(  # type: ignore[override]
         self,
         when: float,
         callback: Callable[..., object],
@@ -172,7 +172,7 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         """Return a future bound to this loop."""
         return asyncio.Future(loop=self)
 
-    def create_task(  # type: ignore[override]
+    def create_task(
         self,
         coro: Generator[Any, None, T] | Coroutine[Any, Any, T],
         *,

@@ -139,11 +139,12 @@ def describe(record: Record | None) -> str:
 
 
 def _command_of(record: Record) -> tuple[str, str | None]:
-    kind = record["k"]
+    kind = str(record["k"])
     if kind == "sleep":
-        return str(record.get("for", "sleep")), record.get("name")
+        name = record.get("name")
+        return str(record.get("for", "sleep")), (None if name is None else str(name))
     name = record.get("name", record.get("key", record.get("stream", record.get("id"))))
-    return _COMMAND_OF.get(kind, kind), name
+    return _COMMAND_OF.get(kind, kind), (None if name is None else str(name))
 
 
 class Execution:
@@ -163,7 +164,7 @@ class Execution:
     ) -> None:
         self.run_id = run_id
         self.position = next_position
-        self.loop = WorkflowLoop(self)
+        self.loop = WorkflowLoop(self)  # type: ignore[abstract]
         self.loop.now = started_at
         self.next_c = next_c
         self.recorded: dict[int, Recorded] = {}
@@ -233,7 +234,7 @@ class Execution:
             self.process_mailbox()
 
     def issue(self, kind: str, name: str | None = None) -> tuple[int, list[Record]]:
-        """Number a new command; return its number and the records the log bound to it."""
+        """Give a new command its number; return it and the records the log bound to it."""
         if self.failure is not None:
             raise self.failure
         if self.stopping:
@@ -301,9 +302,9 @@ class Execution:
 
     def timer_until(self, c: int, bound: list[Record], until: float, why: str) -> float:
         """Return a timer's recorded due time, or record ``until`` as it."""
-        for record in bound:
-            if record["k"] == "sleep":
-                return float(record["until"])
+        for recorded in bound:
+            if recorded["k"] == "sleep":
+                return float(recorded["until"])
         record: Record = {"k": "sleep", "c": c, "until": until}
         if why != "sleep":
             record["for"] = why
@@ -431,13 +432,13 @@ class Execution:
                 future.exception()
 
     def cancel(self) -> None:
-        """The run was asked to stop: every wait and every later primitive raises Cancelled."""
+        """Stop the run on request: every wait and every later primitive raises Cancelled."""
         if not self.cancelled:
             self.cancelled = True
             self.interrupt(Cancelled, "the run was cancelled")
 
     def time_out(self) -> None:
-        """The run's deadline passed: raise WorkflowTimeout into every wait."""
+        """Act on the passed deadline: raise WorkflowTimeout into every wait."""
         if not self.timed_out:
             self.timed_out = True
             self.interrupt(WorkflowTimeout, f"run {self.run_id!r} passed its deadline")

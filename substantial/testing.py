@@ -12,15 +12,15 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
+from substantial._live import Driver
+from substantial._outcome import end_of
 from substantial.backends.base import Backend
 from substantial.backends.memory import MemoryBackend
 from substantial.conductor import Conductor
-from substantial._live import Driver
-from substantial._outcome import end_of
 from substantial.context import Context
 from substantial.errors import InvalidArgument
 from substantial.records import Record, decode_entry
@@ -96,7 +96,11 @@ async def replay(wf: Workflow[Any], entries: list[bytes] | list[list[Record]]) -
     """
     records: list[tuple[int, Record]] = []
     for position, entry in enumerate(entries):
-        decoded = decode_entry("replay", position, entry) if isinstance(entry, bytes) else entry
+        decoded: list[Record] = (
+            decode_entry("replay", position, entry)
+            if isinstance(entry, bytes)
+            else [dict(r) for r in entry]  # type: ignore[call-overload]
+        )
         records.extend((position, r) for r in decoded)
     if not records or records[0][1]["k"] != "start":
         raise InvalidArgument("replay() needs a log that begins with its start record")

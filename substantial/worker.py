@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -137,7 +138,7 @@ class Worker:
             self.runs[run_id] = live
             live.task = asyncio.create_task(self._drive(live), name=f"substantial:{run_id}")
 
-    def _set_aside(self, run_id: str, exc: BaseException, seconds: float = 60.0) -> None:
+    def _set_aside(self, run_id: str, exc: BaseException | str, seconds: float = 60.0) -> None:
         if run_id not in self._noted:
             self._noted.add(run_id)
             logger.error("run %s set aside: %s", run_id, exc)
@@ -309,7 +310,7 @@ class Worker:
             )
             live.driver = driver
             try:
-                await driver.run(lambda: wf.fn(ctx, **kwargs))
+                await driver.run(functools.partial(wf.fn, ctx, **kwargs))
             finally:
                 driver.handback_at = time.time() if x.has_work() else x.next_wakeup()
                 x.stop()

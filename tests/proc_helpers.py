@@ -43,7 +43,9 @@ async def append_forever(url: str, run_id: str) -> None:
     print("ready", flush=True)
     while True:
         await backend.append(
-            run_id, position, encode_entry([{"k": "step", "c": position, "name": str(position), "value": blob}])
+            run_id,
+            position,
+            encode_entry([{"k": "step", "c": position, "name": str(position), "value": blob}]),
         )
         position += 1
 
