@@ -82,7 +82,11 @@ class Worker:
         self._skip_until: dict[str, float] = {}
         self._noted: set[str] = set()
         self._stopping = False
-        self._executor = ThreadPoolExecutor(step_threads, thread_name_prefix="substantial-step")
+        self._executor = (
+            ThreadPoolExecutor(step_threads, thread_name_prefix="substantial-step")
+            if step_threads > 0
+            else None
+        )
 
     # -- main loop -------------------------------------------------------------
 
@@ -104,7 +108,8 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await housekeeping
             await asyncio.shield(self._shutdown())
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _poll_once(self) -> None:
         now = time.time()
