@@ -198,6 +198,19 @@ async def test_changed_code_raises_nondeterminism_naming_the_command(shape: str)
     assert sum(ran.values()) == 0
 
 
+async def test_nondeterminism_cannot_be_swallowed_by_the_workflow() -> None:
+    @workflow(name="g_gather")
+    async def swallowing(c: Context) -> str:
+        try:
+            await c.save(nap("x", 0.0), name="x")
+        except Exception:
+            return "pretended all is well"
+        return "unreachable"
+
+    with pytest.raises(NonDeterminismError, match="command 0"):
+        await replay(swallowing, load("gather"))
+
+
 async def test_a_protocol_1_log_is_refused_clearly_and_left_alone() -> None:
     entries = orjson.loads((GOLDEN / "order-v1.json").read_bytes())
     backend = MemoryBackend()
