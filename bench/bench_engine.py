@@ -277,7 +277,7 @@ async def r(name: str, work: Path, floor: float) -> None:
     run = await conductor.start(long_then_wait, {"n": n})
     while True:
         live = agent.worker.runs.get(run.run_id)
-        if live and live.execution and live.execution.waiting:
+        if live and live.driver and live.driver.idle:
             break
         await asyncio.sleep(0.01)
     agent.cancel()
@@ -292,7 +292,7 @@ async def r(name: str, work: Path, floor: float) -> None:
         t0 = time.perf_counter()
         while True:
             live = agent.worker.runs.get(run.run_id)
-            if live and live.execution and live.execution.waiting:
+            if live and live.driver and live.driver.idle:
                 break
             await asyncio.sleep(0.0005)
         best = min(best, time.perf_counter() - t0)

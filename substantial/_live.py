@@ -143,6 +143,16 @@ class Driver:
         self.lost = self.lost or lost
         self._wakeup.set()
 
+    @property
+    def idle(self) -> bool:
+        """Tell whether the run only waits (timers, events): nothing of it runs or is ready."""
+        return (
+            self.waiting
+            and not self.ready
+            and not self.x.has_work()
+            and not any(not t.done() for t in self.tasks)
+        )
+
     def _post(self, record: Record) -> None:
         self.ready.append(record)
         self._wakeup.set()

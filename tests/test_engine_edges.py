@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 async def wait_until_waiting(conductor_agent: Any, run_id: str) -> None:
     for _ in range(1000):
         live = conductor_agent.worker.runs.get(run_id)
-        if live is not None and live.driver is not None and live.driver.waiting:
+        if live is not None and live.driver is not None and live.driver.idle:
             return
         await asyncio.sleep(0.005)
     raise AssertionError("the run never started waiting")
