@@ -29,6 +29,13 @@ BACKEND_HELP = (
 )
 
 
+def _error_text(error: Any) -> str:
+    """Render a stored error as one line: ``Type: message``."""
+    if isinstance(error, dict):
+        return f"{error.get('type')}: {error.get('message')}"
+    return str(error)
+
+
 def _backend_url(url: str | None) -> str:
     return url or os.environ.get("SUBSTANTIAL_BACKEND") or DEFAULT_BACKEND
 
@@ -143,7 +150,8 @@ def runs_list(url: str | None, status: str | None, workflow: str | None, limit: 
                 click.echo(
                     f"{info.run_id}  {info.workflow:<20} {info.status:<10} "
                     f"updated {_fmt_time(info.updated_at)}"
-                    + (f"  {info.error}" if info.error else "")
+                    + (f"  {_error_text(info.error)}" if info.error else "")
+                    + (f"  ({info.note})" if info.note else "")
                 )
         finally:
             await backend.close()
@@ -176,7 +184,9 @@ async def _show(backend: Backend, run_id: str) -> None:
         f"status {info.status}, created {_fmt_time(info.created_at)}"
     )
     if info.error:
-        click.echo(f"error: {info.error}")
+        click.echo(f"error: {_error_text(info.error)}")
+    if info.note:
+        click.echo(f"note: {info.note}")
     for position, data in enumerate(await backend.read_log(run_id)):
         try:
             records = decode_entry(run_id, position, data)
