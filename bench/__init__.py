@@ -1,1 +1,1 @@
-"""Benchmarks that print one JSON line per measurement (see /work/shared/BENCH.md)."""
+"""Benchmarks that print one JSON line per measurement (see docs/BENCHMARKS.md)."""

@@ -27,7 +27,7 @@ import orjson
 from substantial.backends.base import Backend
 from substantial.errors import PositionTaken, SerializationError, StepTimeout
 from substantial.records import Record, encode_entry, encode_value, error_of
-from substantial.replay import ACTIVATIONS, Command, Evicted, Execution, Fenced
+from substantial.replay import ACTIVATIONS, Command, Evicted, Execution, Fenced, describe
 
 __all__ = ["Driver", "Effects", "RetryPolicy", "StepSpec"]
 
@@ -179,7 +179,7 @@ class Driver:
                 self.step()
             if x.activations and x.failure is None:
                 position, record = x.activations[0]
-                x.nondeterministic(position, _describe(record), "the end of the workflow", None)
+                x.nondeterministic(position, describe(record), "the end of the workflow", None)
             if live and not x.main.done() and x.failure is None:
                 await self._live()
         finally:
@@ -472,8 +472,3 @@ class Driver:
             record["error"] = error_of(exc)
         record["t"] = self.x.now()
         self._post(record)
-
-
-def _describe(record: Record) -> str:
-    name = record.get("name")
-    return f"{record['k']}" + (f" {name!r}" if name is not None else "")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +45,7 @@ def successor_id(run_id: str) -> str:
     return f"{run_id}+1"
 
 
-def end_of(x: Execution, encode: Callable[[Any], bytes] = encode_value) -> Outcome:
+def end_of(x: Execution) -> Outcome:
     """Classify how the main task ended, as the end record to write."""
     main = x.main
     assert main is not None and main.done()
@@ -63,7 +62,7 @@ def end_of(x: Execution, encode: Callable[[Any], bytes] = encode_value) -> Outco
     if exc is None:
         value = main.result()
         try:
-            encode(value)
+            encode_value(value, "the workflow's return value")
             end.update(status="completed", value=value)
         except SerializationError as err:
             end.update(status="failed", error=error_of(err))

@@ -319,7 +319,7 @@ class Worker:
             finally:
                 driver.handback_at = time.time() if x.has_work() else x.next_wakeup()
                 x.stop()
-            outcome: Outcome = end_of(x, encode_value)
+            outcome: Outcome = end_of(x)
             if outcome.compact is None:
                 end = outcome.end
                 await driver.flush(end)
