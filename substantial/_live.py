@@ -26,7 +26,7 @@ import orjson
 
 from substantial.backends.base import Backend
 from substantial.errors import PositionTaken, SerializationError, StepTimeout
-from substantial.records import Record, encode_entry, encode_value, error_of
+from substantial.records import Record, as_stored, encode_entry, error_of
 from substantial.replay import ACTIVATIONS, Command, Evicted, Execution, Fenced, describe
 
 __all__ = ["Driver", "Effects", "RetryPolicy", "StepSpec"]
@@ -382,7 +382,7 @@ class Driver:
             attempts += 1
             what = f"the result of step {command.name!r} of run {x.run_id!r}"
             try:
-                value = orjson.loads(encode_value(await self._call(spec), what))
+                value = as_stored(await self._call(spec), what)
             except SerializationError as exc:
                 error = error_of(exc)
                 attempts = spec.retry.max_attempts  # retrying would store nothing either

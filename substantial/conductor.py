@@ -10,8 +10,6 @@ from collections.abc import AsyncIterator, Generator
 from datetime import timedelta
 from typing import Any
 
-import orjson
-
 from substantial._runs import create_run, existing_start, same_start
 from substantial.backends import from_url
 from substantial.backends.base import TERMINAL_STATUSES, Backend, RunInfo, Waker, validate_id
@@ -25,7 +23,7 @@ from substantial.errors import (
     UnknownWorkflow,
     WorkflowFailed,
 )
-from substantial.records import decode_entry, encode_value, start_record
+from substantial.records import as_stored, decode_entry, encode_value, start_record
 from substantial.replay import CANCEL_EVENT
 from substantial.worker import Worker
 from substantial.workflow import Registry, Workflow, timeout_seconds
@@ -96,7 +94,7 @@ class Conductor:
         limit = timeout_seconds(timeout) if timeout is not None else wf.timeout
         rid = run_id if run_id is not None else uuid.uuid4().hex
         now = time.time()
-        args = orjson.loads(encode_value(dict(kwargs or {}), "the workflow's arguments"))
+        args = as_stored(dict(kwargs or {}), "the workflow's arguments")
         record = start_record(
             rid, wf.name, wf.version, args, now, deadline=None if limit is None else now + limit
         )

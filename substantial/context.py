@@ -22,8 +22,6 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
-import orjson
-
 from substantial._live import DEFAULT_RETRY, RetryPolicy, StepSpec
 from substantial.errors import (
     ChildFailed,
@@ -32,7 +30,7 @@ from substantial.errors import (
     SerializationError,
     StepFailed,
 )
-from substantial.records import Record, encode_value
+from substantial.records import Record, as_stored, encode_value
 from substantial.replay import (
     CANCEL_EVENT,
     Command,
@@ -281,7 +279,7 @@ class Context:
         """Make ``value`` the latest value of ``key``, readable by clients with ``run.read``."""
         if not isinstance(key, str) or not key:
             raise InvalidArgument("publish() takes a non-empty string key")
-        value = orjson.loads(encode_value(value, f"the value published as {key!r}"))
+        value = as_stored(value, f"the value published as {key!r}")
         c, bound = self._x.issue("publish", key)
         if not bound:
             self._x.record({"k": "publish", "c": c, "key": key, "value": value})
@@ -292,7 +290,7 @@ class Context:
         """Append ``value`` to ``stream``, which clients follow with ``run.stream``."""
         if not isinstance(stream, str) or not stream:
             raise InvalidArgument("emit() takes a non-empty string stream name")
-        value = orjson.loads(encode_value(value, f"the value emitted on {stream!r}"))
+        value = as_stored(value, f"the value emitted on {stream!r}")
         c, bound = self._x.issue("emit", stream)
         if not bound:
             self._x.record({"k": "emit", "c": c, "stream": stream, "value": value})
@@ -324,7 +322,7 @@ class Context:
             raise InvalidArgument("start_child() takes the child's arguments as a dict of kwargs")
         x = self._x
         x.enter()
-        encoded = orjson.loads(encode_value(dict(kwargs or {}), "the child's arguments"))
+        encoded = as_stored(dict(kwargs or {}), "the child's arguments")
         limit = None if timeout is None else seconds(timeout, "a child timeout")
         c, _bound = x.issue("child", wf.name)
         child_id = run_id if run_id is not None else f"{self._run_id}:{c}"
@@ -388,7 +386,7 @@ class Context:
             except TypeError as exc:
                 raise InvalidArgument(f"continue_using({workflow.name}, ...): {exc}") from exc
             kwargs = {k: v for k, v in bound.arguments.items() if k != next(iter(bound.arguments))}
-        raise ContinueAs(workflow.name, workflow.version, orjson.loads(encode_value(kwargs)))
+        raise ContinueAs(workflow.name, workflow.version, as_stored(kwargs))
 
     async def compact(self, **kwargs: Any) -> None:
         """Restart this run's function from a snapshot, so replay stays short; never returns.
@@ -410,7 +408,7 @@ class Context:
                 f"{len(busy)} primitive(s) and {len(others)} other task(s) still run, "
                 f"{len(running)} child run(s) are unfinished; await them first"
             )
-        raise Compact(orjson.loads(encode_value(kwargs)))
+        raise Compact(as_stored(kwargs))
 
     def _refuse_with_compensations(self, what: str) -> None:
         count = len(self._x.compensations)
@@ -453,7 +451,7 @@ class ChildHandle:
             raise InvalidArgument("an event name must be a non-empty string")
         x = self._c._x
         x.enter()
-        value = orjson.loads(encode_value(value, f"the value of event {name!r}"))
+        value = as_stored(value, f"the value of event {name!r}")
         c, _bound = x.issue("send", name)
         event_id = f"{self._c.run_id}.{c}"[-200:].lstrip(".-:=+")
         command = x.wait_for(c, "send", name, (self.run_id, event_id, name, value))

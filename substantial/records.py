@@ -23,6 +23,7 @@ __all__ = [
     "Record",
     "StartRecord",
     "StepRecord",
+    "as_stored",
     "decode_entry",
     "encode_entry",
     "encode_value",
@@ -132,6 +133,15 @@ def encode_value(value: Any, what: str = "a value") -> bytes:
             f"cannot store {what} of type {type(value).__name__} in the log: {exc}. Use "
             "JSON-compatible data (dict, list, str, int, float, bool, None, dataclass, datetime)"
         ) from exc
+
+
+def as_stored(value: Any, what: str = "a value") -> Any:
+    """Return ``value`` as the log will hand it back (JSON round trip), or raise clearly.
+
+    A workflow sees the same shapes live and on replay: a tuple is a list
+    both times, a dataclass a dict.
+    """
+    return orjson.loads(encode_value(value, what))
 
 
 def decode_entry(run_id: str, position: int, data: bytes) -> list[Record]:
