@@ -12,74 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-import functools
-import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
 
+from substantial._steps import Pace, Steps
 from substantial.backends.base import Backend
-from substantial.errors import PositionTaken, SerializationError, StepTimeout
-from substantial.records import Record, as_stored, encode_entry, error_of
+from substantial.errors import PositionTaken
+from substantial.records import Record, encode_entry, error_of
 from substantial.replay import ACTIVATIONS, Command, Evicted, Execution, Fenced, describe
 
-__all__ = ["Driver", "Effects", "RetryPolicy", "StepSpec"]
+__all__ = ["Driver", "Effects"]
 
 logger = logging.getLogger("substantial.workflow")
 
 #: How early a timer is armed before its due time, to absorb the event loop's lateness.
 TIMER_EARLY = 0.002
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """How ``save`` retries a failing step: exponential backoff, each attempt recorded.
-
-    ``max_attempts=1`` disables retries. Delays are ``initial_delay *
-    backoff ** (attempt - 1)``, capped at ``max_delay`` seconds.
-    """
-
-    max_attempts: int = 5
-    initial_delay: float = 0.1
-    backoff: float = 2.0
-    max_delay: float = 30.0
-
-    def __post_init__(self) -> None:
-        from substantial.errors import InvalidArgument
-
-        if self.max_attempts < 1:
-            raise InvalidArgument("RetryPolicy.max_attempts must be at least 1")
-        if not (0 <= self.initial_delay < float("inf") and 0 <= self.max_delay < float("inf")):
-            raise InvalidArgument("RetryPolicy needs finite initial_delay >= 0 and max_delay >= 0")
-        if not 1 <= self.backoff < float("inf"):
-            raise InvalidArgument("RetryPolicy needs a finite backoff >= 1")
-
-    def delay(self, attempt: int) -> float:
-        """Return the pause after failed attempt number ``attempt`` (1-based)."""
-        return float(min(self.max_delay, self.initial_delay * self.backoff ** (attempt - 1)))
-
-
-DEFAULT_RETRY = RetryPolicy()
-
-
-@dataclass(frozen=True, slots=True)
-class StepSpec:
-    """What a ``save`` (or a compensation) command runs."""
-
-    fn: Callable[..., Any]
-    args: tuple[Any, ...]
-    timeout: float | None
-    retry: RetryPolicy
-    key: str | None = None
-    #: Attempts already recorded, and when the next one may start.
-    attempts: int = 0
-    retry_at: float = 0.0
 
 
 class Effects(Protocol):
@@ -107,6 +59,7 @@ class Driver:
         executor: Executor | None,
         idle_timeout: float,
         deadline: float | None,
+        pace: Pace | None = None,
     ) -> None:
         self.x = x
         self.backend = backend
@@ -129,6 +82,9 @@ class Driver:
         self.handback_at: float | None = None
         #: The workflow is blocked and nothing of it is ready: the driver sleeps.
         self.waiting = False
+        self.steps = Steps(
+            x, executor=executor, pace=pace or Pace(), post=self._post, spawn=self._spawn
+        )
 
     # -- signals from the worker -------------------------------------------------
 
@@ -339,15 +295,17 @@ class Driver:
                 if command.spec is not None:
                     self._arm(command.c, float(command.spec))
                 continue
-            runner = {
-                "step": self._run_step,
-                "compensate": self._run_step,
-                "child": self._run_child,
-                "send": self._run_send,
-            }[command.kind]
-            task = asyncio.create_task(runner(command))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            if command.kind in ("step", "compensate"):
+                self.steps.start(command)
+            elif command.kind == "child":
+                self._spawn(self._run_child(command))
+            else:
+                self._spawn(self._run_send(command))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def _arm(self, c: int, until: float) -> None:
         loop = asyncio.get_running_loop()
@@ -370,88 +328,6 @@ class Driver:
         self._deadline_timer = asyncio.get_running_loop().call_later(
             delay, lambda: self._post({"k": "timeout", "t": self.x.now()})
         )
-
-    async def _run_step(self, command: Command) -> None:
-        spec: StepSpec = command.spec
-        x = self.x
-        kind = "step" if command.kind == "step" else "compensated"
-        attempts = spec.attempts
-        if attempts:
-            await asyncio.sleep(max(0.0, spec.retry_at - time.time()))
-        while True:
-            attempts += 1
-            what = f"the result of step {command.name!r} of run {x.run_id!r}"
-            try:
-                value = as_stored(await self._call(spec), what)
-            except SerializationError as exc:
-                error = error_of(exc)
-                attempts = spec.retry.max_attempts  # retrying would store nothing either
-            except Exception as exc:
-                error = error_of(exc)
-            else:
-                done: Record = {"k": kind, "c": command.c, "name": command.name, "t": x.now()}
-                if kind == "step":
-                    done["value"] = value
-                    if spec.key is not None:
-                        done["key"] = spec.key
-                self._post(done)
-                return
-            if attempts >= spec.retry.max_attempts:
-                self._post(
-                    {
-                        "k": kind,
-                        "c": command.c,
-                        "name": command.name,
-                        "error": error,
-                        "attempts": attempts,
-                        "t": x.now(),
-                    }
-                )
-                return
-            pause = spec.retry.delay(attempts)
-            if kind == "step":
-                self._post(
-                    {
-                        "k": "attempt",
-                        "c": command.c,
-                        "name": command.name,
-                        "n": attempts,
-                        "error": error,
-                        "retry_at": time.time() + pause,
-                    }
-                )
-            logger.warning(
-                "run %s: %s %r attempt %d failed: %s: %s; retrying in %.2fs",
-                x.run_id,
-                "step" if kind == "step" else "compensation of",
-                command.name,
-                attempts,
-                error["type"],
-                error["message"],
-                pause,
-            )
-            await asyncio.sleep(pause)
-
-    async def _call(self, spec: StepSpec) -> Any:
-        started = time.monotonic()
-        try:
-            async with asyncio.timeout(spec.timeout):
-                fn = spec.fn
-                if inspect.iscoroutinefunction(fn):
-                    return await fn(*spec.args)
-                if self.executor is None:
-                    result = fn(*spec.args)
-                else:
-                    # Sync step functions run in threads: a blocking call in one step never
-                    # stalls the other steps of this run, or other runs.
-                    ctx = contextvars.copy_context()
-                    call = functools.partial(ctx.run, fn, *spec.args)
-                    result = await asyncio.get_running_loop().run_in_executor(self.executor, call)
-                return await result if inspect.isawaitable(result) else result
-        except TimeoutError as exc:
-            if spec.timeout is None or time.monotonic() - started < spec.timeout:
-                raise  # the step's own TimeoutError, not ours
-            raise StepTimeout(f"the step took longer than its timeout of {spec.timeout}s") from exc
 
     async def _run_child(self, command: Command) -> None:
         record: Record = {"k": "child", "c": command.c, "name": command.name}

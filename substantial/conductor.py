@@ -147,6 +147,7 @@ class Conductor:
         poll_interval: float = 5.0,
         shutdown_grace: float = 10.0,
         step_threads: int = 64,
+        inline_below: float = 0.001,
     ) -> Agent:
         """Start a worker in this process; ``agent.cancel(); await agent`` stops it cleanly.
 
@@ -156,7 +157,9 @@ class Conductor:
         memory; ``poll_interval`` bounds the wait between index reads when no
         wake-up signal arrives; on stop, running steps get ``shutdown_grace``
         seconds to finish and be recorded; synchronous step functions run on
-        up to ``step_threads`` threads.
+        up to ``step_threads`` threads, except those that returned within
+        ``inline_below`` seconds last time: they run on the worker's loop,
+        where a thread hop would cost more than the call (0 turns this off).
         """
         worker = Worker(
             self.registry,
@@ -168,6 +171,7 @@ class Conductor:
             poll_interval=poll_interval,
             shutdown_grace=shutdown_grace,
             step_threads=step_threads,
+            inline_below=inline_below,
         )
         return Agent(worker)
 

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
-from substantial._live import DEFAULT_RETRY, RetryPolicy, StepSpec
+from substantial._steps import DEFAULT_RETRY, RetryPolicy, StepSpec
 from substantial.errors import (
     ChildFailed,
     InvalidArgument,

@@ -22,6 +22,7 @@ from typing import Any
 from substantial._live import Driver
 from substantial._outcome import Outcome, end_of, finish_run, snapshot_of
 from substantial._runs import create_run, existing_start, same_start
+from substantial._steps import Pace
 from substantial.backends.base import PROTOCOL_VERSION, Backend, RunInfo, make_owner
 from substantial.context import Context
 from substantial.errors import (
@@ -68,6 +69,7 @@ class Worker:
         poll_interval: float = 5.0,
         shutdown_grace: float = 10.0,
         step_threads: int = 64,
+        inline_below: float = 0.001,
     ) -> None:
         self.registry = registry
         self.backend = backend
@@ -87,6 +89,7 @@ class Worker:
             if step_threads > 0
             else None
         )
+        self._pace = Pace(inline_below)
 
     # -- main loop -------------------------------------------------------------
 
@@ -310,6 +313,7 @@ class Worker:
                 self.backend,
                 effects,
                 executor=self._executor,
+                pace=self._pace,
                 idle_timeout=self.idle_timeout,
                 deadline=start.get("deadline"),
             )

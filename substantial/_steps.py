@@ -1,0 +1,270 @@
+"""Run step functions on the worker's loop: retries, timeouts, and where sync ones run.
+
+A step's outcome is handed to the driver as a record (its completion, or a
+failed attempt before a retry); the driver applies and writes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+from substantial.backends.base import ErrorInfo
+from substantial.errors import InvalidArgument, SerializationError, StepTimeout
+from substantial.records import Record, as_stored, error_of
+from substantial.replay import Command, Execution
+
+__all__ = ["DEFAULT_RETRY", "Pace", "RetryPolicy", "StepSpec", "Steps"]
+
+logger = logging.getLogger("substantial.workflow")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How ``save`` retries a failing step: exponential backoff, each attempt recorded.
+
+    ``max_attempts=1`` disables retries. Delays are ``initial_delay *
+    backoff ** (attempt - 1)``, capped at ``max_delay`` seconds.
+    """
+
+    max_attempts: int = 5
+    initial_delay: float = 0.1
+    backoff: float = 2.0
+    max_delay: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise InvalidArgument("RetryPolicy.max_attempts must be at least 1")
+        if not (0 <= self.initial_delay < float("inf") and 0 <= self.max_delay < float("inf")):
+            raise InvalidArgument("RetryPolicy needs finite initial_delay >= 0 and max_delay >= 0")
+        if not 1 <= self.backoff < float("inf"):
+            raise InvalidArgument("RetryPolicy needs a finite backoff >= 1")
+
+    def delay(self, attempt: int) -> float:
+        """Return the pause after failed attempt number ``attempt`` (1-based)."""
+        return float(min(self.max_delay, self.initial_delay * self.backoff ** (attempt - 1)))
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+@dataclass(frozen=True, slots=True)
+class StepSpec:
+    """What a ``save`` (or a compensation) command runs."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    timeout: float | None
+    retry: RetryPolicy
+    key: str | None = None
+    #: Attempts already recorded, and when the next one may start.
+    attempts: int = 0
+    retry_at: float = 0.0
+
+
+class Pace:
+    """How long each sync step function took last time, so the quick ones run inline.
+
+    A sync step goes to a thread so that a blocking call never stalls the
+    worker's loop. For a function that returned within ``inline_below``
+    seconds last time, the two thread hops cost more than the call: it runs
+    on the loop instead. A function is first timed in a thread, and goes back
+    to threads as soon as one inline call takes longer.
+    """
+
+    #: Functions remembered; past this the table starts afresh (it is only a hint).
+    SIZE = 4096
+
+    def __init__(self, inline_below: float = 0.001) -> None:
+        self.inline_below = inline_below
+        self._last: dict[object, float] = {}
+
+    @staticmethod
+    def _key(fn: Callable[..., Any]) -> object:
+        while isinstance(fn, functools.partial):
+            fn = fn.func
+        fn = getattr(fn, "__func__", fn)
+        return getattr(fn, "__code__", None) or type(fn)
+
+    def quick(self, fn: Callable[..., Any]) -> bool:
+        """Tell whether ``fn`` returned within ``inline_below`` seconds last time."""
+        return self._last.get(self._key(fn), float("inf")) < self.inline_below
+
+    def note(self, fn: Callable[..., Any], seconds: float) -> None:
+        """Remember how long a call of ``fn`` took."""
+        if len(self._last) >= self.SIZE:
+            self._last.clear()
+        self._last[self._key(fn)] = seconds
+
+    def timed(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call ``fn`` (in a step thread) and note how long it took."""
+        started = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.note(fn, time.perf_counter() - started)
+
+
+class Steps:
+    """Starts the step commands of one execution and posts what they produce."""
+
+    def __init__(
+        self,
+        x: Execution,
+        *,
+        executor: Executor | None,
+        pace: Pace,
+        post: Callable[[Record], None],
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
+    ) -> None:
+        self.x = x
+        self.executor = executor
+        self.pace = pace
+        self.post = post
+        self.spawn = spawn
+
+    def start(self, command: Command) -> None:
+        """Start a ``step`` or ``compensate`` command: inline if quick, else as a task."""
+        if self._quick(command.spec):
+            self._step_inline(command)
+        else:
+            self.spawn(self._run_step(command))
+
+    def _quick(self, spec: StepSpec) -> bool:
+        """Tell whether a step may run inline on the loop, skipping the task and thread hops."""
+        if spec.attempts or spec.timeout is not None or inspect.iscoroutinefunction(spec.fn):
+            return False
+        return self.executor is None or self.pace.quick(spec.fn)
+
+    def _step_inline(self, command: Command) -> None:
+        """Run a quick sync step now; a failure that will be retried goes on as a task."""
+        spec: StepSpec = command.spec
+        started = time.perf_counter()
+        try:
+            result = spec.fn(*spec.args)
+        except Exception as exc:
+            self.pace.note(spec.fn, time.perf_counter() - started)
+            pause = self._settle(command, 1, None, error_of(exc))
+            if pause is not None:
+                self.spawn(self._run_step(command, attempts=1, pause=pause))
+            return
+        self.pace.note(spec.fn, time.perf_counter() - started)
+        if inspect.isawaitable(result):
+            self.pace.note(spec.fn, float("inf"))
+            self.spawn(self._run_step(command, first=result))
+            return
+        self._settle(command, 1, result, None)
+
+    async def _run_step(
+        self,
+        command: Command,
+        *,
+        attempts: int | None = None,
+        pause: float = 0.0,
+        first: Awaitable[Any] | None = None,
+    ) -> None:
+        spec: StepSpec = command.spec
+        if attempts is None:
+            attempts = spec.attempts
+            pause = max(0.0, spec.retry_at - time.time()) if attempts else 0.0
+        while True:
+            if pause:
+                await asyncio.sleep(pause)
+            attempts += 1
+            try:
+                value = await self._call(spec, first)
+            except Exception as exc:
+                settled = self._settle(command, attempts, None, error_of(exc))
+            else:
+                settled = self._settle(command, attempts, value, None)
+            if settled is None:
+                return
+            pause, first = settled, None
+
+    def _settle(
+        self, command: Command, attempts: int, value: Any, error: ErrorInfo | None
+    ) -> float | None:
+        """Post a step's completion, or its failed attempt; return the pause before a retry."""
+        spec: StepSpec = command.spec
+        x = self.x
+        kind = "step" if command.kind == "step" else "compensated"
+        if error is None:
+            try:
+                value = as_stored(value, f"the result of step {command.name!r} of run {x.run_id!r}")
+            except SerializationError as exc:
+                error = error_of(exc)
+                attempts = spec.retry.max_attempts  # retrying would store nothing either
+            else:
+                done: Record = {"k": kind, "c": command.c, "name": command.name, "t": x.now()}
+                if kind == "step":
+                    done["value"] = value
+                    if spec.key is not None:
+                        done["key"] = spec.key
+                self.post(done)
+                return None
+        if attempts >= spec.retry.max_attempts:
+            self.post(
+                {
+                    "k": kind,
+                    "c": command.c,
+                    "name": command.name,
+                    "error": error,
+                    "attempts": attempts,
+                    "t": x.now(),
+                }
+            )
+            return None
+        pause = spec.retry.delay(attempts)
+        if kind == "step":
+            self.post(
+                {
+                    "k": "attempt",
+                    "c": command.c,
+                    "name": command.name,
+                    "n": attempts,
+                    "error": error,
+                    "retry_at": time.time() + pause,
+                }
+            )
+        logger.warning(
+            "run %s: %s %r attempt %d failed: %s: %s; retrying in %.2fs",
+            x.run_id,
+            "step" if kind == "step" else "compensation of",
+            command.name,
+            attempts,
+            error["type"],
+            error["message"],
+            pause,
+        )
+        return pause
+
+    async def _call(self, spec: StepSpec, first: Awaitable[Any] | None = None) -> Any:
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(spec.timeout):
+                fn = spec.fn
+                if first is not None:
+                    return await first
+                if inspect.iscoroutinefunction(fn):
+                    return await fn(*spec.args)
+                if self.executor is None:
+                    result = fn(*spec.args)
+                else:
+                    # Sync step functions run in threads: a blocking call in one step never
+                    # stalls the other steps of this run, or other runs.
+                    ctx = contextvars.copy_context()
+                    call = functools.partial(ctx.run, self.pace.timed, fn, *spec.args)
+                    result = await asyncio.get_running_loop().run_in_executor(self.executor, call)
+                return await result if inspect.isawaitable(result) else result
+        except TimeoutError as exc:
+            if spec.timeout is None or time.monotonic() - started < spec.timeout:
+                raise  # the step's own TimeoutError, not ours
+            raise StepTimeout(f"the step took longer than its timeout of {spec.timeout}s") from exc
