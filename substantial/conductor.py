@@ -91,10 +91,10 @@ class Conductor:
                 f"run id {run_id!r} contains '+', which names the successors of "
                 "continue_using (run+1, run+2, ...): choose an id without '+'"
             )
-        limit = timeout_seconds(timeout) if timeout is not None else wf.timeout
+        limit = wf.timeout if timeout is None else timeout_seconds(timeout, "start(timeout=...)")
         rid = run_id if run_id is not None else uuid.uuid4().hex
         now = time.time()
-        args = as_stored(dict(kwargs or {}), "the workflow's arguments")
+        args = as_stored(dict(kwargs or {}), "the workflow's arguments", "kwargs")
         record = start_record(
             rid, wf.name, wf.version, args, now, deadline=None if limit is None else now + limit
         )
@@ -226,7 +226,7 @@ class Run:
         if not isinstance(name, str) or not name:
             raise InvalidArgument("an event name must be a non-empty string")
         eid = validate_id("event id", event_id) if event_id is not None else uuid.uuid4().hex
-        data = encode_value({"name": name, "value": value})
+        data = encode_value({"name": name, "value": value}, f"event {name!r}", "event")
         backend = self._conductor.backend
         run_id = self.run_id
         while (info := await self._info(run_id)).status == "continued":

@@ -8,6 +8,9 @@ carry ``c``, the number of the command (primitive call) they belong to.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import math
 import os
 import traceback
 from typing import Any, Literal, NotRequired, TypedDict
@@ -111,37 +114,71 @@ _FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
 }
 
 _OPTS = orjson.OPT_NON_STR_KEYS
+_JSON_TYPES = (
+    "JSON-compatible data (dict, list, str, int, float, bool, None, dataclass, datetime, "
+    "UUID, enum)"
+)
 
 
 def encode_entry(records: list[Record]) -> bytes:
-    """Encode records as one log entry; raise :class:`SerializationError` if one cannot be."""
+    """Encode records as one log entry; raise :class:`SerializationError` if one cannot be.
+
+    Values inside records were checked where they entered (:func:`as_stored`);
+    here only the records' own numbers are: a non-finite time would be
+    stored as ``null``.
+    """
+    for record in records:
+        for name, field in record.items():
+            if type(field) is float and not math.isfinite(field):
+                raise SerializationError(
+                    f"cannot store a {record.get('k')!r} record whose {name!r} is {field!r}: "
+                    "the log holds finite numbers only"
+                )
     try:
         return orjson.dumps(records, option=_OPTS)
     except TypeError as exc:
         raise SerializationError(
-            f"cannot store {_describe(records)} in the log: {exc}. Return JSON-compatible data "
-            "(dict, list, str, int, float, bool, None, dataclass, datetime) from steps and events"
+            f"cannot store {_describe(records)} in the log: {exc}. Return {_JSON_TYPES} "
+            "from steps and events"
         ) from exc
 
 
-def encode_value(value: Any, what: str = "a value") -> bytes:
-    """Encode one value as JSON, raising :class:`SerializationError` naming ``what``."""
+def encode_value(value: Any, what: str = "a value", root: str = "value") -> bytes:
+    """Encode one value as JSON, or raise :class:`SerializationError` naming where it fails.
+
+    Encoding is faithful up to the documented conversions (a tuple becomes a
+    list, a dataclass a dict, a non-string key a string, ...). What JSON would
+    change silently is refused instead: NaN and infinities (``null`` in JSON),
+    and two keys of one dict that become the same string (``1`` and ``"1"``).
+    The error names ``what``, the place inside the value as ``root[...]``, and
+    what to store instead.
+    """
     try:
-        return orjson.dumps(value, option=_OPTS)
-    except TypeError as exc:
-        raise SerializationError(
-            f"cannot store {what} of type {type(value).__name__} in the log: {exc}. Use "
-            "JSON-compatible data (dict, list, str, int, float, bool, None, dataclass, datetime)"
-        ) from exc
+        data = orjson.dumps(value)
+        keys_are_str = True
+    except TypeError:
+        try:
+            data = orjson.dumps(value, option=_OPTS)
+        except TypeError as exc:
+            reason = _problem_at(value, root) or f"{root} cannot be encoded ({exc})"
+            raise SerializationError(f"cannot store {what} in the log: {reason}") from exc
+        keys_are_str = False
+    # NaN and infinities come out as null, and only dicts with non-string keys can collide:
+    # walk the value only when one of those is possible.
+    if not keys_are_str or (b"null" in data and _suspect(value)):
+        problem = _problem_at(value, root)
+        if problem is not None:
+            raise SerializationError(f"cannot store {what} in the log: {problem}")
+    return data
 
 
-def as_stored(value: Any, what: str = "a value") -> Any:
+def as_stored(value: Any, what: str = "a value", root: str = "value") -> Any:
     """Return ``value`` as the log will hand it back (JSON round trip), or raise clearly.
 
     A workflow sees the same shapes live and on replay: a tuple is a list
-    both times, a dataclass a dict.
+    both times, a dataclass a dict. See :func:`encode_value` for what is refused.
     """
-    return orjson.loads(encode_value(value, what))
+    return orjson.loads(encode_value(value, what, root))
 
 
 def decode_entry(run_id: str, position: int, data: bytes) -> list[Record]:
@@ -170,6 +207,131 @@ def decode_entry(run_id: str, position: int, data: bytes) -> list[Record]:
                     run_id, position, f"a {record['k']!r} record needs a valid {name!r} field"
                 )
     return records
+
+
+#: orjson's limit on nesting; deeper values (or values that contain themselves) fail.
+_MAX_DEPTH = 254
+_INT_RANGE = range(-(2**63), 2**64)
+
+#: A problem found inside a value: the path to it, innermost step first, and what it is.
+_Found = tuple[list[str], str]
+
+
+_PLAIN = frozenset({str, int, bool, type(None)})
+
+
+def _suspect(value: Any) -> bool:
+    """Tell quickly whether ``value`` may hold a non-finite float (the full walk then decides)."""
+    stack = [value]
+    pop, extend, isfinite = stack.pop, stack.extend, math.isfinite
+    while stack:
+        item = pop()
+        kind = type(item)
+        if kind in _PLAIN:
+            continue
+        if kind is float:
+            if not isfinite(item):
+                return True
+        elif kind is dict:
+            extend(item.values())
+        elif kind is list or kind is tuple:
+            extend(item)
+        else:
+            return True  # a dataclass, an enum, a subclass...: let the full walk look inside
+    return False
+
+
+def _problem_at(value: Any, root: str) -> str | None:
+    """Return what makes ``value`` unstorable or not faithful, at ``root[...]``, or None."""
+    found = _problem(value, 0)
+    if found is None:
+        return None
+    steps, what = found
+    path = root + "".join(reversed(steps))
+    if len(path) > 120:
+        path = f"{path[:60]}...{path[-50:]}"
+    return f"{path} {what}"
+
+
+def _problem(value: Any, depth: int) -> _Found | None:
+    if depth > _MAX_DEPTH:
+        return [], f"nests deeper than {_MAX_DEPTH} levels (or contains itself): flatten it"
+    kind = type(value)
+    if kind is str:
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return [], "is a str that is not valid UTF-8 (lone surrogates): clean it"
+        return None
+    if kind is bool or value is None:
+        return None
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return None
+        return [], (
+            f"is {value!r}, which JSON cannot hold (it would come back as None): "
+            "store None, or a string such as 'nan' or 'inf', instead"
+        )
+    if isinstance(value, int):
+        if int(value) in _INT_RANGE:
+            return None
+        return [], f"is an integer beyond 64 bits ({value}): store it as a string"
+    if isinstance(value, dict):
+        return _dict_problem(value, depth)
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            found = _problem(item, depth + 1)
+            if found is not None:
+                found[0].append(f"[{i}]")
+                return found
+        return None
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            found = _problem(getattr(value, f.name), depth + 1)
+            if found is not None:
+                found[0].append(f".{f.name}")
+                return found
+        return None
+    if isinstance(value, enum.Enum):
+        found = _problem(value.value, depth + 1)
+        if found is not None:
+            found[0].append(".value")
+        return found
+    if isinstance(value, str):
+        return _problem(str(value), depth)
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        return [], (
+            f"is of type {type(value).__name__}, which the log cannot hold: use {_JSON_TYPES}"
+        )
+    return None
+
+
+def _dict_problem(value: dict[Any, Any], depth: int) -> _Found | None:
+    stored: dict[str, Any] = {}
+    for key, item in value.items():
+        if type(key) is str:
+            name = key
+        else:
+            try:
+                name = next(iter(orjson.loads(orjson.dumps({key: 0}, option=_OPTS))))
+            except TypeError:
+                return [], (
+                    f"has a key {key!r} of type {type(key).__name__}, which cannot be a JSON "
+                    "object key: use string keys"
+                )
+        if name in stored:
+            return [], (
+                f"has keys {stored[name]!r} and {key!r}, which the log stores as the same "
+                f"string key {name!r}, so one would be lost: use distinct string keys"
+            )
+        stored[name] = key
+        found = _problem(item, depth + 1)
+        if found is not None:
+            found[0].append(f"[{key!r}]")
+            return found
+    return None
 
 
 def start_record(

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
+from substantial._durations import seconds
 from substantial.backends.base import validate_id
 from substantial.errors import InvalidArgument
 
@@ -57,16 +57,13 @@ class ChildSpec:
     abandon: bool
 
 
-def timeout_seconds(timeout: timedelta | float | None) -> float | None:
+def timeout_seconds(
+    timeout: timedelta | float | None, what: str = "a run's timeout"
+) -> float | None:
     """Return a run timeout in seconds (None: no deadline), refusing nonsense."""
     if timeout is None:
         return None
-    value = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
-    if not math.isfinite(value) or value <= 0:
-        raise InvalidArgument(
-            f"a run timeout must be a finite number of seconds > 0, got {timeout!r}"
-        )
-    return value
+    return seconds(timeout, what, positive=True, instead="; pass None for no deadline")
 
 
 @overload
@@ -98,7 +95,7 @@ def workflow(
     runs in flight if ``name`` is kept. ``timeout`` gives every run a
     deadline (``start(..., timeout=...)`` overrides it).
     """
-    limit = timeout_seconds(timeout)
+    limit = timeout_seconds(timeout, "@workflow(timeout=...)")
 
     def wrap(f: Callable[..., Awaitable[R]]) -> Workflow[R]:
         if not inspect.iscoroutinefunction(f):
