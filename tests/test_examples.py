@@ -41,7 +41,8 @@ def test_demo_command_narrates_the_readme_scenario(tmp_path: Path) -> None:
 
     shown = CliRunner().invoke(main, ["runs", "show", run_id, "--backend", url])
     assert shown.exit_code == 0, shown.output
-    assert "status completed" in shown.output
+    assert f"run {run_id}  workflow readme-example  completed" in shown.output
+    shown = CliRunner().invoke(main, ["runs", "show", run_id, "--raw", "--backend", url])
     for kind in ("start", "step", "sleep", "timer", "event", "end"):
         assert f"  {kind} " in shown.output
 
