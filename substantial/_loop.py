@@ -98,6 +98,9 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         self._closed = False
         #: Errors of tasks nobody awaited, reported once the loop is idle.
         self.unhandled: list[BaseException] = []
+        # asyncio.all_tasks() scans every task of the process: with many runs in
+        # flight, a run's teardown would cost O(runs). The loop keeps its own.
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- stepping ----------------------------------------------------------------
 
@@ -180,7 +183,14 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         context: contextvars.Context | None = None,
     ) -> asyncio.Task[T]:
         """Wrap ``coro`` in a task of this workflow."""
-        return asyncio.Task(coro, loop=self, name=name, context=context)
+        task = asyncio.Task(coro, loop=self, name=name, context=context)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def all_tasks(self) -> list[asyncio.Task[Any]]:
+        """Return the workflow's tasks that have not finished."""
+        return [t for t in self._tasks if not t.done()]
 
     def get_task_factory(self) -> None:
         """Return None: workflow tasks are plain asyncio tasks."""

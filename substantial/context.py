@@ -400,7 +400,7 @@ class Context:
         x.enter()
         self._refuse_with_compensations("compact()")
         busy = [cmd for cmd in x.commands.values() if not cmd.done]
-        others = [t for t in asyncio.all_tasks(x.loop) if t is not x.main and not t.done()]
+        others = [t for t in x.loop.all_tasks() if t is not x.main]
         running = [cid for cid in x.children if cid not in x.child_outcomes]
         if busy or others or running:
             raise InvalidArgument(

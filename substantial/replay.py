@@ -450,7 +450,7 @@ class Execution:
         self.sweep_pending = False
         ours = {id(cmd.future) for cmd in self.commands.values() if cmd.future is not None}
         stuck = False
-        for task in asyncio.all_tasks(self.loop):
+        for task in self.loop.all_tasks():
             waiter = getattr(task, "_fut_waiter", None)
             if waiter is not None and not waiter.done() and id(waiter) not in ours:
                 task.cancel()
@@ -479,7 +479,7 @@ class Execution:
         """Tear the workflow down: every wait raises Evicted, and nothing more is recorded."""
         self.stopping = True
         self.interrupt(Evicted, "handed back")
-        for task in asyncio.all_tasks(self.loop):
+        for task in self.loop.all_tasks():
             task.cancel()
         self.loop.run_until_idle()
         self.loop.close()
