@@ -136,6 +136,25 @@ class Conductor:
             after = page[-1].run_id
         return out[:limit]
 
+    async def search(
+        self,
+        expr: dict[str, Any],
+        *,
+        workflow: str | None = None,
+        status: str | None = None,
+        limit: int = 1000,
+    ) -> list[RunInfo]:
+        """Return runs whose result, error or times satisfy ``expr``, newest first.
+
+        ``expr`` is a filter expression such as ``{"or": [{"lt": 3}, {"contains":
+        "fatal"}]}`` (operators ``eq gt gte lt lte in contains``, combined with
+        ``and or not``; see :mod:`substantial.search`). A malformed one raises
+        :class:`InvalidArgument` naming the operator and what it expects.
+        """
+        from substantial.search import search
+
+        return await search(self.backend, expr, workflow=workflow, status=status, limit=limit)
+
     # -- workers ---------------------------------------------------------------
 
     def run(
