@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Executor
@@ -20,9 +21,10 @@ from typing import Any, Protocol
 
 import orjson
 
+from substantial._durations import MAX_SECONDS
 from substantial._steps import Pace, Steps
 from substantial.backends.base import Backend
-from substantial.errors import PositionTaken
+from substantial.errors import InvalidArgument, PositionTaken
 from substantial.records import Record, encode_entry, error_of
 from substantial.replay import ACTIVATIONS, Command, Evicted, Execution, Fenced, describe
 
@@ -181,6 +183,8 @@ class Driver:
                 return
             if self.stop_requested:
                 await self._hand_back()
+            if self._refuse_endless_timers():
+                return
             await self.flush()
             self._start_commands()
             if not self.ready and not self.inbox_dirty:
@@ -230,6 +234,7 @@ class Driver:
     async def flush(self, *extra: Record) -> None:
         """Write what is buffered (and ``extra``) as one entry at the next position."""
         x = self.x
+        self._refuse_endless_timers()
         batch = [*x.pending, *extra] if extra else x.pending
         if not batch:
             return
@@ -248,6 +253,32 @@ class Driver:
         if x.publish_dirty:
             x.publish_dirty = False
             await self.effects.publish(x)
+
+    def _refuse_endless_timers(self) -> bool:
+        """Fail the run if the workflow armed an asyncio timer with no storable due time.
+
+        Such a timer (``asyncio.sleep(nan)``, ``asyncio.timeout(math.inf)``) is dropped
+        unwritten. ``c.sleep`` and ``receive`` check their durations when called; asyncio's
+        own timers reach the run only as due times, here. NaN or infinity would be stored
+        as null, and a due time past :data:`MAX_SECONDS` does not fit the stores' time keys.
+        """
+        x = self.x
+        limit = time.time() + MAX_SECONDS
+        bad = [
+            r
+            for r in x.pending
+            if r["k"] == "sleep" and not (math.isfinite(r["until"]) and r["until"] <= limit)
+        ]
+        if not bad:
+            return False
+        x.pending = [r for r in x.pending if all(r is not b for b in bad)]
+        if x.failure is None:
+            x.failure = InvalidArgument(
+                f"run {x.run_id!r}: an asyncio timer of the workflow (asyncio.sleep, timeout, "
+                f"wait_for, wait) is due at {bad[0]['until']!r}, which is not a finite time "
+                "within 1000 years: pass a finite delay, or None for no timeout"
+            )
+        return True
 
     async def _read_events(self) -> list[Record]:
         x = self.x

@@ -11,12 +11,14 @@ import contextvars
 import functools
 import inspect
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
+from substantial._durations import seconds
 from substantial.backends.base import ErrorInfo
 from substantial.errors import InvalidArgument, SerializationError, StepTimeout
 from substantial.records import Record, as_stored, error_of
@@ -41,16 +43,33 @@ class RetryPolicy:
     max_delay: float = 30.0
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise InvalidArgument("RetryPolicy.max_attempts must be at least 1")
-        if not (0 <= self.initial_delay < float("inf") and 0 <= self.max_delay < float("inf")):
-            raise InvalidArgument("RetryPolicy needs finite initial_delay >= 0 and max_delay >= 0")
-        if not 1 <= self.backoff < float("inf"):
-            raise InvalidArgument("RetryPolicy needs a finite backoff >= 1")
+        attempts = self.max_attempts
+        if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
+            raise InvalidArgument(
+                f"RetryPolicy(max_attempts=...) takes a whole number >= 1, got {attempts!r} "
+                "(1 means no retries)"
+            )
+        # Delays become due times in the log (an attempt's retry_at): the same checks as sleeps.
+        for name in ("initial_delay", "max_delay"):
+            value = seconds(getattr(self, name), f"RetryPolicy({name}=...)")
+            object.__setattr__(self, name, value)
+        backoff = self.backoff
+        if (
+            not isinstance(backoff, int | float)
+            or isinstance(backoff, bool)
+            or not 1 <= backoff < math.inf
+        ):
+            raise InvalidArgument(
+                f"RetryPolicy(backoff=...) takes a finite number >= 1, got {backoff!r}"
+            )
 
     def delay(self, attempt: int) -> float:
         """Return the pause after failed attempt number ``attempt`` (1-based)."""
-        return float(min(self.max_delay, self.initial_delay * self.backoff ** (attempt - 1)))
+        try:
+            grown = self.initial_delay * self.backoff ** (attempt - 1)
+        except OverflowError:  # a long run of attempts: the cap applies anyway
+            grown = math.inf if self.initial_delay else 0.0
+        return float(min(self.max_delay, grown))
 
 
 DEFAULT_RETRY = RetryPolicy()
@@ -198,7 +217,8 @@ class Steps:
         kind = "step" if command.kind == "step" else "compensated"
         if error is None:
             try:
-                value = as_stored(value, f"the result of step {command.name!r} of run {x.run_id!r}")
+                what = f"the result of step {command.name!r} of run {x.run_id!r}"
+                value = as_stored(value, what, "result")
             except SerializationError as exc:
                 error = error_of(exc)
                 attempts = spec.retry.max_attempts  # retrying would store nothing either

@@ -15,13 +15,13 @@ import asyncio
 import collections
 import inspect
 import logging
-import math
 import random as _random
 import uuid as _uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
+from substantial._durations import seconds
 from substantial._steps import DEFAULT_RETRY, RetryPolicy, StepSpec
 from substantial.errors import (
     ChildFailed,
@@ -48,14 +48,6 @@ __all__ = ["ChildHandle", "Context", "RetryPolicy"]
 
 T = TypeVar("T")
 logger = logging.getLogger("substantial.workflow")
-
-
-def seconds(delta: timedelta | float | int, what: str = "a duration") -> float:
-    """Return ``delta`` in seconds, refusing negative, infinite and NaN durations."""
-    value = delta.total_seconds() if isinstance(delta, timedelta) else float(delta)
-    if not math.isfinite(value) or value < 0:
-        raise InvalidArgument(f"{what} must be a finite number of seconds >= 0, got {delta!r}")
-    return value
 
 
 def _step_name(f: Callable[..., Any]) -> str:
@@ -155,15 +147,18 @@ class Context:
         if key is not None and key in x.keys:
             return cast(T, x.keys[key])
         policy = retry or DEFAULT_RETRY
-        limit = None if timeout is None else seconds(timeout, "a step timeout")
+        limit = None if timeout is None else seconds(timeout, "c.save(timeout=...)")
         attempts, retry_at = 0, 0.0
         for record in bound:
             if record["k"] == "attempt":
                 attempts, retry_at = int(record["n"]), float(record["retry_at"])
-        spec = StepSpec(f, (), limit, policy, key, attempts, retry_at)
-        command = x.wait_for(c, "step", step, spec)
-        assert command.future is not None
-        value = step_outcome(await command.future, step)
+        record = x.settled(c)
+        if record is None:
+            spec = StepSpec(f, (), limit, policy, key, attempts, retry_at)
+            command = x.wait_for(c, "step", step, spec)
+            assert command.future is not None
+            record = await command.future
+        value = step_outcome(record, step)
         if compensate_with is not None:
             x.compensations.append(Compensation(step, compensate_with, value))
         if key is not None:
@@ -176,12 +171,13 @@ class Context:
         """Pause durably; any worker resumes the run once ``delta`` has passed."""
         x = self._x
         x.enter()
-        length = seconds(delta, "a sleep")
+        length = seconds(delta, "c.sleep()")
         c, bound = x.issue("sleep")
         until = x.timer_until(c, bound, x.now() + length, "sleep")
-        command = x.wait_for(c, "sleep", spec=until)
-        assert command.future is not None
-        await command.future
+        if x.settled(c) is None:
+            command = x.wait_for(c, "sleep", spec=until)
+            assert command.future is not None
+            await command.future
 
     async def receive(self, name: str, timeout: timedelta | float | None = None) -> Any:
         """Wait for the next event called ``name`` and return its value.
@@ -190,7 +186,7 @@ class Context:
         """
         x = self._x
         x.enter()
-        limit = None if timeout is None else seconds(timeout, "a receive timeout")
+        limit = None if timeout is None else seconds(timeout, "c.receive(timeout=...)")
         c, bound = x.issue("receive", name)
         delivered = x.pop_mailbox(name)
         if delivered is not None:
@@ -323,7 +319,7 @@ class Context:
         x = self._x
         x.enter()
         encoded = as_stored(dict(kwargs or {}), "the child's arguments")
-        limit = None if timeout is None else seconds(timeout, "a child timeout")
+        limit = None if timeout is None else seconds(timeout, "c.child(timeout=...)", positive=True)
         c, _bound = x.issue("child", wf.name)
         child_id = run_id if run_id is not None else f"{self._run_id}:{c}"
         spec = ChildSpec(wf.name, wf.version, encoded, child_id, limit, abandon)

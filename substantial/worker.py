@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
+from substantial._durations import seconds
 from substantial._live import Driver
 from substantial._outcome import Outcome, end_of, finish_run, snapshot_of
 from substantial._runs import create_run, existing_start, same_start
@@ -29,6 +30,7 @@ from substantial.errors import (
     BackendError,
     BackendUnavailable,
     CorruptRecord,
+    InvalidArgument,
     ProtocolMismatch,
     RunConflict,
 )
@@ -75,11 +77,19 @@ class Worker:
         self.backend = backend
         self.on_ended = on_ended or (lambda _run_id: None)
         self.owner = make_owner("w")
+        for name, count, least in (
+            ("concurrency", concurrency, 1),
+            ("step_threads", step_threads, 0),
+        ):
+            if not isinstance(count, int) or isinstance(count, bool) or count < least:
+                raise InvalidArgument(f"{name}= takes a whole number >= {least}, got {count!r}")
         self.concurrency = concurrency
-        self.lease_ttl = lease_ttl
-        self.idle_timeout = idle_timeout
-        self.poll_interval = poll_interval
-        self.shutdown_grace = shutdown_grace
+        # A NaN or infinite lease would be stored unreadable, a NaN poll would spin: refuse them.
+        self.lease_ttl = seconds(lease_ttl, "lease_ttl=", positive=True)
+        self.idle_timeout = seconds(idle_timeout, "idle_timeout=")
+        self.poll_interval = seconds(poll_interval, "poll_interval=", positive=True)
+        self.shutdown_grace = seconds(shutdown_grace, "shutdown_grace=")
+        inline_below = seconds(inline_below, "inline_below=")
         self.runs: dict[str, LiveRun] = {}
         self._skip_until: dict[str, float] = {}
         self._noted: set[str] = set()
