@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Generator
 from datetime import timedelta
 from typing import Any
 
+from substantial._durations import seconds
 from substantial._runs import create_run, existing_start, same_start
 from substantial.backends import from_url
 from substantial.backends.base import TERMINAL_STATUSES, Backend, RunInfo, Waker, validate_id
@@ -29,6 +30,13 @@ from substantial.worker import Worker
 from substantial.workflow import Registry, Workflow, timeout_seconds
 
 __all__ = ["Agent", "Conductor", "Run"]
+
+
+def _client_timeout(timeout: float | None, what: str) -> float | None:
+    """Check the timeout of a client call; None waits without a limit."""
+    if timeout is None:
+        return None
+    return seconds(timeout, what, instead="; pass None to wait without a limit")
 
 
 class Conductor:
@@ -284,6 +292,7 @@ class Run:
         :class:`RunReverted` if it ended otherwise, and :class:`ResultTimeout`
         if ``timeout`` seconds pass first.
         """
+        timeout = _client_timeout(timeout, "result(timeout=...)")
         deadline = None if timeout is None else time.monotonic() + timeout
         run_id = self.run_id
         pause = 0.002
@@ -322,6 +331,7 @@ class Run:
         Raises :class:`ResultTimeout` if ``timeout`` seconds pass first, and
         :class:`InvalidArgument` if the run ended without publishing ``key``.
         """
+        timeout = _client_timeout(timeout, "read(timeout=...)")
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.002
         while True:
@@ -340,6 +350,7 @@ class Run:
 
         ``timeout`` bounds the wait for each next item (:class:`ResultTimeout`).
         """
+        timeout = _client_timeout(timeout, "stream(timeout=...)")
         backend = self._conductor.backend
         run_id = self.run_id
         await self._info(run_id)
