@@ -81,7 +81,7 @@ async def checkout(c: Context, sku: str, quantity: int = 1) -> dict[str, object]
         "upstream": upstream,
         "a tuple step handed the workflow": f"{type(pair).__name__} {pair}",
         "sync step with timeout ran in a thread": threaded,
-        "sync step without timeout ran in a thread too": threaded_too,
+        "the same quick function ran on the loop the second time": not threaded_too,
         "keyed step returned the first value": again == config,
     }
 

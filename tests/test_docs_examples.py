@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ["steps", "waiting", "determinism", "long-runs", "guarantees"]
+DOCS = ["steps", "waiting", "determinism", "long-runs", "guarantees", "concurrency"]
 EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("docs_*.py"))
 
 NONDETERMINISM = (
@@ -26,6 +26,20 @@ NONDETERMINISM = (
 )
 
 EXPECTED: dict[str, list[str]] = {
+    "docs_concurrency": [
+        "ten 100 ms lookups took under 0.5 s: True",
+        "results in issue order: True",
+        "replayed to the same end: True | lookups run again: 0",
+        "approval: approved by ana",
+        "approval: no answer in time",
+        "first quote: child quote",
+        "basket total: 60",
+        "published total: 60",
+        "streamed lines: ['pen', 'ink']",
+        "children: [('basket-1:0', 'completed'), ('basket-1:1', 'completed')]",
+        "checked: failed: no price for 'broken'",
+        "report: timed_out | WorkflowTimeout",
+    ],
     "docs_compensation": [
         "run 'trip-1' was reverted: its compensations ran",
         "compensations, newest first: ['cancel hotel', 'cancel flight LH-400']",
@@ -70,7 +84,7 @@ EXPECTED: dict[str, list[str]] = {
         "upstream: TimeoutError: upstream read timed out",
         "a tuple step handed the workflow: list [40, 'EUR']",
         "sync step with timeout ran in a thread: True",
-        "sync step without timeout ran in a thread too: True",
+        "the same quick function ran on the loop the second time: True",
         "keyed step returned the first value: True",
         "calls: {'load_config': 1, 'fetch_price': 1, 'charge_card': 3}",
         "log:",
