@@ -33,7 +33,6 @@ from substantial.errors import (
 from substantial.records import Record, as_stored, encode_value
 from substantial.replay import (
     CANCEL_EVENT,
-    Command,
     Compact,
     Compensation,
     ContinueAs,
@@ -78,7 +77,7 @@ def step_outcome(record: Record, step: str) -> Any:
 class Context:
     """The handle a workflow uses for every effect; one per run and replay."""
 
-    def __init__(self, execution: Execution, run_id: str, **_: Any) -> None:
+    def __init__(self, execution: Execution, run_id: str) -> None:
         self._x = execution
         self._run_id = run_id
 
@@ -152,13 +151,11 @@ class Context:
         for record in bound:
             if record["k"] == "attempt":
                 attempts, retry_at = int(record["n"]), float(record["retry_at"])
-        record = x.settled(c)
-        if record is None:
+        done = x.settled(c)
+        if done is None:
             spec = StepSpec(f, (), limit, policy, key, attempts, retry_at)
-            command = x.wait_for(c, "step", step, spec)
-            assert command.future is not None
-            record = await command.future
-        value = step_outcome(record, step)
+            done = await x.wait_for(c, "step", step, spec).future
+        value = step_outcome(done, step)
         if compensate_with is not None:
             x.compensations.append(Compensation(step, compensate_with, value))
         if key is not None:
@@ -176,7 +173,6 @@ class Context:
         until = x.timer_until(c, bound, x.now() + length, "sleep")
         if x.settled(c) is None:
             command = x.wait_for(c, "sleep", spec=until)
-            assert command.future is not None
             await command.future
 
     async def receive(self, name: str, timeout: timedelta | float | None = None) -> Any:
@@ -191,23 +187,18 @@ class Context:
         delivered = x.pop_mailbox(name)
         if delivered is not None:
             return delivered.value
-        future: asyncio.Future[Any] = x.loop.create_future()
-        command = Command(c, "receive", name, future)
-        if limit is not None:
-            command.spec = x.timer_until(c, bound, x.now() + limit, "receive")
+        until = None if limit is None else x.timer_until(c, bound, x.now() + limit, "receive")
 
-            def expire(_record: Record) -> None:
-                queue = x.receivers.get(name)
-                if queue is not None and command in queue:
-                    queue.remove(command)
-                if not future.done():
-                    future.set_exception(ReceiveTimeout(f"no {name!r} event within {timeout}"))
+        def expire(_record: Record) -> None:
+            queue = x.receivers.get(name)
+            if queue is not None and command in queue:
+                queue.remove(command)
+            if not future.done():
+                future.set_exception(ReceiveTimeout(f"no {name!r} event within {timeout}"))
 
-            command.on_done = expire
-            known = x.recorded.get(c)
-            if known is None or not known.completed:
-                x.to_start.append(command)
-        x.commands[c] = command
+        # The event comes through the mailbox; the command's own completion is its timer.
+        command = x.wait_for(c, "receive", name, until, expire if until is not None else None)
+        future = command.future
         x.receivers.setdefault(name, collections.deque()).append(command)
         return await future
 
@@ -324,7 +315,6 @@ class Context:
         child_id = run_id if run_id is not None else f"{self._run_id}:{c}"
         spec = ChildSpec(wf.name, wf.version, encoded, child_id, limit, abandon)
         command = x.wait_for(c, "child", wf.name, spec)
-        assert command.future is not None
         record = await command.future
         if "error" in record:
             err = record["error"]
@@ -359,7 +349,6 @@ class Context:
             args = (comp.value,) if _takes_value(comp.fn) else ()
             spec = StepSpec(comp.fn, args, None, DEFAULT_RETRY)
             command = x.wait_for(c, "compensate", comp.name, spec)
-            assert command.future is not None
             record = await command.future
             if "error" in record:
                 err = record["error"]
@@ -451,7 +440,6 @@ class ChildHandle:
         c, _bound = x.issue("send", name)
         event_id = f"{self._c.run_id}.{c}"[-200:].lstrip(".-:=+")
         command = x.wait_for(c, "send", name, (self.run_id, event_id, name, value))
-        assert command.future is not None
         record = await command.future
         if "error" in record:
             err = record["error"]

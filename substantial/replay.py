@@ -109,7 +109,7 @@ class Command:
     c: int
     kind: str
     name: str | None
-    future: asyncio.Future[Any] | None
+    future: asyncio.Future[Any]
     #: What the live side needs to act (a step's function, a timer's due time, ...).
     spec: Any = None
     #: Called instead of resolving ``future`` when the completion is applied.
@@ -273,8 +273,12 @@ class Execution:
         spec: Any = None,
         on_done: Callable[[Record], None] | None = None,
     ) -> Command:
-        """Register a command the workflow waits on; live, its I/O starts after the next write."""
-        command = Command(c, kind, name, None if on_done else self.loop.create_future(), spec)
+        """Register a command the workflow waits on; live, its I/O starts after the next write.
+
+        Its completion resolves the command's future, or calls ``on_done``
+        instead when given (a timer's callback, a receive's timeout).
+        """
+        command = Command(c, kind, name, self.loop.create_future(), spec)
         command.on_done = on_done
         self.commands[c] = command
         known = self.recorded.get(c)
@@ -364,7 +368,7 @@ class Execution:
         command.done = True
         if command.on_done is not None:
             self.loop.call_soon(command.on_done, record)
-        elif command.future is not None and not command.future.done():
+        elif not command.future.done():
             command.future.set_result(record)
 
     def process_mailbox(self) -> None:
@@ -387,7 +391,7 @@ class Execution:
             queue = self.receivers.get(delivered.name)
             while queue:
                 command = queue.popleft()
-                if command.future is not None and not command.future.done():
+                if not command.future.done():
                     command.done = True
                     self.commands.pop(command.c, None)
                     command.future.set_result(delivered.value)
@@ -442,7 +446,7 @@ class Execution:
                 continue  # asyncio's own timers: the swept tasks cancel them
             command.done = True
             self.commands.pop(command.c, None)
-            if command.future is not None and not command.future.done():
+            if not command.future.done():
                 command.future.set_exception(exc_type(message))
                 command.future.exception()  # retrieved: whoever awaits it still gets it
         futures: list[asyncio.Future[Any]] = [f for _p, f in self.ensures]
@@ -471,7 +475,7 @@ class Execution:
         if not self.sweep_pending:
             return False
         self.sweep_pending = False
-        ours = {id(cmd.future) for cmd in self.commands.values() if cmd.future is not None}
+        ours = {id(cmd.future) for cmd in self.commands.values()}
         stuck = False
         for task in self.loop.all_tasks():
             waiter = getattr(task, "_fut_waiter", None)
