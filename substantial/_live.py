@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Executor
@@ -24,7 +25,7 @@ import orjson
 from substantial._durations import MAX_SECONDS
 from substantial._steps import Pace, Steps
 from substantial.backends.base import Backend
-from substantial.errors import InvalidArgument, PositionTaken
+from substantial.errors import BackendUnavailable, InvalidArgument, PositionTaken
 from substantial.records import Record, encode_entry, error_of
 from substantial.replay import ACTIVATIONS, Command, Evicted, Execution, Fenced, describe
 
@@ -34,6 +35,9 @@ logger = logging.getLogger("substantial.workflow")
 
 #: How early a timer is armed before its due time, to absorb the event loop's lateness.
 TIMER_EARLY = 0.002
+#: The first and the longest pause between tries of a log write the store refused.
+WRITE_RETRY_FIRST = 0.05
+WRITE_RETRY_MAX = 10.0
 
 
 class Effects(Protocol):
@@ -78,6 +82,7 @@ class Driver:
         self.timers: dict[int, asyncio.TimerHandle] = {}
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._wakeup = asyncio.Event()
+        self._stopping = asyncio.Event()
         self._bad_events: set[str] = set()
         self.last_active = time.monotonic()
         #: When the run next needs a worker, as it was when it left this one.
@@ -100,6 +105,7 @@ class Driver:
         self.stop_requested = True
         self.lost = self.lost or lost
         self._wakeup.set()
+        self._stopping.set()
 
     @property
     def idle(self) -> bool:
@@ -240,11 +246,7 @@ class Driver:
             return
         if self.lost:
             raise Fenced("the lease was lost")
-        entry = encode_entry(batch)
-        try:
-            await self.backend.append(x.run_id, x.position, entry)
-        except PositionTaken as exc:
-            raise Fenced(str(exc)) from exc
+        await self._append(encode_entry(batch))
         x.position += 1
         x.pending = []
         if x.to_ack:
@@ -253,6 +255,50 @@ class Driver:
         if x.publish_dirty:
             x.publish_dirty = False
             await self.effects.publish(x)
+
+    async def _append(self, entry: bytes) -> None:
+        """Write ``entry`` at the run's next position, waiting out a store that refuses writes.
+
+        A full disk or an outage fails the write with BackendUnavailable. Giving the run
+        up would replay it and run again, at once, every step whose completion is not
+        written yet; so the completions stay here and the write is retried with capped
+        exponential backoff and jitter, until it lands, the lease is lost or the worker
+        stops. Retrying is safe: if an earlier try did land, this one finds the position
+        taken and the run is replayed from the log, which holds it.
+        """
+        x = self.x
+        pause, failures = WRITE_RETRY_FIRST, 0
+        while True:
+            try:
+                await self.backend.append(x.run_id, x.position, entry)
+            except PositionTaken as exc:
+                raise Fenced(str(exc)) from exc
+            except BackendUnavailable as exc:
+                if self.lost:
+                    raise Fenced("the lease was lost") from exc
+                if self.stop_requested:
+                    raise
+                failures += 1
+                if failures == 1:
+                    logger.warning(
+                        "run %s: its log cannot be written (%s); retrying with backoff up to "
+                        "%.0fs apart, its steps are not run again meanwhile",
+                        x.run_id,
+                        exc,
+                        WRITE_RETRY_MAX,
+                    )
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(pause * random.uniform(0.5, 1.0)):
+                        await self._stopping.wait()
+                pause = min(pause * 2, WRITE_RETRY_MAX)
+            else:
+                if failures:
+                    logger.warning(
+                        "run %s: its log is written again, after %d failed attempt(s)",
+                        x.run_id,
+                        failures,
+                    )
+                return
 
     def _refuse_endless_timers(self) -> bool:
         """Fail the run if the workflow armed an asyncio timer with no storable due time.

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,10 @@ from substantial.workflow import ChildSpec, Registry
 __all__ = ["Worker"]
 
 logger = logging.getLogger("substantial.worker")
+
+#: The first and the longest pause before a run whose try failed is taken again.
+RUN_RETRY_FIRST = 1.0
+RUN_RETRY_MAX = 60.0
 
 
 @dataclass
@@ -93,6 +98,8 @@ class Worker:
         self.runs: dict[str, LiveRun] = {}
         self._skip_until: dict[str, float] = {}
         self._noted: set[str] = set()
+        #: Consecutive failed tries per run, for its backoff; cleared by a try that works.
+        self._failures: dict[str, int] = {}
         self._stopping = False
         self._executor = (
             ThreadPoolExecutor(step_threads, thread_name_prefix="substantial-step")
@@ -199,9 +206,11 @@ class Worker:
         release = True
         try:
             await self._execute(live)
+            self._failures.pop(run_id, None)
         except asyncio.CancelledError:
             pass
         except Evicted:
+            self._failures.pop(run_id, None)
             driver = live.driver
             if not live.lost and driver is not None:
                 await self._reschedule(run_id, driver)
@@ -214,16 +223,29 @@ class Worker:
             self._set_aside(run_id, exc)
             await self._note(live, str(exc))
         except BackendError as exc:
-            logger.warning("run %s: backend error, will retry: %s", run_id, exc)
-            self._skip_until[run_id] = time.time() + 1.0
+            pause = self._backoff(run_id)
+            logger.warning("run %s: backend error, retrying in %.1fs: %s", run_id, pause, exc)
+            self._skip_until[run_id] = time.time() + pause
         except Exception:
-            logger.exception("run %s: unexpected engine error", run_id)
-            self._skip_until[run_id] = time.time() + 5.0
+            pause = self._backoff(run_id, first=5.0)
+            logger.exception("run %s: unexpected engine error, retrying in %.1fs", run_id, pause)
+            self._skip_until[run_id] = time.time() + pause
         finally:
             self.runs.pop(run_id, None)
             if release:
                 with contextlib.suppress(BackendError):
                     await self.backend.release_lease(run_id, self.owner)
+
+    def _backoff(self, run_id: str, first: float = RUN_RETRY_FIRST) -> float:
+        """Return how long to leave a run whose try just failed: doubling, capped, jittered.
+
+        A run whose writes keep failing (a full disk, an outage) is not taken again at
+        once: each replay would run its unrecorded steps again. Jitter keeps workers that
+        failed together from retrying together.
+        """
+        failures = self._failures[run_id] = self._failures.get(run_id, 0) + 1
+        pause = min(RUN_RETRY_MAX, first * 2 ** min(failures - 1, 16))
+        return pause * random.uniform(0.5, 1.0)
 
     async def _note(self, live: LiveRun, note: str) -> None:
         """Say on the run's metadata why it is not progressing."""
