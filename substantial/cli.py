@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from substantial._cli_runs import runs
+from substantial._cli_ui import ui
 from substantial._cli_workers import workers
 from substantial.conductor import Conductor
 from substantial.errors import SubstantialError
@@ -117,6 +118,7 @@ def _load_conductor(target: str) -> Conductor:
 
 main.add_command(runs)
 main.add_command(workers)
+main.add_command(ui)
 
 
 if __name__ == "__main__":
