@@ -234,6 +234,26 @@ class Context:
         self._x.record({"k": kind, "c": c, "value": value})
         return value
 
+    def patched(self, patch_id: str) -> bool:
+        """Tell whether to run the new code of a change, for runs started before it.
+
+        ``if c.patched("fee-v2"): new code, else: old code``. A run that
+        reaches this point live takes the new branch and records a marker; a
+        run replaying history the old code wrote takes the old branch, so
+        runs in flight keep replaying. The same id gives the same answer for
+        the rest of the run. Once no run needs the old branch, replace the
+        ``if`` by :meth:`deprecate_patch` and later remove that too
+        (docs/determinism.md).
+        """
+        if not isinstance(patch_id, str) or not patch_id:
+            raise InvalidArgument("patched() takes a non-empty string id naming the change")
+        self._x.enter()
+        return self._x.patched(patch_id)
+
+    def deprecate_patch(self, patch_id: str) -> None:
+        """Keep replaying runs that recorded ``patch_id``'s marker, with only the new code left."""
+        self.patched(patch_id)
+
     def log(self, message: str, *args: Any, level: int = logging.INFO, **data: Any) -> None:
         """Record a log line; it is emitted once, not again on replay."""
         text = message % args if args else message

@@ -24,127 +24,52 @@ import asyncio
 import collections
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
+from substantial._commands import (
+    ACTIVATIONS,
+    Command,
+    Compensation,
+    Delivered,
+    Recorded,
+    command_of,
+    describe,
+)
 from substantial._loop import WorkflowLoop
+from substantial._signals import (
+    Cancelled,
+    Compact,
+    ContinueAs,
+    ControlFlow,
+    Evicted,
+    Fenced,
+    Reverted,
+)
 from substantial.errors import NonDeterminismError, WorkflowTimeout
 from substantial.records import Record
 
-__all__ = ["CANCEL_EVENT", "CHILD_EVENT", "Command", "Execution"]
+__all__ = [
+    "ACTIVATIONS",
+    "CANCEL_EVENT",
+    "CHILD_EVENT",
+    "Cancelled",
+    "Command",
+    "Compact",
+    "Compensation",
+    "ContinueAs",
+    "ControlFlow",
+    "Delivered",
+    "Evicted",
+    "Execution",
+    "Fenced",
+    "Reverted",
+    "describe",
+]
 
 #: Reserved event name that cancels a run.
 CANCEL_EVENT = "substantial.cancel"
 #: Reserved event name that reports a child run's end to its parent.
 CHILD_EVENT = "substantial.child"
-
-ACTIVATIONS = frozenset({"step", "timer", "event", "child", "sent", "compensated", "timeout"})
-_COMMAND_OF = {"attempt": "step", "compensated": "compensate", "sent": "send"}
-
-
-class ControlFlow(BaseException):
-    """Base of the signals that end a workflow's coroutine.
-
-    They derive from BaseException so that ``except Exception`` in workflow
-    code cannot swallow them.
-    """
-
-
-class Cancelled(ControlFlow):
-    """The run received a cancel request."""
-
-
-class Reverted(ControlFlow):
-    """The workflow called ``revert()`` and its compensations ran."""
-
-
-class ContinueAs(ControlFlow):
-    """The workflow called ``continue_using``."""
-
-    def __init__(self, workflow: str, version: str | None, kwargs: dict[str, Any]) -> None:
-        super().__init__(workflow)
-        self.workflow = workflow
-        self.version = version
-        self.kwargs = kwargs
-
-
-class Compact(ControlFlow):
-    """The workflow called ``compact()``: restart it from a snapshot."""
-
-    def __init__(self, kwargs: dict[str, Any]) -> None:
-        super().__init__("compact")
-        self.kwargs = kwargs
-
-
-class Fenced(ControlFlow):
-    """Another worker extended this run's log: stop without writing."""
-
-
-class Evicted(ControlFlow):
-    """The worker is handing the run back: stop at a primitive, write nothing more."""
-
-
-@dataclass
-class Delivered:
-    """An event recorded in the log and not yet consumed."""
-
-    event_id: str
-    name: str
-    value: Any
-
-
-@dataclass
-class Compensation:
-    """A completed step's undo action, run by ``revert()``."""
-
-    name: str
-    fn: Callable[..., Any]
-    value: Any
-
-
-@dataclass
-class Command:
-    """One primitive call the workflow is waiting on."""
-
-    c: int
-    kind: str
-    name: str | None
-    future: asyncio.Future[Any]
-    #: What the live side needs to act (a step's function, a timer's due time, ...).
-    spec: Any = None
-    #: Called instead of resolving ``future`` when the completion is applied.
-    on_done: Callable[[Record], None] | None = None
-    #: The command's I/O is running (or armed) on the worker's loop.
-    started: bool = False
-    done: bool = False
-
-
-@dataclass
-class Recorded:
-    """What the log says about one command number."""
-
-    kind: str
-    name: str | None
-    position: int
-    bound: list[Record] = field(default_factory=list)
-    completed: bool = False
-
-
-def describe(record: Record | None) -> str:
-    """Render a record briefly for error messages."""
-    if record is None:
-        return "the end of the log"
-    name = record.get("name")
-    return f"{record['k']}" + (f" {name!r}" if name is not None else "")
-
-
-def _command_of(record: Record) -> tuple[str, str | None]:
-    kind = str(record["k"])
-    if kind == "sleep":
-        name = record.get("name")
-        return str(record.get("for", "sleep")), (None if name is None else str(name))
-    name = record.get("name", record.get("key", record.get("stream", record.get("id"))))
-    return _COMMAND_OF.get(kind, kind), (None if name is None else str(name))
 
 
 class Execution:
@@ -168,6 +93,10 @@ class Execution:
         self.loop.now = started_at
         self.next_c = next_c
         self.recorded: dict[int, Recorded] = {}
+        #: One past the highest command number the log holds: below it, the run replays.
+        self.history_end = 0
+        #: Changes asked about with ``patched``, and the branch each took.
+        self.patches: dict[str, bool] = {}
         self.activations: collections.deque[tuple[int, Record]] = collections.deque()
         self.seen_ids: dict[str, None] = dict.fromkeys(seen_ids or ())
         for position, record in records:
@@ -204,9 +133,10 @@ class Execution:
             self.seen_ids[record["id"]] = None
         c = record.get("c")
         if isinstance(c, int):
+            self.history_end = max(self.history_end, c + 1)
             known = self.recorded.get(c)
             if known is None:
-                command, name = _command_of(record)
+                command, name = command_of(record)
                 known = self.recorded[c] = Recorded(command, name, position)
             if kind in ACTIVATIONS:
                 known.completed = True
@@ -240,8 +170,12 @@ class Execution:
         if self.stopping:
             raise Evicted()
         c = self.next_c
-        self.next_c += 1
         known = self.recorded.get(c)
+        while known is not None and known.kind == "patch":
+            # The marker of a patch the code no longer checks (deprecated, then removed).
+            c += 1
+            known = self.recorded.get(c)
+        self.next_c = c + 1
         if known is None:
             return c, []
         if known.kind != kind or (
@@ -251,6 +185,32 @@ class Execution:
             requested = kind + (f" {name!r}" if name is not None else "")
             raise self.nondeterministic(known.position, recorded, requested, c)
         return c, known.bound
+
+    def patched(self, patch_id: str) -> bool:
+        """Tell whether the run takes the branch of change ``patch_id`` (see ``Context.patched``).
+
+        Yes if the log holds its marker here, or if the run has gone past its
+        history (it is live here: the marker is recorded); no if the history
+        goes on without the marker, because it was written by the old code.
+        """
+        if patch_id in self.patches:
+            return self.patches[patch_id]
+        c = self.next_c
+        known = self.recorded.get(c)
+        while known is not None and known.kind == "patch" and known.name != patch_id:
+            c += 1
+            known = self.recorded.get(c)
+        if known is not None and known.kind == "patch":
+            self.next_c = c + 1
+            taken = True
+        elif c < self.history_end:
+            taken = False
+        else:
+            self.next_c = c + 1
+            self.record({"k": "patch", "c": c, "id": patch_id})
+            taken = True
+        self.patches[patch_id] = taken
+        return taken
 
     def nondeterministic(
         self, position: int, recorded: str, requested: str, c: int | None

@@ -76,6 +76,12 @@ EXPECTED: dict[str, list[str]] = {
         "replay starts at a snapshot: True",
         "entries before it are still stored: 3 of 5",
     ],
+    "docs_patching": [
+        "order-1 (finished on the old code) replays on the new: True",
+        "order-2 (in flight): ['reserved desk', 'insured desk', 'shipped desk']",
+        "order-3 (new): ['reserved chair', 'insured chair', 'shipped chair']",
+        "order-3 recorded the marker: ['insure-before-shipping']",
+    ],
     "docs_steps": [
         "total: 83",
         "charge: ch_123",
