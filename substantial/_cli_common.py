@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import sys
 from collections.abc import Callable, Coroutine
@@ -16,6 +17,7 @@ from rich.text import Text
 
 from substantial.backends import from_url
 from substantial.backends.base import Backend, ErrorInfo
+from substantial.conductor import Conductor
 from substantial.errors import BackendUnavailable, SubstantialError
 from substantial.timeline import format_duration
 
@@ -173,3 +175,25 @@ def parse_json_option(value: str | None, option: str) -> Any:
         return orjson.loads(value)
     except orjson.JSONDecodeError as exc:
         raise click.BadParameter(f"must be JSON: {exc}", param_hint=option) from exc
+
+
+def load_conductor(target: str) -> Conductor:
+    """Import the Conductor named by TARGET (MODULE:ATTRIBUTE), from the current directory too."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise click.BadParameter(
+            "use MODULE:ATTRIBUTE, e.g. myapp.flows:conductor", param_hint="TARGET"
+        )
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.BadParameter(
+            f"cannot import {module_name!r}: {exc}", param_hint="TARGET"
+        ) from exc
+    obj = getattr(module, attr, None)
+    if not isinstance(obj, Conductor):
+        raise click.BadParameter(
+            f"{target} is not a Conductor (got {type(obj).__name__})", param_hint="TARGET"
+        )
+    return obj

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from substantial._cli_common import load_conductor
+from substantial._cli_repair import export_command, import_command, replay_command
 from substantial._cli_runs import runs
 from substantial._cli_ui import ui
 from substantial._cli_workers import workers
-from substantial.conductor import Conductor
 from substantial.errors import SubstantialError
 
 DEFAULT_BACKEND = "sqlite://./.substantial/substantial.db"
@@ -67,19 +66,34 @@ def demo(url: str | None, sleep_s: float) -> None:
     help="Seconds before a waiting run leaves memory.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one object per line, with run_id, workflow, step and attempt fields.",
+)
 def worker(
-    target: str, concurrency: int, lease_ttl: float, idle_timeout: float, verbose: bool
+    target: str,
+    concurrency: int,
+    lease_ttl: float,
+    idle_timeout: float,
+    verbose: bool,
+    log_format: str,
 ) -> None:
     """Run a worker for the Conductor TARGET, given as MODULE:ATTRIBUTE.
 
     SIGTERM and SIGINT stop it gracefully: running steps get a grace period
     and held runs are handed back for other workers.
     """
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    conductor = _load_conductor(target)
+    level = logging.INFO if verbose else logging.WARNING
+    if log_format == "json":
+        from substantial.telemetry import use_json_logs
+
+        use_json_logs(level)
+    else:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    conductor = load_conductor(target)
 
     async def serve() -> None:
         agent = conductor.run(
@@ -95,28 +109,10 @@ def worker(
     _run(serve())
 
 
-def _load_conductor(target: str) -> Conductor:
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise click.BadParameter(
-            "use MODULE:ATTRIBUTE, e.g. myapp.flows:conductor", param_hint="TARGET"
-        )
-    sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise click.BadParameter(
-            f"cannot import {module_name!r}: {exc}", param_hint="TARGET"
-        ) from exc
-    obj = getattr(module, attr, None)
-    if not isinstance(obj, Conductor):
-        raise click.BadParameter(
-            f"{target} is not a Conductor (got {type(obj).__name__})", param_hint="TARGET"
-        )
-    return obj
-
-
 main.add_command(runs)
+main.add_command(replay_command)
+main.add_command(export_command)
+main.add_command(import_command)
 main.add_command(workers)
 main.add_command(ui)
 

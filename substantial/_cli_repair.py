@@ -1,0 +1,209 @@
+"""``substantial replay``, ``export`` and ``import``: check code against runs, move runs."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from substantial._cli_common import (
+    backend_option,
+    console,
+    load_conductor,
+    open_backend,
+    plain,
+    run,
+)
+from substantial.backends.base import Backend
+from substantial.checker import CheckReport, check_exported, check_store, describe_finding
+from substantial.portable import export_runs, import_runs, read_exported
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(value: str | None, now: float | None = None) -> float | None:
+    """Read ``--since``: an ISO date/time, or a duration back from now (``90m``, ``7d``)."""
+    if value is None:
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", value.strip())
+    if match:
+        return (now or time.time()) - float(match[1]) * _UNITS[match[2]]
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise click.BadParameter(
+            "use an ISO date/time (2026-11-30T08:00) or a duration like 90m, 24h, 7d",
+            param_hint="--since",
+        ) from None
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("replaying"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=console(stderr=True),
+        disable=not enabled,
+        transient=True,
+    )
+
+
+def _report(report: CheckReport, as_json: bool, seconds: float) -> None:
+    if as_json:
+        body = {
+            "checked": report.checked,
+            "seconds": round(seconds, 3),
+            "findings": [{k: getattr(f, k) for k in f.__slots__} for f in report.findings],
+        }
+        sys.stdout.write(orjson.dumps(body).decode() + "\n")
+        return
+    out = console()
+    for finding in report.findings:
+        out.print(plain(describe_finding(finding), "bold red"))
+    total = report.checked + len(report.findings)
+    rate = f", {total / seconds:,.0f} runs/s" if seconds > 0 and total else ""
+    summary = (
+        f"{total} run(s) checked in {seconds:.2f}s{rate}: {report.checked} replay, "
+        f"{len(report.diverged)} diverge, {len(report.findings) - len(report.diverged)} not checked"
+    )
+    out.print(plain(summary, "green" if report.ok else "bold red"))
+
+
+@click.command("replay")
+@click.argument("target")
+@backend_option
+@click.option("--workflow", help="Only runs of this workflow.")
+@click.option("--status", help="Only runs with this status (e.g. active).")
+@click.option("--since", help="Only runs created since: ISO date/time or 90m, 24h, 7d.")
+@click.option(
+    "--file",
+    "path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Check the runs of an export (substantial export) instead of a store.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def replay_command(
+    target: str,
+    url: str | None,
+    workflow: str | None,
+    status: str | None,
+    since: str | None,
+    path: Path | None,
+    as_json: bool,
+) -> None:
+    """Replay stored runs against the code of the Conductor TARGET (MODULE:ATTRIBUTE).
+
+    Nothing runs and nothing is written. Every run whose log the code no
+    longer reproduces is reported (command, log position, recorded against
+    requested); the exit status is 1 if any run diverges or cannot be
+    checked. The store is --backend, else the Conductor's own.
+    """
+    conductor = load_conductor(target)
+    after = parse_since(since)
+
+    async def go() -> tuple[CheckReport, float]:
+        backend = open_backend(url) if url else conductor.backend
+        started = time.perf_counter()
+        with _progress(not as_json and sys.stderr.isatty()) as bar:
+            task = bar.add_task("replaying", total=None)
+
+            def advance(done: int) -> None:
+                bar.update(task, completed=done)
+
+            if path is not None:
+                with path.open("rb") as lines:
+                    report = await check_exported(
+                        conductor.registry, read_exported(lines), progress=advance
+                    )
+            else:
+                report = await check_store(
+                    conductor.registry,
+                    backend,
+                    workflow=workflow,
+                    status=status,
+                    since=after,
+                    progress=advance,
+                )
+        if url:
+            await backend.close()
+        return report, time.perf_counter() - started
+
+    report, seconds = run(go())
+    _report(report, as_json, seconds)
+    if not report.ok:
+        raise click.exceptions.Exit(1)
+
+
+async def _matching(
+    backend: Backend, workflow: str | None, status: str | None, since: float | None
+) -> list[str]:
+    ids: list[str] = []
+    after: str | None = None
+    while True:
+        page = await backend.list_runs(status=status, workflow=workflow, limit=500, after=after)
+        ids += [i.run_id for i in page if since is None or i.created_at >= since]
+        if len(page) < 500:
+            return ids
+        after = page[-1].run_id
+
+
+@click.command("export")
+@click.argument("run_ids", nargs=-1)
+@backend_option
+@click.option("--workflow", help="Export the runs of this workflow.")
+@click.option("--status", help="Export the runs with this status.")
+@click.option("--since", help="Export the runs created since: ISO date/time or 90m, 24h, 7d.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="File.")
+def export_command(
+    run_ids: tuple[str, ...],
+    url: str | None,
+    workflow: str | None,
+    status: str | None,
+    since: str | None,
+    output: Path | None,
+) -> None:
+    """Write runs (RUN_IDS, or all matching the filters) as JSON lines: log and metadata."""
+    after = parse_since(since)
+
+    async def go() -> int:
+        backend = open_backend(url)
+        try:
+            ids = list(run_ids) or await _matching(backend, workflow, status, after)
+            sink: Any = output.open("wb") if output else sys.stdout.buffer
+            try:
+                async for line in export_runs(backend, ids):
+                    sink.write(line)
+            finally:
+                if output:
+                    sink.close()
+            return len(ids)
+        finally:
+            await backend.close()
+
+    count = run(go())
+    console(stderr=True).print(plain(f"exported {count} run(s)"))
+
+
+@click.command("import")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@backend_option
+def import_command(path: Path, url: str | None) -> None:
+    """Store the runs of an export in the backend; active ones resume on its workers."""
+
+    async def go() -> list[str]:
+        backend = open_backend(url)
+        try:
+            with path.open("rb") as lines:
+                return await import_runs(backend, read_exported(lines))
+        finally:
+            await backend.close()
+
+    done = run(go())
+    console(stderr=True).print(plain(f"imported {len(done)} run(s)"))
