@@ -18,6 +18,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
+from substantial import telemetry
 from substantial._durations import seconds
 from substantial.backends.base import ErrorInfo
 from substantial.errors import InvalidArgument, SerializationError, StepTimeout
@@ -152,7 +153,7 @@ class Steps:
 
     def start(self, command: Command) -> None:
         """Start a ``step`` or ``compensate`` command: inline if quick, else as a task."""
-        if self._quick(command.spec):
+        if self._quick(command.spec) and not telemetry.on:  # a span needs the task path
             self._step_inline(command)
         else:
             self.spawn(self._run_step(command))
@@ -199,7 +200,10 @@ class Steps:
                 await asyncio.sleep(pause)
             attempts += 1
             try:
-                value = await self._call(spec, first)
+                call = self._call(spec, first)
+                if telemetry.on:
+                    call = telemetry.step(call, self.x, command, attempts)
+                value = await call
             except Exception as exc:
                 settled = self._settle(command, attempts, None, error_of(exc))
             else:

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
+from substantial import telemetry
 from substantial._durations import seconds
 from substantial._live import Driver
 from substantial._outcome import Outcome, end_of, finish_run, snapshot_of
@@ -205,7 +206,8 @@ class Worker:
         run_id = live.run_id
         release = True
         try:
-            await self._execute(live)
+            work = self._execute(live)
+            await (telemetry.run(work, live) if telemetry.on else work)
             self._failures.pop(run_id, None)
         except asyncio.CancelledError:
             pass

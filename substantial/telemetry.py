@@ -1,0 +1,244 @@
+"""OpenTelemetry spans and structured logs for workers.
+
+Off by default. :func:`enable` (needs the ``otel`` extra) makes every worker
+in the process emit spans through OpenTelemetry:
+
+* ``run <workflow>``: one per *run attempt*, from the moment a worker takes
+  the run until it ends, is handed back, or is lost to another worker;
+* ``step <name>``: one per *attempt* of a step (or compensation), a child of
+  its run's span, ending when the step function returns or raises.
+
+Attributes: ``substantial.run_id``, ``substantial.workflow``,
+``substantial.step``, ``substantial.attempt``, ``substantial.outcome``. A step
+or run that raises records the exception and sets the span's status to error.
+
+:func:`enable_log_context` (or :func:`use_json_logs`, or ``substantial worker
+--log-format json``) puts ``run_id``, ``workflow``, ``step`` and ``attempt`` on
+every log record emitted while a run's code runs, through :class:`LogContext`;
+:class:`JsonFormatter` writes one JSON object per line.
+
+The engine calls :func:`run` and :func:`step` only when :data:`on` is true:
+with both off, the cost of this module is reading one module attribute.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import Awaitable
+from datetime import UTC, datetime
+from typing import IO, Any, Protocol, TypeVar
+
+import orjson
+
+from substantial.errors import InvalidArgument
+from substantial.replay import Evicted, Fenced
+
+__all__ = [
+    "JsonFormatter",
+    "LogContext",
+    "current",
+    "disable",
+    "enable",
+    "enable_log_context",
+    "on",
+    "run",
+    "step",
+    "use_json_logs",
+]
+
+T = TypeVar("T")
+
+#: True when spans or log context are enabled; the engine's hooks check this first.
+on: bool = False
+_tracer: Any = None
+_log_context = False
+
+
+class _Held(Protocol):
+    """What the worker knows of a run it holds (its ``LiveRun``)."""
+
+    run_id: str
+    info: Any
+
+
+class _Command(Protocol):
+    name: str | None
+    c: int
+
+
+_run: contextvars.ContextVar[_Held | None] = contextvars.ContextVar("substantial_run", default=None)
+_step: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar(
+    "substantial_step", default=None
+)
+
+
+def enable(tracer_provider: Any = None) -> None:
+    """Emit spans for run attempts and step attempts (the global tracer provider by default)."""
+    global _tracer, on
+    try:
+        from opentelemetry import trace
+    except ModuleNotFoundError as exc:
+        raise InvalidArgument(
+            "tracing needs OpenTelemetry: pip install 'substantial[otel]'"
+        ) from exc
+    _tracer = trace.get_tracer("substantial", tracer_provider=tracer_provider)
+    on = True
+
+
+def disable() -> None:
+    """Stop emitting spans and adding log context: back to the default."""
+    global _tracer, _log_context, on
+    _tracer = None
+    _log_context = False
+    on = False
+
+
+def enable_log_context() -> None:
+    """Put the run id, workflow, step and attempt on log records (see :class:`LogContext`)."""
+    global _log_context, on
+    _log_context = True
+    on = True
+
+
+def current() -> dict[str, Any]:
+    """Return what the code running now works on: ``run_id``, ``workflow``, ``step``, ``attempt``.
+
+    Empty outside a run, or when neither spans nor log context are enabled.
+    """
+    held = _run.get()
+    if held is None:
+        return {}
+    out: dict[str, Any] = {"run_id": held.run_id}
+    if held.info is not None:
+        out["workflow"] = held.info.workflow
+    step_now = _step.get()
+    if step_now is not None:
+        out["step"], out["attempt"] = step_now
+    return out
+
+
+def _workflow(held: _Held) -> str | None:
+    return None if held.info is None else str(held.info.workflow)
+
+
+async def run(work: Awaitable[T], held: _Held) -> T:
+    """Run one attempt of a run (the worker's whole hold on it) inside its span."""
+    # Not reset afterwards: this task is the run's own, and the worker's log lines about
+    # how the attempt ended come after it.
+    _run.set(held)
+    tracer = _tracer
+    if tracer is None:
+        return await work
+    attributes = {"substantial.run_id": held.run_id}
+    with tracer.start_as_current_span(
+        "run", attributes=attributes, record_exception=False, set_status_on_exception=False
+    ) as span:
+        outcome = "done"
+        try:
+            return await work
+        except Evicted:
+            outcome = "handed back"
+            raise
+        except Fenced:
+            outcome = "fenced"
+            raise
+        except BaseException as exc:
+            outcome = "stopped" if not isinstance(exc, Exception) else "error"
+            if isinstance(exc, Exception):
+                _record_error(span, exc)
+            raise
+        finally:
+            workflow = _workflow(held)
+            if workflow is not None:
+                span.update_name(f"run {workflow}")
+                span.set_attribute("substantial.workflow", workflow)
+            span.set_attribute("substantial.outcome", outcome)
+
+
+async def step(work: Awaitable[T], held: Any, command: _Command, attempt: int) -> T:
+    """Run one attempt of a step inside its span; ``held`` is the run's execution."""
+    name = str(command.name)
+    _step.set((name, attempt))  # this task is the step's own: its retry warning reads it
+    tracer = _tracer
+    if tracer is None:
+        return await work
+    attributes: dict[str, Any] = {
+        "substantial.run_id": str(getattr(held, "run_id", "")),
+        "substantial.step": name,
+        "substantial.attempt": attempt,
+        "substantial.command": command.c,
+    }
+    running = _run.get()
+    if running is not None and _workflow(running) is not None:
+        attributes["substantial.workflow"] = _workflow(running)
+    with tracer.start_as_current_span(
+        f"step {name}",
+        attributes=attributes,
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        try:
+            value = await work
+        except Exception as exc:
+            span.set_attribute("substantial.outcome", "error")
+            _record_error(span, exc)
+            raise
+        span.set_attribute("substantial.outcome", "ok")
+        return value
+
+
+def _record_error(span: Any, exc: BaseException) -> None:
+    from opentelemetry.trace import Status, StatusCode
+
+    span.record_exception(exc)
+    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+
+
+class LogContext(logging.Filter):
+    """Add ``run_id``, ``workflow``, ``step`` and ``attempt`` to records logged inside a run.
+
+    Attach it to a handler (a logger's own filters do not see records of its children).
+    A field the call already gave in ``extra`` is left as given.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Add the fields; never drop a record."""
+        for key, value in current().items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
+
+
+_STANDARD = set(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """Format a record as one JSON object: time, level, logger, message, then every ``extra``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Return the record as one line of JSON."""
+        out: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(out, default=repr).decode()
+
+
+def use_json_logs(level: int = logging.INFO, stream: IO[str] | None = None) -> logging.Handler:
+    """Log as JSON lines to ``stream`` (stderr) with run context; return the handler added."""
+    enable_log_context()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(LogContext())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level)
+    return handler

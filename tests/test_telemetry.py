@@ -1,0 +1,222 @@
+"""OpenTelemetry spans (SDK in-memory exporter) and structured log lines from a real worker."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+from substantial import Conductor, Context, RetryPolicy, StepFailed, telemetry, workflow
+from substantial.backends.memory import MemoryBackend
+
+ROOT = Path(__file__).resolve().parent.parent
+_calls: dict[str, int] = {}
+
+
+@workflow()
+async def traced(c: Context) -> str:
+    def flaky() -> int:
+        _calls[c.run_id] = _calls.get(c.run_id, 0) + 1
+        if _calls[c.run_id] < 3:
+            raise ValueError(f"flaky failure {_calls[c.run_id]}")
+        return 7
+
+    def doomed() -> None:
+        raise KeyError("gone")
+
+    await c.save(flaky, name="flaky", retry=RetryPolicy(initial_delay=0.01))
+    with contextlib.suppress(StepFailed):
+        await c.save(doomed, name="doomed", retry=RetryPolicy(max_attempts=2, initial_delay=0.01))
+    c.log("halfway")
+    await c.sleep(0.3)  # longer than the idle timeout: the run leaves the worker and comes back
+    return str(await c.save(lambda: "done", name="last"))
+
+
+#: The conductor a worker subprocess serves (``substantial worker tests.test_telemetry:served``).
+served = Conductor(os.environ.get("SUBSTANTIAL_TEST_URL", "memory://"))
+served.register(traced)
+
+
+@pytest.fixture
+def exporter() -> Iterator[InMemorySpanExporter]:
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    telemetry.enable(provider)
+    yield memory
+    telemetry.disable()
+
+
+@pytest.fixture
+async def conductor() -> AsyncIterator[Conductor]:
+    c = Conductor(MemoryBackend())
+    c.register(traced)
+    agent = c.run(poll_interval=0.1, idle_timeout=0.05)
+    yield c
+    agent.cancel()
+    await agent
+
+
+def attrs(span: ReadableSpan) -> dict[str, Any]:
+    return dict(span.attributes or {})
+
+
+async def test_a_span_per_run_attempt_and_per_step_attempt(
+    exporter: InMemorySpanExporter, conductor: Conductor
+) -> None:
+    run = await conductor.start(traced, run_id="traced-1")
+    assert await run.result(timeout=20) == "done"
+    spans = exporter.get_finished_spans()
+    runs = [s for s in spans if s.name == "run traced"]
+    # Taken, handed back during the sleep, taken again to finish.
+    assert [attrs(s)["substantial.outcome"] for s in runs] == ["handed back", "done"]
+    assert all(attrs(s)["substantial.run_id"] == "traced-1" for s in runs)
+    assert all(attrs(s)["substantial.workflow"] == "traced" for s in runs)
+
+    flaky = [s for s in spans if s.name == "step flaky"]
+    assert [attrs(s)["substantial.attempt"] for s in flaky] == [1, 2, 3]
+    assert [s.status.status_code for s in flaky] == [
+        StatusCode.ERROR,
+        StatusCode.ERROR,
+        StatusCode.UNSET,
+    ]
+    assert [attrs(s)["substantial.outcome"] for s in flaky] == ["error", "error", "ok"]
+    failure = flaky[0].events[0]
+    assert failure.name == "exception"
+    assert dict(failure.attributes or {})["exception.message"] == "flaky failure 1"
+    doomed = [s for s in spans if s.name == "step doomed"]
+    assert [attrs(s)["substantial.attempt"] for s in doomed] == [1, 2]
+    assert all(s.status.status_code == StatusCode.ERROR for s in doomed)
+    first_run = runs[0]
+    for step in flaky + doomed:
+        assert attrs(step)["substantial.run_id"] == "traced-1"
+        assert attrs(step)["substantial.workflow"] == "traced"
+        assert step.parent is not None and step.parent.span_id == first_run.context.span_id
+        assert first_run.start_time <= step.start_time <= step.end_time <= first_run.end_time
+    (last,) = [s for s in spans if s.name == "step last"]
+    assert last.parent is not None and last.parent.span_id == runs[1].context.span_id
+
+
+async def test_a_failing_workflow_marks_its_run_span() -> None:
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    telemetry.enable(provider)
+    try:
+
+        @workflow(name="explodes")
+        async def explodes(c: Context) -> None:
+            await c.save(lambda: 1, name="fine")
+            raise RuntimeError("the workflow itself failed")
+
+        conductor = Conductor(MemoryBackend())
+        conductor.register(explodes)
+        agent = conductor.run(poll_interval=0.1)
+        run = await conductor.start(explodes, run_id="explodes-1")
+        with pytest.raises(Exception, match="the workflow itself failed"):
+            await run.result(timeout=20)
+        agent.cancel()
+        await agent
+    finally:
+        telemetry.disable()
+    (span,) = [s for s in memory.get_finished_spans() if s.name == "run explodes"]
+    # The run attempt itself worked: it recorded the failure and ended the run.
+    assert attrs(span)["substantial.outcome"] == "done"
+    assert [s.name for s in memory.get_finished_spans()] == ["step fine", "run explodes"]
+
+
+def test_off_by_default_and_nothing_of_opentelemetry_is_loaded() -> None:
+    code = (
+        "import asyncio, sys\n"
+        "from substantial import Conductor, telemetry\n"
+        "from substantial.backends.memory import MemoryBackend\n"
+        "from tests.workflows import ten_steps\n"
+        "async def go():\n"
+        "    c = Conductor(MemoryBackend()); c.register(ten_steps); a = c.run()\n"
+        "    r = await c.start(ten_steps)\n"
+        "    assert await r.result(timeout=20) == [i * i for i in range(10)]\n"
+        "    a.cancel(); await a\n"
+        "asyncio.run(go())\n"
+        "assert telemetry.on is False\n"
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+async def test_json_logs_carry_run_workflow_and_step(conductor: Conductor) -> None:
+    stream = io.StringIO()
+    handler = telemetry.use_json_logs(logging.INFO, stream)
+    try:
+        run = await conductor.start(traced, run_id="logged-1")
+        assert await run.result(timeout=20) == "done"
+    finally:
+        logging.getLogger().removeHandler(handler)
+        telemetry.disable()
+    lines = [orjson.loads(line) for line in stream.getvalue().splitlines()]
+    retry = [x for x in lines if "attempt 1 failed" in x["message"] and "flaky" in x["message"]]
+    assert retry, lines
+    assert retry[0]["run_id"] == "logged-1" and retry[0]["workflow"] == "traced"
+    assert retry[0]["step"] == "flaky" and retry[0]["attempt"] == 1
+    assert retry[0]["level"] == "WARNING" and retry[0]["logger"] == "substantial.workflow"
+    (halfway,) = [x for x in lines if x["message"].endswith("halfway")]
+    assert halfway["run_id"] == "logged-1" and halfway["workflow"] == "traced"
+    assert "step" not in halfway  # logged by the workflow's own code, not inside a step
+
+
+def test_worker_command_logs_json(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    env = {**os.environ, "SUBSTANTIAL_TEST_URL": url, "PYTHONPATH": str(ROOT)}
+    start = (
+        "import asyncio\nfrom tests.test_telemetry import served, traced\n"
+        "async def go():\n"
+        "    await served.start(traced, run_id='json-logs')\n"
+        "    await served.close()\n"
+        "asyncio.run(go())"
+    )
+    subprocess.run([sys.executable, "-c", start], cwd=ROOT, env=env, check=True, timeout=60)
+    command = [sys.executable, "-m", "substantial.cli", "worker", "tests.test_telemetry:served"]
+    worker = subprocess.Popen(
+        [*command, "--log-format", "json", "-v"],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stderr is not None
+        record: dict[str, Any] = {}
+        for line in worker.stderr:
+            if line.startswith("{") and "attempt 1 failed" in line:
+                record = orjson.loads(line)
+                break
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        if worker.stderr is not None:
+            worker.stderr.close()
+    assert record["run_id"] == "json-logs" and record["step"] == "flaky"
+    assert record["workflow"] == "traced" and record["attempt"] == 1
+
+
+def test_enable_without_the_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "opentelemetry", None)
+    with pytest.raises(Exception, match=r"pip install 'substantial\[otel\]'"):
+        telemetry.enable()
+    assert telemetry.on is False
