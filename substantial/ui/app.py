@@ -202,7 +202,8 @@ def create_app(config: UIConfig) -> ASGIApp:
         return _static_file(name)
 
     async def api_config(request: Request) -> Response:
-        return _json({"actions": config.allow_actions, "backend": state["backend"].describe()})
+        # The URL as given (secrets masked): what the person typed, not a resolved path.
+        return _json({"actions": config.allow_actions, "backend": redact_url(config.backend_url)})
 
     async def api_runs(request: Request) -> Response:
         try:
