@@ -120,6 +120,25 @@ class Conductor:
         """Return a handle on an existing run."""
         return Run(self, validate_id("run id", run_id))
 
+    async def search(
+        self,
+        expr: dict[str, Any],
+        *,
+        workflow: str | None = None,
+        status: str | None = None,
+        limit: int = 1000,
+    ) -> list[RunInfo]:
+        """Return runs whose result, error or times satisfy ``expr``, newest first.
+
+        ``expr`` is a filter expression such as ``{"or": [{"lt": 3}, {"contains":
+        "fatal"}]}`` (operators ``eq gt gte lt lte in contains``, combined with
+        ``and or not``; see :mod:`substantial.search`). A malformed one raises
+        :class:`InvalidArgument` naming the operator and what it expects.
+        """
+        from substantial.search import search
+
+        return await search(self.backend, expr, workflow=workflow, status=status, limit=limit)
+
     async def list(
         self,
         *,
@@ -143,25 +162,6 @@ class Conductor:
                 break
             after = page[-1].run_id
         return out[:limit]
-
-    async def search(
-        self,
-        expr: dict[str, Any],
-        *,
-        workflow: str | None = None,
-        status: str | None = None,
-        limit: int = 1000,
-    ) -> list[RunInfo]:
-        """Return runs whose result, error or times satisfy ``expr``, newest first.
-
-        ``expr`` is a filter expression such as ``{"or": [{"lt": 3}, {"contains":
-        "fatal"}]}`` (operators ``eq gt gte lt lte in contains``, combined with
-        ``and or not``; see :mod:`substantial.search`). A malformed one raises
-        :class:`InvalidArgument` naming the operator and what it expects.
-        """
-        from substantial.search import search
-
-        return await search(self.backend, expr, workflow=workflow, status=status, limit=limit)
 
     # -- workers ---------------------------------------------------------------
 
