@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
 from substantial._durations import seconds
+from substantial._flow import FlowControl
 from substantial._runs import create_run, existing_start, same_start
+from substantial._surgery import Surgery
 from substantial.backends import from_url
 from substantial.backends.base import TERMINAL_STATUSES, Backend, RunInfo, Waker, validate_id
 from substantial.errors import (
@@ -39,16 +41,19 @@ def _client_timeout(timeout: float | None, what: str) -> float | None:
     return seconds(timeout, what, instead="; pass None to wait without a limit")
 
 
-class Conductor:
+class Conductor(FlowControl, Surgery):
     """Start and follow runs on one backend, and run workers for registered workflows.
 
     ``backend`` is a :class:`Backend` or a URL such as ``sqlite:///./runs.db``.
     """
 
-    def __init__(self, backend: Backend | str) -> None:
+    def __init__(self, backend: Backend | str, *, queues: Sequence[Queue] = ()) -> None:
         self.backend: Backend = from_url(backend) if isinstance(backend, str) else backend
         self.registry = Registry()
-        self._ended = Waker()
+        self._register_flow(queues)
+        # Clients waiting on a run are woken when this process's worker ends it; one
+        # signal per run, so a thousand waiters do not all wake for every ending.
+        self._ended: dict[str, tuple[Waker, list[int]]] = {}
 
     # -- registry --------------------------------------------------------------
 

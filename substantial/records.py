@@ -111,6 +111,7 @@ _FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "timeout": {},
     "snapshot": {"start": dict, "kwargs": dict, "next_c": int},
     "end": {"status": str},
+    "repair": {"op": str, "at": _NUM},
 }
 
 _OPTS = orjson.OPT_NON_STR_KEYS

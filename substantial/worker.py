@@ -20,10 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-from substantial import telemetry
+from substantial import queues, telemetry
 from substantial._durations import seconds
 from substantial._live import Driver
 from substantial._outcome import Outcome, end_of, finish_run, snapshot_of
+from substantial._repair import effective
 from substantial._runs import create_run, existing_start, same_start
 from substantial._steps import Pace
 from substantial.backends.base import PROTOCOL_VERSION, Backend, RunInfo, make_owner
@@ -277,6 +278,7 @@ class Worker:
         for i, data in enumerate(entries[1:], start=1):
             records.extend((start_at + i, r) for r in decode_entry(run_id, start_at + i, data))
         next_position = start_at + len(entries)
+        records, resumed = effective(records)  # a resume voids what ended the run before it
         snapshot_index = max(
             (i for i, (_, r) in enumerate(records) if r["k"] == "snapshot"), default=None
         )
@@ -287,6 +289,8 @@ class Worker:
             start, snap = records[0][1], None
         else:
             raise CorruptRecord(run_id, start_at, "the log does not begin with a start record")
+        if resumed is not None:
+            start = {**start, "deadline": resumed.get("deadline")}
         if info is None:
             info = RunInfo(
                 run_id,
