@@ -23,6 +23,7 @@ from substantial._cli_common import (
 )
 from substantial.backends.base import Backend
 from substantial.checker import CheckReport, check_exported, check_store, describe_finding
+from substantial.conductor import Conductor
 from substantial.portable import export_runs, import_runs, read_exported
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -207,3 +208,70 @@ def import_command(path: Path, url: str | None) -> None:
 
     done = run(go())
     console(stderr=True).print(plain(f"imported {len(done)} run(s)"))
+
+
+def _surgeon(url: str | None, target: str | None) -> Conductor:
+    """Open a Conductor on the store, with the code of TARGET when given (to check against)."""
+    if target is None:
+        return Conductor(open_backend(url))
+    conductor = load_conductor(target)
+    if url:
+        conductor.backend = open_backend(url)
+    return conductor
+
+
+CHECK_HELP = "MODULE:ATTRIBUTE of a Conductor: replay the log against its code first."
+
+
+@click.command("resume")
+@click.argument("run_id")
+@backend_option
+@click.option("--timeout", type=float, help="A new deadline, in seconds from now.")
+@click.option("--check", "target", help=CHECK_HELP)
+def resume_command(run_id: str, url: str | None, timeout: float | None, target: str | None) -> None:
+    """Make a failed, cancelled or timed-out run go on from where it stopped."""
+
+    async def go() -> str:
+        conductor = _surgeon(url, target)
+        try:
+            await conductor.resume(run_id, timeout=timeout)
+            return f"resumed {run_id}: its failed steps run again on the next worker"
+        finally:
+            await conductor.close()
+
+    console().print(plain(run(go())))
+
+
+@click.command("fork")
+@click.argument("run_id")
+@backend_option
+@click.option("--at", type=int, help="Log entries to keep (1 keeps only the start).")
+@click.option("--run-id", "new_id", help="Id of the new run (default: random).")
+def fork_command(run_id: str, url: str | None, at: int | None, new_id: str | None) -> None:
+    """Start a new run replaying the first entries of RUN_ID's log, then live."""
+
+    async def go() -> str:
+        conductor = Conductor(open_backend(url))
+        try:
+            return (await conductor.fork(run_id, at=at, new_id=new_id)).run_id
+        finally:
+            await conductor.close()
+
+    console().print(plain(f"forked {run_id} as {run(go())}"))
+
+
+@click.command("restart")
+@click.argument("run_id")
+@backend_option
+@click.option("--run-id", "new_id", help="Id of the new run (default: random).")
+def restart_command(run_id: str, url: str | None, new_id: str | None) -> None:
+    """Start RUN_ID's workflow again from the beginning, with the same arguments."""
+
+    async def go() -> str:
+        conductor = Conductor(open_backend(url))
+        try:
+            return (await conductor.restart(run_id, new_id=new_id)).run_id
+        finally:
+            await conductor.close()
+
+    console().print(plain(f"restarted {run_id} as {run(go())}"))

@@ -12,7 +12,14 @@ from typing import Any
 import click
 
 from substantial._cli_common import load_conductor
-from substantial._cli_repair import export_command, import_command, replay_command
+from substantial._cli_repair import (
+    export_command,
+    fork_command,
+    import_command,
+    replay_command,
+    restart_command,
+    resume_command,
+)
 from substantial._cli_runs import runs
 from substantial._cli_ui import ui
 from substantial._cli_workers import workers
@@ -109,6 +116,9 @@ def worker(
     _run(serve())
 
 
+runs.add_command(resume_command)
+runs.add_command(fork_command)
+runs.add_command(restart_command)
 main.add_command(runs)
 main.add_command(replay_command)
 main.add_command(export_command)

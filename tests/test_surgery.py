@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from substantial import (
+    Conductor,
     Context,
     InvalidArgument,
     NonDeterminismError,
@@ -159,3 +165,45 @@ async def test_fork_replays_the_first_entries_then_runs_live_and_both_logs_say_s
     ]
     assert copy[0]["from"]["run_id"] == "f-1" and copy[0]["from"]["op"] == "fork"
     assert (await replay(three_then_wait, [[r] for r in old])).matches
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "substantial.cli", "runs", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+
+
+async def test_the_cli_resumes_forks_and_restarts(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    broken["charge"] = True
+    conductor = Conductor(url)
+    conductor.register(checkout)
+    agent = conductor.run(poll_interval=0.2)
+    run = await conductor.start(checkout, run_id="cli-1")
+    with pytest.raises(WorkflowFailed):
+        await run.result(timeout=10)
+    agent.cancel()
+    await agent
+    proc = await asyncio.to_thread(cli, "resume", "cli-1", "--backend", url)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed cli-1" in proc.stdout
+    again = await asyncio.to_thread(cli, "resume", "cli-1", "--backend", url)
+    assert again.returncode == 1 and "is active: only failed" in again.stderr
+    broken["charge"] = False
+    agent = conductor.run(poll_interval=0.2)
+    assert await run.result(timeout=10) == ["reserve", "charged", "ship"]
+    agent.cancel()
+    await agent
+    fork = await asyncio.to_thread(
+        cli, "fork", "cli-1", "--at", "2", "--run-id", "cli-2", "--backend", url
+    )
+    assert fork.returncode == 0 and "forked cli-1 as cli-2" in fork.stdout, fork.stderr
+    restart = await asyncio.to_thread(cli, "restart", "cli-1", "--backend", url)
+    assert restart.returncode == 0 and "restarted cli-1 as " in restart.stdout, restart.stderr
+    ids = {info.run_id for info in await conductor.list()}
+    assert {"cli-1", "cli-2", restart.stdout.split()[-1]} <= ids
+    await conductor.close()
