@@ -75,7 +75,7 @@ async def test_entries_are_complete_read_only_files_named_by_position(store: Pat
 
 async def test_named_temporaries_work_where_o_tmpfile_does_not(store: Path) -> None:
     backend = FSBackend(store)
-    backend._use_tmpfile = False  # as on a file system without O_TMPFILE
+    backend._files.use_tmpfile = False  # as on a file system without O_TMPFILE
     await backend.append("r", 0, entry(0))
     with pytest.raises(PositionTaken):
         await backend.append("r", 0, entry("second"))

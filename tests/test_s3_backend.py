@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 
-import substantial.backends.s3 as s3mod
+import substantial.backends.s3._due as s3due
+import substantial.backends.s3._objects as s3objects
 from substantial.backends import from_url
 from substantial.backends.base import RunInfo
 from substantial.backends.s3 import S3Backend
+from substantial.backends.s3._objects import ObjectStore
 from substantial.errors import BackendError, BackendUnavailable, InvalidArgument, PositionTaken
 from substantial.records import decode_entry, encode_entry
 from tests.backend_s3 import S3Harness
@@ -149,8 +151,8 @@ async def test_url_carries_everything() -> None:
     assert isinstance(b, S3Backend)
     assert (b.bucket, b.key_prefix, b.endpoint_url) == ("my-bucket", "a/b/", "http://127.0.0.1:9")
     assert (b.min_poll, b.max_poll) == (0.5, 9.0)
-    assert b._credentials == ("AKID", "se/cret", None)
-    assert b._profile == "p" and b._region == "eu-west-1" and b._path_style
+    assert b._objects.credentials == ("AKID", "se/cret", None)
+    assert b._objects.profile == "p" and b._objects.region == "eu-west-1" and b._objects.path_style
     assert b.describe() == "s3://my-bucket/a/b/ at http://127.0.0.1:9"
     assert S3Backend("bkt").key_prefix == ""
     await b.close()
@@ -238,7 +240,7 @@ async def test_wrong_credentials_and_missing_bucket_are_clear_errors(h: S3Harnes
 async def test_conditional_writes_are_checked_once_per_server(
     h: S3Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(s3mod, "_VERIFIED", set())
+    monkeypatch.setattr(s3objects, "_VERIFIED", set())
     b = open_s3(h)
     await b.append("r", 0, entry(0))
     # The probe: create, create again (refused), replace with a wrong ETag (refused), delete.
@@ -252,21 +254,21 @@ async def test_conditional_writes_are_checked_once_per_server(
 async def test_a_server_that_ignores_conditions_is_refused(
     h: S3Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(s3mod, "_VERIFIED", set())
-    real_call = S3Backend._call
+    monkeypatch.setattr(s3objects, "_VERIFIED", set())
+    real_call = ObjectStore.call
 
-    async def overwriting_server(self: S3Backend, op: str, key: str, fn: Any) -> Any:
+    async def overwriting_server(self: ObjectStore, op: str, key: str, fn: Any) -> Any:
         # What a server that ignores If-None-Match answers: success, having overwritten.
         try:
             return await real_call(self, op, key, fn)
-        except s3mod._Rejected:
+        except s3objects.Rejected:
             return None
 
-    monkeypatch.setattr(S3Backend, "_call", overwriting_server)
+    monkeypatch.setattr(ObjectStore, "call", overwriting_server)
     b = open_s3(h)
     with pytest.raises(BackendError, match="ignores If-None-Match"):
         await b.append("r", 0, entry(0))
-    assert not s3mod._VERIFIED
+    assert not s3objects._VERIFIED
 
 
 async def test_a_closed_backend_refuses_work(h: S3Harness) -> None:
@@ -292,18 +294,18 @@ async def test_the_server_gives_equal_content_equal_etags(h: S3Harness) -> None:
 
 async def test_lease_cas_is_not_fooled_by_a_b_a(h: S3Harness) -> None:
     b1, b2 = open_s3(h), open_s3(h)
-    assert await b1._write_lease("r", "alice", 1e10, None)
-    stale = await b1._read_lease("r")
+    assert await b1._leases.write("r", "alice", 1e10, None)
+    stale = await b1._leases.read("r")
     assert stale is not None
     # Someone else moves the lease away and back to exactly the same owner and expiry.
-    moved = await b2._read_lease("r")
-    assert moved is not None and await b2._write_lease("r", "bob", 2e10, moved.etag)
-    back = await b2._read_lease("r")
-    assert back is not None and await b2._write_lease("r", "alice", 1e10, back.etag)
-    now = await b2._read_lease("r")
+    moved = await b2._leases.read("r")
+    assert moved is not None and await b2._leases.write("r", "bob", 2e10, moved.etag)
+    back = await b2._leases.read("r")
+    assert back is not None and await b2._leases.write("r", "alice", 1e10, back.etag)
+    now = await b2._leases.read("r")
     assert now is not None and (now.owner, now.expires_at) == (stale.owner, stale.expires_at)
     assert now.etag != stale.etag
-    assert not await b1._write_lease("r", "mallory", 3e10, stale.etag)
+    assert not await b1._leases.write("r", "mallory", 3e10, stale.etag)
     lease = await b2.get_lease("r")
     assert lease is not None and lease.owner == "alice"
 
@@ -312,21 +314,21 @@ async def test_due_pointer_cas_is_not_fooled_by_a_b_a(h: S3Harness) -> None:
     b = open_s3(h)
     t1, t2 = time.time() - 10, time.time() + 100
     await b.schedule("r", t1)
-    stale = await b._read_pointer("r")
+    stale = await b._due.read_pointer("r")
     await b.schedule("r", t2)
     await b.schedule("r", t1)
-    current = await b._read_pointer("r")
+    current = await b._due.read_pointer("r")
     assert stale is not None and current is not None
     assert stale.at == current.at and stale.etag != current.etag
-    assert await b._put_if(b._pointer_key("r"), b"{}", if_match=stale.etag) is None
+    assert await b._objects.put_if(b._due.pointer_key("r"), b"{}", if_match=stale.etag) is None
     assert await b.due(time.time()) == [("r", pytest.approx(t1))]
 
 
 async def test_if_match_on_a_missing_key_is_a_lost_race_not_a_create(h: S3Harness) -> None:
     b = open_s3(h)
     key = b._lease_key("nobody")
-    assert await b._put_if(key, b"x", if_match='"0123456789abcdef0123456789abcdef"') is None
-    assert await b._get(key) is None
+    assert await b._objects.put_if(key, b"x", if_match='"0123456789abcdef0123456789abcdef"') is None
+    assert await b._objects.get(key) is None
     assert await b.get_lease("nobody") is None
 
 
@@ -444,7 +446,7 @@ async def test_hung_server_is_backend_unavailable_after_its_timeouts(
 
 async def poll_times(b: S3Backend) -> list[float]:
     times: list[float] = []
-    client = await b._open()
+    client = await b._objects.open()
     client.meta.events.register(
         "before-send.s3.ListObjectsV2", lambda **_: times.append(time.monotonic())
     )
@@ -464,14 +466,14 @@ async def test_idle_polling_backs_off_from_min_to_max_poll(h: S3Harness) -> None
     for gap, nominal in zip(gaps, [0.05, 0.1, 0.2, 0.4], strict=False):
         assert nominal - 0.01 <= gap <= nominal + slack, gaps
     assert all(g <= 0.4 + slack for g in gaps), gaps
-    assert b._poll_interval == 0.4
+    assert b._due.poll_interval == 0.4
 
 
 async def test_a_poll_finds_work_made_due_by_another_process(h: S3Harness) -> None:
     b = open_s3(h, min_poll=0.05, max_poll=0.4)
     await b.due(time.time())
     await b.wait_for_work(1.0)  # idle: the interval has grown to max_poll
-    assert b._poll_interval == 0.4
+    assert b._due.poll_interval == 0.4
     waiter = asyncio.create_task(b.wait_for_work(20))
     code = (
         "import asyncio, sys\n"
@@ -487,7 +489,7 @@ async def test_a_poll_finds_work_made_due_by_another_process(h: S3Harness) -> No
     sent = time.monotonic()
     assert await asyncio.wait_for(waiter, 5) is True
     assert time.monotonic() - sent < 0.4 + 0.3
-    assert b._poll_interval == b.min_poll  # work arrived: poll fast again
+    assert b._due.poll_interval == b.min_poll  # work arrived: poll fast again
     assert await b.due(time.time()) == [("r", pytest.approx(time.time(), abs=30))]
 
 
@@ -520,10 +522,10 @@ async def test_a_poll_wakes_when_a_future_run_comes_due(h: S3Harness) -> None:
     other = open_s3(h)
     await b.due(time.time())
     await other.schedule("soon", time.time() + 0.6)
-    b._due_hint = None  # as if scheduled by another process
-    b._poll_interval = 5.0  # idle for long: only the timer can wake it in time
+    b._due.due_hint = None  # as if scheduled by another process
+    b._due.poll_interval = 5.0  # idle for long: only the timer can wake it in time
     t0 = time.monotonic()
-    assert await b._peek() is False  # sees the future key and keeps it as a timer
+    assert await b._due.peek() is False  # sees the future key and keeps it as a timer
     assert await b.wait_for_work(10) is True
     assert time.monotonic() - t0 < 1.5
 
@@ -572,7 +574,7 @@ async def test_orphan_due_keys_are_skipped_then_collected(
         client.close()
     assert [r for r, _ in await b.due(time.time())] == ["live"]
     assert ghost in raw_keys(h)  # young: perhaps a schedule still under way
-    monkeypatch.setattr(s3mod, "ORPHAN_GRACE", -1.0)
+    monkeypatch.setattr(s3due, "ORPHAN_GRACE", -1.0)
     assert [r for r, _ in await b.due(time.time())] == ["live"]
     assert ghost not in raw_keys(h)
 

@@ -18,6 +18,7 @@ from substantial.errors import CorruptRecord, InvalidArgument
 
 __all__ = [
     "UNREADABLE_OWNER",
+    "good_due",
     "is_unreadable",
     "is_valid_id",
     "lease_or_none",
@@ -64,6 +65,11 @@ def is_valid_id(value: object) -> bool:
 def valid_time(value: object) -> bool:
     """Tell whether ``value`` is a finite number of seconds (not a bool, a string or NaN)."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def good_due(run_id: object, at: object) -> bool:
+    """Tell whether a due entry names a valid run id and a finite time."""
+    return is_valid_id(run_id) and valid_time(at)
 
 
 def lease_or_none(run_id: str, owner: object, expires_at: object) -> Lease | None:

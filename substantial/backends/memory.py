@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from substantial.backends import _hostile
+from substantial.backends._common import Page, filtered_runs, lease_takable
 from substantial.backends.base import Backend, Event, Lease, RunInfo, validate_id
 from substantial.errors import PositionTaken
 
@@ -125,12 +126,8 @@ class MemoryBackend(Backend):
         """Take the lease if free, expired, ours or held by ``steal_from``."""
         now = time.time()
         lease = self._lease(run_id)
-        if (
-            lease is None
-            or lease.expires_at <= now
-            or lease.owner == owner
-            or (steal_from is not None and lease.owner == steal_from)
-        ):
+        holder, expires_at = (lease.owner, lease.expires_at) if lease else (None, 0.0)
+        if lease_takable(holder, expires_at, owner, steal_from, now):
             self.leases[run_id] = Lease(run_id, owner, now + ttl)
             return True
         return False
@@ -175,13 +172,17 @@ class MemoryBackend(Backend):
         after: str | None = None,
     ) -> list[RunInfo]:
         """Return runs in id order, filtered."""
-        out: list[RunInfo] = []
-        for run_id in sorted(self.runs):
-            if after is not None and run_id <= after:
-                continue
-            info = _hostile.read_listed(self, run_id, self.runs[run_id])
-            if _hostile.listed(info, status, workflow):
-                out.append(info)
-                if len(out) >= limit:
-                    break
-        return out
+
+        async def fetch(cursor: str | None, n: int) -> Page:
+            ids = sorted(r for r in self.runs if cursor is None or r > cursor)
+            return [(r, self.runs[r]) for r in ids], False
+
+        return await filtered_runs(
+            self,
+            fetch,
+            status=status,
+            workflow=workflow,
+            limit=limit,
+            after=after,
+            page_size=limit,
+        )

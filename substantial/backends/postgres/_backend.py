@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from substantial.backends import _hostile
+from substantial.backends._common import Page, filtered_runs
 from substantial.backends._redact import redact_url
 from substantial.backends.base import Backend, Event, Lease, RunInfo, validate_id
 from substantial.backends.postgres._batch import AppendBatcher, Key
@@ -29,10 +30,6 @@ __all__ = ["PostgresBackend"]
 
 T = TypeVar("T")
 Conn = Any  # asyncpg.Connection: asyncpg ships no type information
-
-
-def _good_due(run_id: Any, at: Any) -> bool:
-    return _hostile.is_valid_id(run_id) and _hostile.valid_time(at)
 
 
 # How long the first due() waits for the wake-up LISTEN to be in place, so a
@@ -290,9 +287,9 @@ class PostgresBackend(Backend):
             "read the due index",
             lambda c: c.fetch(self._sql["due"], float(now), max(0, limit)),
         )
-        out = [(run_id, at) for run_id, at in rows if _good_due(run_id, at)]
+        out = [(run_id, at) for run_id, at in rows if _hostile.good_due(run_id, at)]
         if len(out) < len(rows):
-            await self._repair_due([tuple(r) for r in rows if not _good_due(*r)])
+            await self._repair_due([tuple(r) for r in rows if not _hostile.good_due(*r)])
         return out
 
     async def next_due_at(self) -> float | None:
@@ -301,8 +298,8 @@ class PostgresBackend(Backend):
             rows = await self._run(
                 "read the due index", lambda c: c.fetch(self._sql["due_head"], 16)
             )
-            bad = [tuple(r) for r in rows if not _good_due(*r)]
-            good = [float(at) for run_id, at in rows if _good_due(run_id, at)]
+            bad = [tuple(r) for r in rows if not _hostile.good_due(*r)]
+            good = [float(at) for run_id, at in rows if _hostile.good_due(run_id, at)]
             if bad:
                 await self._repair_due(bad)
             if good or len(rows) < 16:
@@ -395,26 +392,21 @@ class PostgresBackend(Backend):
         by_status = status if status != "corrupt" else None
         sql = self._sql.list_runs(by_status is not None, workflow is not None)
         filters = [v for v in (by_status, workflow) if v is not None]
-        out: list[RunInfo] = []
-        cursor = after or ""
-        while len(out) < limit:
-            page = max(limit, 100) if status == "corrupt" else limit
-            args: list[Any] = [cursor, *filters, page]
 
-            async def fetch(conn: Conn, args: list[Any] = args) -> Any:
-                return await conn.fetch(sql, *args)
+        async def fetch(cursor: str | None, n: int) -> Page:
+            args = [cursor or "", *filters, n]
+            rows = await self._run("list runs", lambda c: c.fetch(sql, *args))
+            return [(run_id, bytes(data)) for run_id, data in rows], len(rows) >= n
 
-            rows = await self._run("list runs", fetch)
-            for run_id, data in rows:
-                info = _hostile.read_listed(self, run_id, bytes(data))
-                if _hostile.listed(info, status, workflow):
-                    out.append(info)
-                    if len(out) >= limit:
-                        break
-            if len(rows) < page:
-                break
-            cursor = rows[-1][0]
-        return out
+        return await filtered_runs(
+            self,
+            fetch,
+            status=status,
+            workflow=workflow,
+            limit=limit,
+            after=after,
+            page_size=max(limit, 100) if status == "corrupt" else limit,
+        )
 
     async def create_run(self, info: RunInfo, entry: bytes, due_at: float) -> bool:
         """Write the first entry, metadata and schedule in one statement; False if it existed."""

@@ -1,0 +1,109 @@
+"""Code every backend would otherwise repeat: each rule written once, here.
+
+* :func:`check_durability` - the one check of a ``durability=`` argument.
+* :func:`lease_takable` - when a lease may be taken (free, expired, ours, or named).
+* :func:`filtered_runs` - the listing loop: page through metadata in run id
+  order, decode each record (flagging unreadable ones) and apply the filters.
+* :func:`reraise_lost_cancel` - the guard against a driver that swallows a
+  ``cancel()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import TypeAlias
+
+from substantial.backends._hostile import listed, read_listed
+from substantial.backends.base import Durability, RunInfo
+from substantial.errors import InvalidArgument
+
+__all__ = [
+    "Page",
+    "check_durability",
+    "filtered_runs",
+    "lease_takable",
+    "reraise_lost_cancel",
+]
+
+
+def check_durability(value: object) -> Durability:
+    """Return ``value`` if it names a durability mode; raise :class:`InvalidArgument` if not."""
+    if value not in ("process", "fsync"):
+        raise InvalidArgument(f"durability={value!r}: use 'process' or 'fsync'")
+    return value
+
+
+def lease_takable(
+    holder: str | None, expires_at: float, owner: str, take_from: str | None, now: float
+) -> bool:
+    """Tell whether ``owner`` may take a lease now held by ``holder`` until ``expires_at``.
+
+    Free (no holder), expired, already ``owner``'s (a renewal), or held by
+    ``take_from`` (a takeover the caller decided on). An unreadable lease is
+    reported with expiry 0.0, so it is always takable.
+    """
+    return (
+        holder is None
+        or expires_at <= now
+        or holder == owner
+        or (take_from is not None and holder == take_from)
+    )
+
+
+#: One page of a listing: ``(run_id, stored metadata)`` in run id order, and whether more
+#: may follow. The metadata is the stored bytes, an already decoded (or flagged) RunInfo,
+#: or None for an id whose metadata is missing (a run half created): it is skipped.
+Page: TypeAlias = tuple[Sequence[tuple[str, "bytes | RunInfo | None"]], bool]
+
+
+async def filtered_runs(
+    backend: object,
+    fetch: Callable[[str | None, int], Awaitable[Page]],
+    *,
+    status: str | None,
+    workflow: str | None,
+    limit: int,
+    after: str | None,
+    page_size: int,
+) -> list[RunInfo]:
+    """Collect up to ``limit`` runs after ``after`` that pass the filters, paging with ``fetch``.
+
+    ``fetch(cursor, n)`` returns up to ``n`` entries with ids above
+    ``cursor`` (None: from the first). A backend that can filter on its
+    side may do so in ``fetch``; the filters are applied here again, since
+    unreadable metadata lists as ``corrupt`` whatever the store's columns say.
+    """
+    out: list[RunInfo] = []
+    cursor = after
+    while len(out) < limit:
+        items, more = await fetch(cursor, page_size)
+        for run_id, data in items:
+            if data is None:
+                continue
+            info = data if isinstance(data, RunInfo) else read_listed(backend, run_id, data)
+            if listed(info, status, workflow):
+                out.append(info)
+                if len(out) >= limit:
+                    break
+        if not more or not items:
+            break
+        cursor = items[-1][0]
+    return out
+
+
+@contextlib.contextmanager
+def reraise_lost_cancel() -> Iterator[None]:
+    """Raise :class:`asyncio.CancelledError` after the block if a cancel landed in it unseen.
+
+    On Python 3.11, ``asyncio.wait_for`` (used inside drivers) returns
+    normally when the awaited future completes in the same loop iteration as
+    a ``cancel()`` of the caller, and the cancellation is lost: a worker told
+    to stop would go on. The task's cancel count still shows it.
+    """
+    task = asyncio.current_task()
+    before = task.cancelling() if task is not None else 0
+    yield
+    if task is not None and task.cancelling() > before:
+        raise asyncio.CancelledError

@@ -1,0 +1,112 @@
+"""The one place redis-py's errors become Substantial's, and outages are logged once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from redis import exceptions as rx
+from redis.asyncio import Redis, RedisCluster
+
+from substantial.backends._common import reraise_lost_cancel
+from substantial.errors import BackendError, BackendUnavailable
+
+__all__ = ["Client", "Health", "log"]
+
+log = logging.getLogger("substantial.redis")
+
+Client = Redis | RedisCluster
+
+# Errors that mean "not reachable right now": the call did not happen, or
+# can be retried as it is. Authentication errors subclass ConnectionError
+# but are not transient, so they are caught before these.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    rx.ConnectionError,
+    rx.TimeoutError,
+    rx.ClusterDownError,
+    rx.TryAgainError,
+    rx.ReadOnlyError,
+    rx.ClusterError,
+    rx.SlotNotCoveredError,
+    OSError,
+    TimeoutError,
+)
+_DENIED = (rx.AuthenticationError, rx.AuthorizationError, rx.NoPermissionError)
+
+
+class Health:
+    """Translate driver errors for one client, and say once when its server goes and comes."""
+
+    def __init__(self, client: Client, where: str) -> None:
+        self._client = client
+        self.where = where
+        # A cluster client must learn the topology once before concurrent
+        # use: redis-py 8 breaks connections when many first calls race.
+        self._initialized = not isinstance(client, RedisCluster)
+        self._init_lock = asyncio.Lock()
+        self._down_since: float | None = None
+
+    @contextlib.asynccontextmanager
+    async def io(self, what: str) -> AsyncIterator[None]:
+        """Translate driver errors into the Substantial tree (the one place that does).
+
+        Also re-raise a cancellation that the driver swallowed (see
+        :func:`reraise_lost_cancel`): a cancelled worker must stop.
+        """
+        with reraise_lost_cancel():
+            try:
+                if not self._initialized:
+                    await self.initialize()
+                yield
+            except _DENIED as exc:
+                raise BackendError(
+                    f"Redis at {self.where} refused {what}: {exc}. Check the user and password "
+                    "in the URL and that the ACL allows this key prefix"
+                ) from exc
+            except rx.OutOfMemoryError as exc:
+                raise BackendError(
+                    f"Redis at {self.where} is out of memory ({what}): raise maxmemory; "
+                    "keep maxmemory-policy noeviction, evicting keys would lose runs"
+                ) from exc
+            except _UNAVAILABLE as exc:
+                self.note_down(exc)
+                raise BackendUnavailable(
+                    f"Redis at {self.where} is unavailable ({what}): {type(exc).__name__}: "
+                    f"{exc}. Nothing was written, or the call can be retried as it is"
+                ) from exc
+            except (rx.RedisError, rx.RedisClusterException) as exc:
+                raise BackendError(f"Redis at {self.where} rejected {what}: {exc}") from exc
+            if self._down_since is not None:
+                self.note_up()
+
+    async def initialize(self) -> None:
+        """Let a cluster client learn the topology (once)."""
+        async with self._init_lock:
+            if not self._initialized and isinstance(self._client, RedisCluster):
+                await self._client.initialize()
+            self._initialized = True
+
+    def note_down(self, exc: BaseException) -> None:
+        """Log the start of an outage: one line per outage, however many calls fail during it."""
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning(
+                "Redis at %s is unreachable (%s: %s); reconnecting with backoff, "
+                "calls fail with BackendUnavailable until it is back",
+                self.where,
+                type(exc).__name__,
+                exc,
+            )
+
+    def note_up(self) -> None:
+        """Log the end of an outage."""
+        if self._down_since is not None:
+            log.info(
+                "Redis at %s is reachable again after %.1f s",
+                self.where,
+                time.monotonic() - self._down_since,
+            )
+            self._down_since = None

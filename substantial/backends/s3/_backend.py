@@ -1,0 +1,425 @@
+"""The s3 backend: the log, the inbox, leases and metadata as objects in one bucket."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from substantial.backends import _hostile
+from substantial.backends._common import Page, filtered_runs
+from substantial.backends._redact import redact_url
+from substantial.backends.base import Backend, Event, Lease, RunInfo, validate_id
+from substantial.backends.s3._due import DueIndex
+from substantial.backends.s3._leases import Leases
+from substantial.backends.s3._objects import ObjectStore
+from substantial.errors import InvalidArgument, PositionTaken
+
+__all__ = ["POSITION_DIGITS", "S3Backend"]
+
+#: Log positions are zero-padded so that key order is position order.
+POSITION_DIGITS = 10
+
+# Per-sender arrival stamps must increase even when two posts share a clock tick.
+_stamp_lock = threading.Lock()
+_last_stamp = 0.0
+
+
+def _arrival_stamp() -> float:
+    global _last_stamp
+    with _stamp_lock:
+        _last_stamp = max(time.time(), _last_stamp + 1e-6)
+        return _last_stamp
+
+
+def _bool_param(name: str, value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise InvalidArgument(f"{name}={value!r}: use 1/true or 0/false")
+
+
+def _float_param(name: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise InvalidArgument(f"{name}={value!r}: use a number of seconds") from None
+
+
+class S3Backend(Backend):
+    """Store runs in an S3-compatible bucket, coordinating through conditional writes.
+
+    Endpoint, region and credentials come from the standard AWS chain
+    (``AWS_ENDPOINT_URL``, ``AWS_REGION``/``AWS_DEFAULT_REGION``,
+    ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, config
+    files, instance roles); keyword arguments override them. ``path_style``
+    defaults to path-style addressing whenever a custom endpoint is set.
+
+    S3 has no notifications, so :meth:`wait_for_work` polls the due index
+    with an interval that starts at ``min_poll`` when work arrives and doubles
+    up to ``max_poll`` while idle; work made due by this process wakes its
+    waiters at once.
+    """
+
+    name = "s3"
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+        session_token: str | None = None,
+        profile: str | None = None,
+        path_style: bool | None = None,
+        min_poll: float = 0.05,
+        max_poll: float = 2.0,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 30.0,
+        max_attempts: int = 4,
+        max_concurrency: int = 32,
+    ) -> None:
+        super().__init__()
+        if not bucket or "/" in bucket:
+            raise InvalidArgument(f"invalid bucket name {bucket!r}: use s3://bucket/prefix")
+        if (access_key_id is None) != (secret_access_key is None):
+            raise InvalidArgument("pass both access_key_id and secret_access_key, or neither")
+        if not 0 < min_poll <= max_poll:
+            raise InvalidArgument(
+                f"min_poll={min_poll} and max_poll={max_poll}: need 0 < min_poll <= max_poll"
+            )
+        if max_attempts < 1 or max_concurrency < 1:
+            raise InvalidArgument("max_attempts and max_concurrency must be at least 1")
+        stripped = prefix.strip("/")
+        self._objects = ObjectStore(
+            bucket,
+            f"{stripped}/" if stripped else "",
+            endpoint_url=endpoint_url,
+            region=region,
+            credentials=(access_key_id, secret_access_key, session_token),
+            profile=profile,
+            path_style=path_style,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_attempts=max_attempts,
+            max_concurrency=max_concurrency,
+        )
+        self.bucket = bucket
+        #: Every key this backend writes starts with this (empty, or ending in '/').
+        self.key_prefix = self._objects.key_prefix
+        self.endpoint_url = endpoint_url
+        self.min_poll = min_poll
+        self.max_poll = max_poll
+        #: Requests sent, by S3 operation, as botocore sends them (each of our retries
+        #: counts): the bill, in requests.
+        self.requests = self._objects.requests
+        self._due = DueIndex(self._objects, self.waker, min_poll=min_poll, max_poll=max_poll)
+        self._leases = Leases(self._objects, self._lease_key, self._took)
+
+    # -- construction -----------------------------------------------------
+
+    @classmethod
+    def from_url(cls, url: str) -> S3Backend:
+        """Build from ``s3://[key:secret@]bucket/prefix?endpoint=...&path_style=1``.
+
+        Query parameters: ``endpoint`` (or ``endpoint_url``), ``region``,
+        ``profile``, ``path_style``, ``min_poll``, ``max_poll``,
+        ``read_timeout``, ``connect_timeout``. Anything not given comes from
+        the standard AWS environment and config files.
+        """
+        parts = urlsplit(url)
+        if parts.scheme.lower() != "s3":
+            raise InvalidArgument(f"{redact_url(url)!r} is not an s3:// URL")
+        userinfo, at, host = parts.netloc.rpartition("@")
+        access_key_id = secret_access_key = None
+        if at:
+            key, colon, secret = userinfo.partition(":")
+            if not colon:
+                raise InvalidArgument(f"credentials in {redact_url(url)!r} must be key:secret")
+            access_key_id, secret_access_key = unquote(key), unquote(secret)
+        if not host:
+            raise InvalidArgument(f"{redact_url(url)!r} names no bucket: use s3://bucket/prefix")
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        known = {
+            "endpoint",
+            "endpoint_url",
+            "region",
+            "profile",
+            "path_style",
+            "min_poll",
+            "max_poll",
+            "read_timeout",
+            "connect_timeout",
+        }
+        unknown = sorted(set(query) - known)
+        if unknown:
+            raise InvalidArgument(
+                f"unknown parameter(s) {', '.join(unknown)} in {redact_url(url)!r}: "
+                f"use {', '.join(sorted(known))}"
+            )
+        kwargs: dict[str, Any] = {}
+        for name in ("min_poll", "max_poll", "read_timeout", "connect_timeout"):
+            if name in query:
+                kwargs[name] = _float_param(name, query[name])
+        return cls(
+            unquote(host),
+            unquote(parts.path),
+            endpoint_url=query.get("endpoint") or query.get("endpoint_url"),
+            region=query.get("region"),
+            profile=query.get("profile"),
+            path_style=_bool_param("path_style", query["path_style"])
+            if "path_style" in query
+            else None,
+            access_key_id=access_key_id,
+            secret_access_key=secret_access_key,
+            **kwargs,
+        )
+
+    def describe(self) -> str:
+        """Return ``s3://bucket/prefix`` and the endpoint, if not AWS."""
+        where = f" at {redact_url(self.endpoint_url)}" if self.endpoint_url else ""
+        return f"s3://{self.bucket}/{self.key_prefix}{where}"
+
+    # -- keys -------------------------------------------------------------
+
+    def entry_key(self, run_id: str, position: int) -> str:
+        """Return the object key of one log entry."""
+        return f"{self.key_prefix}runs/{run_id}/log/{position:0{POSITION_DIGITS}d}"
+
+    def _log_prefix(self, run_id: str) -> str:
+        return f"{self.key_prefix}runs/{run_id}/log/"
+
+    def _inbox_prefix(self, run_id: str) -> str:
+        return f"{self.key_prefix}runs/{run_id}/inbox/"
+
+    def _lease_key(self, run_id: str) -> str:
+        return f"{self.key_prefix}runs/{run_id}/lease"
+
+    def _pointer_key(self, run_id: str) -> str:
+        return f"{self.key_prefix}runs/{run_id}/due"
+
+    def _took(self) -> None:
+        # Work arrived here: poll fast again.
+        self._due.poll_interval = self.min_poll
+
+    def _meta_key(self, run_id: str) -> str:
+        return f"{self.key_prefix}meta/{run_id}"
+
+    # -- the log ----------------------------------------------------------
+
+    async def append(self, run_id: str, position: int, entry: bytes) -> None:
+        """Create the entry's object with If-None-Match: *; a 412 means the position is taken."""
+        validate_id("run id", run_id)
+        if position < 0:
+            raise InvalidArgument(f"position {position} of run {run_id!r} is negative")
+        if await self._objects.put_if(self.entry_key(run_id, position), bytes(entry)) is None:
+            raise PositionTaken(run_id, position)
+
+    async def read_log(self, run_id: str, start: int = 0) -> list[bytes]:
+        """List the run's log from ``start``, then fetch the entries in parallel.
+
+        From a later position, one GET first: the common "anything new?"
+        check costs a GET, not a LIST.
+        """
+        validate_id("run id", run_id)
+        start = max(0, start)
+        prefix = self._log_prefix(run_id)
+        head: list[bytes] = []
+        after = None
+        if start > 0:
+            first = await self._objects.get(self.entry_key(run_id, start))
+            if first is None:
+                return []
+            head = [first.body]
+            after = self.entry_key(run_id, start)
+        expected = start + len(head)
+        keys: list[str] = []
+        for item in await self._objects.list_all(prefix, after):
+            tail = item.key[len(prefix) :]
+            if not tail.isdigit():
+                continue
+            position = int(tail)
+            if position < expected:
+                continue
+            if position > expected:
+                break  # a gap: the log ends before it
+            keys.append(item.key)
+            expected += 1
+        bodies = await self._objects.gather(self._objects.get(k) for k in keys)
+        out = head
+        for obj in bodies:
+            if obj is None:
+                break
+            out.append(obj.body)
+        return out
+
+    # -- the inbox --------------------------------------------------------
+
+    async def post_event(self, run_id: str, event_id: str, data: bytes) -> bool:
+        """Create the event's object with If-None-Match: *, stamped with its arrival time."""
+        validate_id("run id", run_id)
+        validate_id("event id", event_id)
+        stamp = _arrival_stamp()
+        stored = await self._objects.put_if(
+            f"{self._inbox_prefix(run_id)}{event_id}",
+            bytes(data),
+            metadata={"posted-at": repr(stamp)},
+        )
+        # No wake-up here: send_event() schedules the run next, and that wakes workers
+        # once the run is due (waking them now would cost each a LIST for nothing).
+        return stored is not None
+
+    async def read_inbox(self, run_id: str) -> list[Event]:
+        """List the run's inbox, fetch the events and order them by arrival stamp."""
+        validate_id("run id", run_id)
+        prefix = self._inbox_prefix(run_id)
+        items = await self._objects.list_all(prefix)
+        objects = await self._objects.gather(self._objects.get(item.key) for item in items)
+        events: list[Event] = []
+        for item, obj in zip(items, objects, strict=True):
+            if obj is None:
+                continue  # acknowledged since the listing
+            try:
+                posted_at = float(obj.metadata["posted-at"])
+            except (KeyError, ValueError):
+                posted_at = obj.last_modified
+            events.append(Event(item.key[len(prefix) :], obj.body, posted_at))
+        events.sort(key=lambda e: (e.posted_at, e.event_id))
+        return events
+
+    async def ack_events(self, run_id: str, event_ids: Sequence[str]) -> None:
+        """Delete the events' objects (DELETE requests are free on AWS)."""
+        validate_id("run id", run_id)
+        prefix = self._inbox_prefix(run_id)
+        ids = [e for e in dict.fromkeys(event_ids) if _hostile.is_valid_id(e)]
+        await self._objects.gather(self._objects.delete(f"{prefix}{e}") for e in ids)
+
+    # -- the due index ----------------------------------------------------
+
+    async def schedule(self, run_id: str, at: float) -> None:
+        """Put a new due key, move the run's pointer to it (CAS), then delete the old key."""
+        validate_id("run id", run_id)
+        await self._due.schedule(run_id, at)
+
+    async def unschedule(self, run_id: str) -> None:
+        """Delete the run's pointer and the due key it names."""
+        validate_id("run id", run_id)
+        await self._due.unschedule(run_id)
+
+    async def due(self, now: float, limit: int = 100) -> list[tuple[str, float]]:
+        """List the due index up to ``now`` and keep the keys their run's pointer names."""
+        return await self._due.due(now, limit)
+
+    async def next_due_at(self) -> float | None:
+        """Return the time of the first due key its run's pointer names."""
+        return await self._due.next_due_at()
+
+    # -- leases -----------------------------------------------------------
+
+    async def acquire_lease(
+        self, run_id: str, owner: str, ttl: float, *, steal_from: str | None = None
+    ) -> bool:
+        """Take the lease by CAS on the lease object's ETag.
+
+        A renewal by the holder costs one PUT (the ETag is remembered); a take
+        costs a GET and a PUT.
+        """
+        validate_id("run id", run_id)
+        return await self._leases.acquire(run_id, owner, ttl, steal_from)
+
+    async def release_lease(self, run_id: str, owner: str) -> None:
+        """CAS the lease to a released state if ``owner`` holds it."""
+        validate_id("run id", run_id)
+        await self._leases.release(run_id, owner)
+
+    async def get_lease(self, run_id: str) -> Lease | None:
+        """Read the lease object; a released one reads as None."""
+        validate_id("run id", run_id)
+        return await self._leases.get(run_id)
+
+    # -- run metadata -----------------------------------------------------
+
+    async def put_run(self, info: RunInfo) -> None:
+        """Replace the run's metadata object; a PUT is atomic, readers see old or new."""
+        validate_id("run id", info.run_id)
+        await self._objects.put(self._meta_key(info.run_id), info.to_bytes())
+
+    async def get_run(self, run_id: str) -> RunInfo | None:
+        """Read the run's metadata object."""
+        validate_id("run id", run_id)
+        obj = await self._objects.get(self._meta_key(run_id))
+        return None if obj is None else RunInfo.from_bytes(run_id, obj.body)
+
+    async def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[RunInfo]:
+        """List ``meta/`` in key (run id) order and read each run's metadata.
+
+        Filters are applied after reading, so a selective filter reads more
+        objects than it returns.
+        """
+        prefix = f"{self.key_prefix}meta/"
+
+        async def fetch(cursor: str | None, n: int) -> Page:
+            start_after = f"{prefix}{cursor}" if cursor is not None else None
+            items, truncated, _ = await self._objects.list_page(
+                prefix, start_after=start_after, max_keys=n
+            )
+            found = await self._objects.gather(self._objects.get(item.key) for item in items)
+            page = [
+                (item.key[len(prefix) :], None if obj is None else obj.body)
+                for item, obj in zip(items, found, strict=True)
+            ]
+            return page, truncated
+
+        return await filtered_runs(
+            self,
+            fetch,
+            status=status,
+            workflow=workflow,
+            limit=limit,
+            after=after,
+            page_size=1000 if status or workflow else max(1, min(1000, limit)),
+        )
+
+    # -- shared helpers, specialised ----------------------------------------
+
+    async def create_run(self, info: RunInfo, entry: bytes, due_at: float) -> bool:
+        """Write the first entry (the fence), then metadata and schedule in parallel."""
+        validate_id("run id", info.run_id)
+        try:
+            await self.append(info.run_id, 0, entry)
+        except PositionTaken:
+            if await self.get_run(info.run_id) is None:
+                await asyncio.gather(self.put_run(info), self.schedule(info.run_id, due_at))
+            return False
+        await asyncio.gather(self.put_run(info), self.schedule(info.run_id, due_at))
+        return True
+
+    # -- lifecycle and wake-ups ----------------------------------------------
+
+    async def wait_for_work(self, timeout: float) -> bool:
+        """Sleep until woken in-process or a poll finds new due work; False on timeout.
+
+        The poll interval starts at ``min_poll`` when work arrives and doubles
+        up to ``max_poll`` while nothing does. Each poll is one LIST request.
+        """
+        return await self._due.wait_for_work(timeout)
+
+    async def close(self) -> None:
+        """Close the HTTP client; the backend is unusable afterwards."""
+        self._due.close()
+        await self._objects.close()

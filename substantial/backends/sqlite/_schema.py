@@ -1,0 +1,114 @@
+"""The SQLite layout: tables, statements, and preparing a connection (docs/PROTOCOL.md)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from substantial.backends.base import Durability
+from substantial.errors import BackendUnavailable, ProtocolMismatch
+
+__all__ = [
+    "ACQUIRE",
+    "APPEND",
+    "GET_LEASE",
+    "POST",
+    "PUT_RUN",
+    "RELEASE",
+    "SCHEDULE",
+    "SCHEMA_VERSION",
+    "setup",
+]
+
+#: The layout version, kept in ``PRAGMA user_version``.
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+BEGIN IMMEDIATE;
+CREATE TABLE IF NOT EXISTS log (
+    run_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    entry BLOB NOT NULL,
+    PRIMARY KEY (run_id, position)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS inbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    data BLOB NOT NULL,
+    posted_at REAL NOT NULL,
+    UNIQUE (run_id, event_id)
+);
+CREATE INDEX IF NOT EXISTS inbox_by_run ON inbox (run_id, seq);
+CREATE TABLE IF NOT EXISTS due (
+    run_id TEXT PRIMARY KEY,
+    at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS due_by_at ON due (at, run_id);
+CREATE TABLE IF NOT EXISTS leases (
+    run_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    workflow TEXT NOT NULL,
+    status TEXT NOT NULL,
+    info BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, run_id);
+CREATE INDEX IF NOT EXISTS runs_by_workflow ON runs (workflow, run_id);
+PRAGMA user_version = 1;
+COMMIT;
+"""
+
+APPEND = "INSERT OR IGNORE INTO log (run_id, position, entry) VALUES (?, ?, ?)"
+POST = "INSERT OR IGNORE INTO inbox (run_id, event_id, data, posted_at) VALUES (?, ?, ?, ?)"
+SCHEDULE = (
+    "INSERT INTO due (run_id, at) VALUES (?, ?) ON CONFLICT (run_id) DO UPDATE SET at = excluded.at"
+)
+GET_LEASE = "SELECT owner, expires_at FROM leases WHERE run_id = ?"
+PUT_RUN = "INSERT OR REPLACE INTO runs (run_id, workflow, status, info) VALUES (?, ?, ?, ?)"
+# A lease row that other code wrote with wrong types (SQLite keeps them) is unreadable:
+# it counts as expired, and release removes it.
+_UNREADABLE = (
+    "(typeof(leases.owner) != 'text' OR leases.owner = '' "
+    "OR typeof(leases.expires_at) NOT IN ('real', 'integer') OR abs(leases.expires_at) > 1e308)"
+)
+ACQUIRE = f"""
+INSERT INTO leases (run_id, owner, expires_at) VALUES (?1, ?2, ?3)
+ON CONFLICT (run_id) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at
+WHERE leases.expires_at <= ?4 OR leases.owner = ?2 OR leases.owner = ?5 OR {_UNREADABLE}
+"""
+RELEASE = f"DELETE FROM leases WHERE run_id = ?1 AND (leases.owner = ?2 OR {_UNREADABLE})"
+
+
+def setup(db: sqlite3.Connection, path: Path, durability: Durability, timeout: float) -> None:
+    """Switch a new connection to WAL, set its durability, create or check the tables."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            # Switching a new file to WAL takes an exclusive lock without the
+            # busy handler's help, so a crowd of first openers retries here.
+            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+    if str(mode).lower() != "wal":
+        raise BackendUnavailable(
+            f"{path} cannot use write-ahead logging (journal_mode is {mode}); put the "
+            "database on a local file system"
+        )
+    sync = "FULL" if durability == "fsync" else "NORMAL"
+    db.execute(f"PRAGMA synchronous = {sync}")
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise ProtocolMismatch(
+            f"{path} uses SQLite layout {version}; this version of substantial reads up "
+            f"to {SCHEMA_VERSION}: upgrade substantial"
+        )
+    if version < SCHEMA_VERSION:
+        db.executescript(SCHEMA)
