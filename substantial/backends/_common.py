@@ -1,6 +1,7 @@
 """Code every backend would otherwise repeat: each rule written once, here.
 
 * :func:`check_durability` - the one check of a ``durability=`` argument.
+* :func:`local_store_url` - reading ``file://`` and ``sqlite://`` URLs.
 * :func:`lease_takable` - when a lease may be taken (free, expired, ours, or named).
 * :func:`filtered_runs` - the listing loop: page through metadata in run id
   order, decode each record (flagging unreadable ones) and apply the filters.
@@ -14,8 +15,10 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TypeAlias
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from substantial.backends._hostile import listed, read_listed
+from substantial.backends._redact import redact_url
 from substantial.backends.base import Durability, RunInfo
 from substantial.errors import InvalidArgument
 
@@ -24,6 +27,7 @@ __all__ = [
     "check_durability",
     "filtered_runs",
     "lease_takable",
+    "local_store_url",
     "reraise_lost_cancel",
 ]
 
@@ -33,6 +37,32 @@ def check_durability(value: object) -> Durability:
     if value not in ("process", "fsync"):
         raise InvalidArgument(f"durability={value!r}: use 'process' or 'fsync'")
     return value
+
+
+def local_store_url(url: str) -> tuple[str, Durability]:
+    """Return the path and durability a ``file://`` or ``sqlite://`` URL names.
+
+    ``file:///abs/dir`` or ``file://./rel/dir``; ``?durability=fsync`` selects
+    power-loss safety (default ``process``).
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise InvalidArgument(f"malformed backend URL {redact_url(url)!r}: {exc}") from None
+    scheme = parts.scheme.lower()
+    path = unquote(parts.netloc + parts.path)
+    if not path:
+        raise InvalidArgument(f"{redact_url(url)!r} names no path: use {scheme}:///absolute/path")
+    if parts.password is not None:
+        # It would become part of the path, and of describe()'s output.
+        raise InvalidArgument(f"{redact_url(url)!r}: {scheme}:// URLs take no password")
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    durability = query.get("durability", "process")
+    if durability not in ("process", "fsync"):
+        raise InvalidArgument(
+            f"durability={durability!r} in {redact_url(url)!r}: use 'process' or 'fsync'"
+        )
+    return path, check_durability(durability)
 
 
 def lease_takable(

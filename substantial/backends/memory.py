@@ -34,6 +34,11 @@ class MemoryBackend(Backend):
         self.leases: dict[str, Lease] = {}
         self.runs: dict[str, bytes] = {}
 
+    @classmethod
+    def from_url(cls, url: str) -> MemoryBackend:
+        """Open ``memory://``: a new, empty store of this process."""
+        return cls()
+
     async def append(self, run_id: str, position: int, entry: bytes) -> None:
         """Store the entry if ``position`` is the next free slot or beyond it."""
         validate_id("run id", run_id)

@@ -11,7 +11,13 @@ from pathlib import Path
 import orjson
 
 from substantial.backends import _hostile
-from substantial.backends._common import Page, check_durability, filtered_runs, lease_takable
+from substantial.backends._common import (
+    Page,
+    check_durability,
+    filtered_runs,
+    lease_takable,
+    local_store_url,
+)
 from substantial.backends._wake import WakeChannel
 from substantial.backends.base import (
     Backend,
@@ -52,6 +58,12 @@ class FSBackend(Backend):
         self._index = DueIndex(self._files, self._runs, f"{self._root}/due", self)
         self._wake = WakeChannel(f"{self._root}/wake", self.waker)
         self._unavailable = self._files.unavailable
+
+    @classmethod
+    def from_url(cls, url: str) -> FSBackend:
+        """Open ``file:///abs/dir`` (or ``file://./rel/dir``), ``?durability=fsync`` optional."""
+        path, durability = local_store_url(url)
+        return cls(path, durability=durability)
 
     def describe(self) -> str:
         """Return the backend name and its directory."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from substantial.backends import _hostile
-from substantial.backends._common import Page, check_durability, filtered_runs
+from substantial.backends._common import Page, check_durability, filtered_runs, local_store_url
 from substantial.backends._wake import WakeChannel
 from substantial.backends.base import Backend, Durability, Event, Lease, RunInfo, validate_id
 from substantial.backends.sqlite._batch import GroupCommit
@@ -59,6 +59,12 @@ class SQLiteBackend(Backend):
         self._batch = GroupCommit(
             lambda: self._db, self._unavailable, self._closed_error, self._wake.broadcast
         )
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteBackend:
+        """Open ``sqlite:///path/to.db``, ``?durability=fsync`` optional."""
+        path, durability = local_store_url(url)
+        return cls(path, durability=durability)
 
     def describe(self) -> str:
         """Return the backend name and its database file."""
