@@ -189,9 +189,9 @@ class Driver:
                 return
             if self.stop_requested:
                 await self._hand_back()
-            if self._refuse_endless_timers():
-                return
             await self.flush()
+            if x.failure is not None:
+                return
             self._start_commands()
             if not self.ready and not self.inbox_dirty:
                 await self._wait()
@@ -309,6 +309,8 @@ class Driver:
         as null, and a due time past :data:`MAX_SECONDS` does not fit the stores' time keys.
         """
         x = self.x
+        if not any(r["k"] == "sleep" for r in x.pending):
+            return False
         limit = time.time() + MAX_SECONDS
         bad = [
             r

@@ -90,6 +90,11 @@ class StepSpec:
     retry_at: float = 0.0
 
 
+_NEVER = float("inf")
+#: Types a step commonly returns, none of them awaitable (isawaitable is slow to say so).
+_PLAIN = frozenset({int, str, float, bool, type(None), dict, list, tuple, bytes})
+
+
 class Pace:
     """How long each sync step function took last time, so the quick ones run inline.
 
@@ -108,21 +113,25 @@ class Pace:
         self._last: dict[object, float] = {}
 
     @staticmethod
-    def _key(fn: Callable[..., Any]) -> object:
+    def key(fn: Callable[..., Any]) -> object:
+        """Return what identifies ``fn`` across calls: its code (a lambda in a loop is one)."""
         while isinstance(fn, functools.partial):
             fn = fn.func
         fn = getattr(fn, "__func__", fn)
         return getattr(fn, "__code__", None) or type(fn)
 
-    def quick(self, fn: Callable[..., Any]) -> bool:
-        """Tell whether ``fn`` returned within ``inline_below`` seconds last time."""
-        return self._last.get(self._key(fn), float("inf")) < self.inline_below
+    def quick(self, key: object) -> bool:
+        """Tell whether the function of ``key`` returned within ``inline_below`` last time.
 
-    def note(self, fn: Callable[..., Any], seconds: float) -> None:
-        """Remember how long a call of ``fn`` took."""
+        Only sync functions are ever timed, so a quick one is never an ``async def``.
+        """
+        return self._last.get(key, _NEVER) < self.inline_below
+
+    def note(self, key: object, seconds: float) -> None:
+        """Remember how long a call of the function of ``key`` took."""
         if len(self._last) >= self.SIZE:
             self._last.clear()
-        self._last[self._key(fn)] = seconds
+        self._last[key] = seconds
 
     def timed(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Call ``fn`` (in a step thread) and note how long it took."""
@@ -130,7 +139,7 @@ class Pace:
         try:
             return fn(*args)
         finally:
-            self.note(fn, time.perf_counter() - started)
+            self.note(self.key(fn), time.perf_counter() - started)
 
 
 class Steps:
@@ -153,32 +162,35 @@ class Steps:
 
     def start(self, command: Command) -> None:
         """Start a ``step`` or ``compensate`` command: inline if quick, else as a task."""
-        if self._quick(command.spec) and not telemetry.on:  # a span needs the task path
-            self._step_inline(command)
-        else:
-            self.spawn(self._run_step(command))
+        spec: StepSpec = command.spec
+        # Inline only: a first attempt, with no timeout (it could not be enforced), and no
+        # span to open (a span needs the task path).
+        if not (spec.attempts or spec.timeout is not None or telemetry.on):
+            key = self.pace.key(spec.fn)
+            if (
+                self.pace.quick(key)
+                if self.executor is not None
+                else not inspect.iscoroutinefunction(spec.fn)
+            ):
+                self._step_inline(command, key)
+                return
+        self.spawn(self._run_step(command))
 
-    def _quick(self, spec: StepSpec) -> bool:
-        """Tell whether a step may run inline on the loop, skipping the task and thread hops."""
-        if spec.attempts or spec.timeout is not None or inspect.iscoroutinefunction(spec.fn):
-            return False
-        return self.executor is None or self.pace.quick(spec.fn)
-
-    def _step_inline(self, command: Command) -> None:
+    def _step_inline(self, command: Command, key: object) -> None:
         """Run a quick sync step now; a failure that will be retried goes on as a task."""
         spec: StepSpec = command.spec
         started = time.perf_counter()
         try:
             result = spec.fn(*spec.args)
         except Exception as exc:
-            self.pace.note(spec.fn, time.perf_counter() - started)
+            self.pace.note(key, time.perf_counter() - started)
             pause = self._settle(command, 1, None, error_of(exc))
             if pause is not None:
                 self.spawn(self._run_step(command, attempts=1, pause=pause))
             return
-        self.pace.note(spec.fn, time.perf_counter() - started)
-        if inspect.isawaitable(result):
-            self.pace.note(spec.fn, float("inf"))
+        self.pace.note(key, time.perf_counter() - started)
+        if type(result) not in _PLAIN and inspect.isawaitable(result):
+            self.pace.note(key, _NEVER)
             self.spawn(self._run_step(command, first=result))
             return
         self._settle(command, 1, result, None)
