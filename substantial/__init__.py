@@ -26,6 +26,7 @@ from substantial.errors import (
     WorkflowMisuse,
     WorkflowTimeout,
 )
+from substantial.queues import Queue
 from substantial.workflow import Workflow, workflow
 
 __version__ = "0.2.0.dev0"
@@ -43,6 +44,7 @@ __all__ = [
     "NonDeterminismError",
     "PositionTaken",
     "ProtocolMismatch",
+    "Queue",
     "ReceiveTimeout",
     "ResultTimeout",
     "RetryPolicy",

@@ -1,34 +1,101 @@
-"""Flow control on the Conductor: schedules (and queues), as methods of one mixin.
+"""Flow control on the Conductor: schedules and queues, as methods of one mixin.
 
 The Conductor inherits :class:`FlowControl`; the work is done in
-:mod:`substantial.schedules`, whose built-in workflow every Conductor
-registers so that any of its workers serves any schedule.
+:mod:`substantial.schedules` and :mod:`substantial.queues`, whose built-in
+workflows every Conductor registers so that any of its workers serves any
+schedule and any queue.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from substantial import schedules
+from substantial import queues, schedules
+from substantial._queue_flow import queue_workflow
 from substantial._schedule_flow import schedule_workflow
 from substantial.backends.base import Backend
+from substantial.errors import InvalidArgument, RunConflict
+from substantial.records import StartRecord
 from substantial.workflow import Registry, Workflow
 
 if TYPE_CHECKING:
-    from substantial.conductor import Conductor
+    from substantial.conductor import Conductor, Run
 
 __all__ = ["FlowControl"]
 
 
 class FlowControl:
-    """Schedules, as the Conductor offers them."""
+    """Schedules and queues, as the Conductor offers them."""
 
     backend: Backend
     registry: Registry
 
-    def _register_flow(self) -> None:
+    def _register_flow(self, declared: Sequence[queues.Queue] = ()) -> None:
         self.registry.register(schedule_workflow(self.backend))
+        self.registry.register(queue_workflow(self.backend))
+        self.queues: dict[str, queues.Queue] = {}
+        for queue in declared:
+            if not isinstance(queue, queues.Queue):
+                raise InvalidArgument(f"Conductor(queues=...) takes Queue objects, got {queue!r}")
+            self.queues[queue.name] = queue
+        #: Queues known to be stored with this process's limits.
+        self._stored_queues: set[str] = set()
+
+    async def _queue_ready(self, name: str) -> None:
+        if name in self._stored_queues:
+            return
+        declared = self.queues.get(name)
+        if declared is not None:
+            await queues.ensure_queue(self.backend, declared)
+        elif await self.backend.get_run(queues.queue_run_id(name)) is None:
+            raise InvalidArgument(
+                f"no queue named {name!r}: declare it, Conductor(backend, "
+                f"queues=[Queue({name!r}, concurrency=...)])"
+            )
+        self._stored_queues.add(name)
+
+    async def _enqueue(
+        self,
+        record: StartRecord,
+        queue: str | None,
+        chosen_id: bool,
+        key: str | None,
+        priority: int,
+        dedup_id: str | None,
+        delay: timedelta | float | None,
+        debounce: timedelta | float | None,
+    ) -> Run | None:
+        """Start a run through ``queue``; None when no queue option is given (a plain start)."""
+        if queue is None:
+            if (key, dedup_id, delay, debounce) != (None, None, None, None) or priority:
+                raise InvalidArgument(
+                    "key=, priority=, dedup_id=, delay= and debounce= need queue=: "
+                    "declare a Queue and start the run in it"
+                )
+            return None
+        wait, spread = queues.check_options(key, priority, delay, debounce, dedup_id)
+        queues.queue_run_id(queue)
+        if dedup_id is not None:
+            if chosen_id:
+                raise InvalidArgument("give run_id= or dedup_id=, not both")
+            # One run per dedup id: the id derives from it, and create-if-absent decides.
+            record["run_id"] = f"dedup:{queue}:{dedup_id}"[:200]
+        await self._queue_ready(queue)
+        created = await queues.start_queued(
+            self.backend, record, queue, key=key, priority=priority, delay=wait, debounce=spread
+        )
+        if not created and chosen_id:
+            from substantial._runs import existing_start, same_start
+
+            existing = await existing_start(self.backend, record["run_id"])
+            if not same_start(existing, record):
+                raise RunConflict(
+                    f"run {record['run_id']!r} already exists with other arguments: "
+                    "choose another run_id"
+                )
+        return self._me().get(record["run_id"])
 
     def _me(self) -> Conductor:
         return self  # type: ignore[return-value]
@@ -75,3 +142,9 @@ class FlowControl:
     async def list_schedules(self, *, limit: int = 1000) -> list[schedules.ScheduleInfo]:
         """Return the schedules stored in the backend, with their state."""
         return await schedules.list_schedules(self._me(), limit=limit)
+
+    async def list_queues(self, *, limit: int = 1000) -> list[queues.QueueInfo]:
+        """Return the queues stored in the backend: limits, runs waiting and running."""
+        for name in self.queues:
+            await self._queue_ready(name)
+        return await queues.list_queues(self._me(), limit=limit)

@@ -26,6 +26,7 @@ from substantial.errors import (
     UnknownWorkflow,
     WorkflowFailed,
 )
+from substantial.queues import Queue
 from substantial.records import as_stored, decode_entry, encode_value, start_record
 from substantial.replay import CANCEL_EVENT
 from substantial.worker import Worker
@@ -77,6 +78,12 @@ class Conductor(FlowControl, Surgery):
         *,
         run_id: str | None = None,
         timeout: timedelta | float | None = None,
+        queue: str | None = None,
+        key: str | None = None,
+        priority: int = 0,
+        dedup_id: str | None = None,
+        delay: timedelta | float | None = None,
+        debounce: timedelta | float | None = None,
     ) -> Run:
         """Start a run of ``wf`` with keyword arguments ``kwargs``; return its handle.
 
@@ -86,6 +93,11 @@ class Conductor(FlowControl, Surgery):
         ``timeout`` gives the run a deadline (default: the workflow's
         ``timeout``): once it passes, ``WorkflowTimeout`` is raised inside the
         workflow and the run ends as ``timed_out``.
+
+        With ``queue``, the run waits in that queue until its limits admit it
+        (docs/queues.md): ``key`` for per-key limits and debounce, higher
+        ``priority`` first, one run per ``dedup_id``, no earlier than ``delay``,
+        and starts within ``debounce`` of each other collapsed into the last.
         """
         if isinstance(wf, str):
             found = self.registry.latest(wf)
@@ -111,6 +123,10 @@ class Conductor(FlowControl, Surgery):
         record = start_record(
             rid, wf.name, wf.version, args, now, deadline=None if limit is None else now + limit
         )
+        options = (key, priority, dedup_id, delay, debounce)
+        queued = await self._enqueue(record, queue, run_id is not None, *options)
+        if queued is not None:
+            return queued
         if not await create_run(self.backend, record) and run_id is not None:
             existing = await existing_start(self.backend, rid)
             if not same_start(existing, record):

@@ -95,6 +95,8 @@ _FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "start": {"workflow": str, "kwargs": dict, "at": _NUM},
     "step": {"c": int, "name": str},
     "attempt": {"c": int, "name": str, "n": int, "error": dict, "retry_at": _NUM},
+    # Written by a queue at position 1 of a run it admits; replay passes over it.
+    "admit": {"queue": str},
     "sleep": {"c": int, "until": _NUM},
     "timer": {"c": int},
     "event": {"id": str, "name": str},

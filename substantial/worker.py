@@ -306,6 +306,8 @@ class Worker:
         if records[-1][1]["k"] == "end":
             await self._finish(live, start, records[-1][1])
             return
+        if "queue" in start and not await queues.admitted(self.backend, run_id, records):
+            return  # waiting for its queue to admit it
         wf = self.registry.lookup(start["workflow"], start.get("version"))
         if wf is None:
             version = start.get("version")
@@ -413,6 +415,8 @@ class Worker:
         info = live.info
         assert info is not None
         await finish_run(self.backend, info, start, end)
+        if "queue" in start:
+            await queues.released(self.backend, start, info.run_id)
         self.on_ended(info.run_id)
 
     # -- waiting, eviction and shutdown -------------------------------------------

@@ -19,6 +19,8 @@ def test_all_is_sorted_and_complete() -> None:
         "replay",
         "worker",
         "workflow",
+        "queues",
+        "schedules",
         "cli",
         "demo",
         "testing",

@@ -1,0 +1,72 @@
+"""Workflows of the schedule and queue tests, importable by worker subprocesses.
+
+``conductor`` opens the backend named by $SUBSTANTIAL_TEST_URL;
+``python -m tests.flow_workflows`` runs a worker for it that polls every
+0.2 s (S3 has no wake-up signal: its workers find new work by polling) with
+one-second leases, until SIGTERM. Steps
+append a line with timestamps to $SUBSTANTIAL_TEST_TRACE: the ledger the
+tests read to see what ran, where and when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from datetime import timedelta
+
+from substantial import Conductor, Context, workflow
+from tests.workflows import trace
+
+
+@workflow()
+async def ticked(c: Context, scheduled_at: str, tag: str = "") -> str:
+    def note() -> str:
+        trace(f"{c.run_id} {scheduled_at} {time.time():.6f}")
+        return scheduled_at
+
+    return await c.save(note)
+
+
+@workflow()
+async def untimed(c: Context, tag: str = "") -> str:
+    return tag
+
+
+@workflow()
+async def held(c: Context, n: int = 0, pause: float = 0.1, key: str = "") -> int:
+    """Hold the run for ``pause`` seconds inside one step; the ledger says from when to when."""
+
+    async def work() -> int:
+        began = time.time()
+        await asyncio.sleep(pause)
+        trace(f"{c.run_id} {n} {key or '-'} {began:.6f} {time.time():.6f}")
+        return n
+
+    return await c.save(work)
+
+
+def _conductor() -> Conductor:
+    conductor = Conductor(os.environ.get("SUBSTANTIAL_TEST_URL", "memory://"))
+    for wf in (ticked, untimed, held):
+        conductor.register(wf)
+    return conductor
+
+
+conductor = _conductor()
+
+#: The period of the schedule the multi-process test runs.
+PERIOD = timedelta(seconds=0.4)
+
+
+async def serve() -> None:
+    agent = conductor.run(poll_interval=0.2, lease_ttl=1.0)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, agent.cancel)
+    await agent
+    await conductor.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve())
