@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from substantial import _clock
 from substantial._durations import MAX_SECONDS
 from substantial._steps import Pace, Steps
 from substantial.backends.base import Backend
@@ -80,6 +81,8 @@ class Driver:
         self.lost = False
         self.tasks: set[asyncio.Task[None]] = set()
         self.timers: dict[int, asyncio.TimerHandle] = {}
+        #: When each armed timer is due, by command number.
+        self.timer_due: dict[int, float] = {}
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -311,7 +314,7 @@ class Driver:
         x = self.x
         if not any(r["k"] == "sleep" for r in x.pending):
             return False
-        limit = time.time() + MAX_SECONDS
+        limit = _clock.now() + MAX_SECONDS
         bad = [
             r
             for r in x.pending
@@ -390,20 +393,33 @@ class Driver:
         loop = asyncio.get_running_loop()
         # The loop's timers wake up to a millisecond late (epoll rounds up), so aim a
         # little early and finish the wait in _fire.
-        delay = max(0.0, until - time.time() - TIMER_EARLY)
+        delay = max(0.0, until - _clock.now() - TIMER_EARLY)
         self.timers[c] = loop.call_later(delay, self._fire, c, until)
+        self.timer_due[c] = until
 
     def _fire(self, c: int, until: float) -> None:
-        if time.time() >= until:
+        if _clock.now() >= until:
             self.timers.pop(c, None)
+            self.timer_due.pop(c, None)
             self._post({"k": "timer", "c": c, "t": self.x.now()})
         else:
             self.timers[c] = asyncio.get_running_loop().call_later(0, self._fire, c, until)
 
+    def rearm(self) -> None:
+        """Arm the run's timers and deadline again: the clock jumped (time-skipping tests)."""
+        for c, until in list(self.timer_due.items()):
+            handle = self.timers.pop(c, None)
+            if handle is not None:
+                handle.cancel()
+                self._arm(c, until)
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._arm_deadline()
+
     def _arm_deadline(self) -> None:
         if self.deadline is None or self.x.timed_out:
             return
-        delay = max(0.0, self.deadline - time.time())
+        delay = max(0.0, self.deadline - _clock.now())
         self._deadline_timer = asyncio.get_running_loop().call_later(
             delay, lambda: self._post({"k": "timeout", "t": self.x.now()})
         )

@@ -18,7 +18,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
-from substantial import telemetry
+from substantial import _clock, telemetry
 from substantial._durations import seconds
 from substantial.backends.base import ErrorInfo
 from substantial.errors import InvalidArgument, SerializationError, StepTimeout
@@ -206,7 +206,7 @@ class Steps:
         spec: StepSpec = command.spec
         if attempts is None:
             attempts = spec.attempts
-            pause = max(0.0, spec.retry_at - time.time()) if attempts else 0.0
+            pause = max(0.0, spec.retry_at - _clock.now()) if attempts else 0.0
         while True:
             if pause:
                 await asyncio.sleep(pause)
@@ -267,7 +267,7 @@ class Steps:
                     "name": command.name,
                     "n": attempts,
                     "error": error,
-                    "retry_at": time.time() + pause,
+                    "retry_at": _clock.now() + pause,
                 }
             )
         logger.warning(

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from substantial import _clock
 from substantial._durations import seconds
 from substantial._offline import replay
 from substantial._repair import fork_run, resume_run
@@ -51,7 +51,7 @@ class Surgery:
                     by_position.setdefault(position, []).append(r)
                 await replay(wf, [by_position.get(p, []) for p in range(last)])
 
-        deadline = None if limit is None else time.time() + limit
+        deadline = None if limit is None else _clock.now() + limit
         await resume_run(self.backend, run_id, deadline=deadline, check=check)
         return self.get(run_id)
 

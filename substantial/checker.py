@@ -13,11 +13,11 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
+from substantial._offline import replay
 from substantial.backends.base import Backend, RunInfo
 from substantial.errors import NonDeterminismError, SubstantialError
 from substantial.portable import ExportedRun
 from substantial.records import decode_entry
-from substantial._offline import replay
 from substantial.workflow import Registry
 
 __all__ = ["CheckReport", "Finding", "check_exported", "check_store", "describe_finding"]

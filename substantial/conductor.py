@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
+from substantial import _clock
 from substantial._durations import seconds
 from substantial._flow import FlowControl
 from substantial._runs import create_run, existing_start, same_start
@@ -118,7 +119,7 @@ class Conductor(FlowControl, Surgery):
             )
         limit = wf.timeout if timeout is None else timeout_seconds(timeout, "start(timeout=...)")
         rid = run_id if run_id is not None else uuid.uuid4().hex
-        now = time.time()
+        now = _clock.now()
         args = as_stored(dict(kwargs or {}), "the workflow's arguments", "kwargs")
         record = start_record(
             rid, wf.name, wf.version, args, now, deadline=None if limit is None else now + limit

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import time
 from collections.abc import Callable
 from typing import Any
 
+from substantial import _clock
 from substantial._commands import (
     ACTIVATIONS,
     Command,
@@ -473,4 +473,4 @@ class Execution:
 
     def now(self) -> float:
         """Return real time for live records (the workflow's clock only moves forward)."""
-        return max(time.time(), self.loop.now)
+        return max(_clock.now(), self.loop.now)

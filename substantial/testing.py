@@ -11,11 +11,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from substantial import _clock
 from substantial._offline import Replayed, replay
+from substantial._timeskip import keep_time
 from substantial.backends.base import Backend
 from substantial.backends.memory import MemoryBackend
 from substantial.conductor import Conductor
@@ -27,22 +30,36 @@ __all__ = ["MemoryBackend", "Replayed", "log_records", "replay", "running"]
 
 @contextlib.asynccontextmanager
 async def running(
-    *workflows: Workflow[Any], backend: Backend | None = None, **worker_options: Any
+    *workflows: Workflow[Any],
+    backend: Backend | None = None,
+    time_skipping: bool = False,
+    **worker_options: Any,
 ) -> AsyncIterator[Conductor]:
     """Yield a Conductor on ``backend`` (a fresh memory store by default) with a worker running.
 
     ``worker_options`` go to :meth:`Conductor.run` (``idle_timeout``, ``lease_ttl``, ...).
+    With ``time_skipping``, durable time jumps ahead whenever the test awaits
+    a run and every run waits (a 30-day ``c.sleep`` ends at once, timers
+    still fire in order); the clock returns to real time on exit. One
+    time-skipping block at a time per process.
     """
     conductor = Conductor(backend or MemoryBackend())
     for wf in workflows:
         conductor.register(wf)
     agent = conductor.run(**worker_options)
+    keeper = asyncio.create_task(keep_time(conductor, agent.worker)) if time_skipping else None
     try:
         yield conductor
     finally:
+        if keeper is not None:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
         agent.cancel()
         await agent
         await conductor.close()
+        if keeper is not None:
+            _clock.reset()
 
 
 async def log_records(backend: Backend, run_id: str) -> list[Record]:

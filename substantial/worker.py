@@ -14,13 +14,12 @@ import contextlib
 import functools
 import logging
 import random
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-from substantial import queues, telemetry
+from substantial import _clock, queues, telemetry
 from substantial._durations import seconds
 from substantial._live import Driver
 from substantial._outcome import Outcome, end_of, finish_run, snapshot_of
@@ -134,7 +133,7 @@ class Worker:
                 self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _poll_once(self) -> None:
-        now = time.time()
+        now = _clock.now()
         batch = max(64, 2 * self.concurrency) if self.concurrency < 512 else 1024
         for run_id, at in await self.backend.due(now, batch):
             live = self.runs.get(run_id)
@@ -169,11 +168,11 @@ class Worker:
         if run_id not in self._noted:
             self._noted.add(run_id)
             logger.error("run %s set aside: %s", run_id, exc)
-        self._skip_until[run_id] = time.time() + seconds
+        self._skip_until[run_id] = _clock.now() + seconds
 
     async def _next_wait(self) -> float:
         nxt = await self.backend.next_due_at()
-        now = time.time()
+        now = _clock.now()
         wait = self.poll_interval
         if nxt is not None and nxt > now:
             wait = min(wait, nxt - now)
@@ -188,7 +187,7 @@ class Worker:
         period = max(0.05, self.lease_ttl / 3)
         while True:
             await asyncio.sleep(period)
-            now = time.time()
+            now = _clock.now()
             self._skip_until = {k: v for k, v in self._skip_until.items() if v > now}
             for live in list(self.runs.values()):
                 try:
@@ -228,11 +227,11 @@ class Worker:
         except BackendError as exc:
             pause = self._backoff(run_id)
             logger.warning("run %s: backend error, retrying in %.1fs: %s", run_id, pause, exc)
-            self._skip_until[run_id] = time.time() + pause
+            self._skip_until[run_id] = _clock.now() + pause
         except Exception:
             pause = self._backoff(run_id, first=5.0)
             logger.exception("run %s: unexpected engine error, retrying in %.1fs", run_id, pause)
-            self._skip_until[run_id] = time.time() + pause
+            self._skip_until[run_id] = _clock.now() + pause
         finally:
             self.runs.pop(run_id, None)
             if release:
@@ -255,7 +254,7 @@ class Worker:
         with contextlib.suppress(BackendError):
             info = live.info or await self.backend.get_run(live.run_id)
             if info is not None and info.note != note and info.status == "active":
-                await self.backend.put_run(replace(info, note=note, updated_at=time.time()))
+                await self.backend.put_run(replace(info, note=note, updated_at=_clock.now()))
 
     async def _execute(self, live: LiveRun) -> None:
         """Load, replay and run one run until it ends or leaves this worker."""
@@ -270,7 +269,7 @@ class Worker:
             start_at, entries = 0, await self.backend.read_log(run_id)
         if not entries:
             # Created by a start that has not written its first entry yet, or never will.
-            self._skip_until[run_id] = time.time() + 1.0
+            self._skip_until[run_id] = _clock.now() + 1.0
             return
         first = decode_entry(run_id, start_at, entries[0])
         _check_protocol(run_id, first)  # before the rest: older records are not corrupt, only old
@@ -297,13 +296,19 @@ class Worker:
                 start["workflow"],
                 "active",
                 start["at"],
-                time.time(),
+                _clock.now(),
                 version=start.get("version"),
                 parent=start.get("parent"),
                 deadline=start.get("deadline"),
             )
         live.info = info
         if records[-1][1]["k"] == "end":
+            # Events recorded before the end but never acknowledged (a crash in between).
+            recorded = {r["id"] for _, r in records if r["k"] == "event"}
+            inbox = await self.backend.read_inbox(run_id)
+            stale = [e.event_id for e in inbox if e.event_id in recorded]
+            if stale:
+                await self.backend.ack_events(run_id, stale)
             await self._finish(live, start, records[-1][1])
             return
         if "queue" in start and not await queues.admitted(self.backend, run_id, records):
@@ -361,7 +366,7 @@ class Worker:
             try:
                 await driver.run(functools.partial(wf.fn, ctx, **kwargs))
             finally:
-                driver.handback_at = time.time() if x.has_work() else x.next_wakeup()
+                driver.handback_at = _clock.now() if x.has_work() else x.next_wakeup()
                 x.stop()
             outcome: Outcome = end_of(x)
             if outcome.compact is None:
@@ -374,7 +379,7 @@ class Worker:
             snapshot = snapshot_of(x, start, {**kwargs, **outcome.compact})
             await driver.flush(snapshot)
             live.info = info = replace(
-                live.info or info, log_start=x.position - 1, updated_at=time.time()
+                live.info or info, log_start=x.position - 1, updated_at=_clock.now()
             )
             await self.backend.put_run(info)
             kwargs, seen, keys = snapshot["kwargs"], snapshot["seen"], dict(x.keys)
@@ -393,7 +398,7 @@ class Worker:
             successor["workflow"],
             successor["version"],
             successor["kwargs"],
-            time.time(),
+            _clock.now(),
             seen=seen,
             parent=start.get("parent"),
             deadline=start.get("deadline"),
@@ -433,7 +438,7 @@ class Worker:
         # An event posted between our last inbox read and this write must not wait for the
         # timer (or, with no timer, forever): its own schedule may have been overwritten.
         if await self.backend.read_inbox(run_id):
-            await self.backend.schedule(run_id, time.time())
+            await self.backend.schedule(run_id, _clock.now())
 
     async def _shutdown(self) -> None:
         """Let running steps finish and be recorded (bounded), then hand every run back."""
@@ -469,7 +474,7 @@ class _RunEffects:
 
     async def start_child(self, x: Execution, command: Command) -> str:
         spec: ChildSpec = command.spec
-        now = time.time()
+        now = _clock.now()
         parent_deadline = self.live.info.deadline if self.live.info is not None else None
         deadline = None if spec.timeout is None else now + spec.timeout
         if parent_deadline is not None:
@@ -501,6 +506,6 @@ class _RunEffects:
         backend = self.worker.backend
         info = self.live.info or await backend.get_run(x.run_id)
         if info is not None:
-            info = replace(info, published=dict(x.published), updated_at=time.time())
+            info = replace(info, published=dict(x.published), updated_at=_clock.now())
             self.live.info = info
             await backend.put_run(info)
