@@ -225,7 +225,21 @@ class Conductor(FlowControl, Surgery):
         return Agent(worker)
 
     def _run_ended(self, run_id: str) -> None:
-        self._ended.notify()
+        watched = self._ended.get(run_id)
+        if watched is not None:
+            watched[0].notify()
+
+    @contextlib.contextmanager
+    def _watch(self, run_id: str) -> Iterator[Waker]:
+        """Yield the signal of ``run_id``'s end, kept while any client waits on it."""
+        waker, users = self._ended.setdefault(run_id, (Waker(), [0]))
+        users[0] += 1
+        try:
+            yield waker
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._ended[run_id]
 
     async def close(self) -> None:
         """Close the backend."""
@@ -318,24 +332,33 @@ class Run:
         deadline = None if timeout is None else time.monotonic() + timeout
         run_id = self.run_id
         pause = 0.002
-        while True:
-            info = await self._info(run_id)
-            if info.status in TERMINAL_STATUSES:
-                if info.status == "completed":
-                    return info.output
+        with contextlib.ExitStack() as watching:
+            ended = watching.enter_context(self._conductor._watch(run_id))
+            while True:
+                info = await self._info(run_id)
                 if info.status == "continued":
                     run_id = info.output["next"]
+                    ended = watching.enter_context(self._conductor._watch(run_id))
                     continue
-                if info.status in ("failed", "timed_out"):
-                    err = info.error or {"type": "Error", "message": "unknown"}
-                    raise WorkflowFailed(run_id, err["type"], err["message"], err.get("traceback"))
-                if info.status == "cancelled":
-                    raise RunCancelled(f"run {run_id!r} was cancelled")
-                raise RunReverted(f"run {run_id!r} was reverted: its compensations ran")
-            pause = await self._pause(pause, deadline, f"run {run_id!r} did not finish", timeout)
+                if info.status in TERMINAL_STATUSES:
+                    return self._outcome(run_id, info)
+                what = f"run {run_id!r} did not finish"
+                pause = await self._pause(ended, pause, deadline, what, timeout)
+
+    @staticmethod
+    def _outcome(run_id: str, info: RunInfo) -> Any:
+        """Return an ended run's value, or raise what its end was."""
+        if info.status == "completed":
+            return info.output
+        if info.status in ("failed", "timed_out"):
+            err = info.error or {"type": "Error", "message": "unknown"}
+            raise WorkflowFailed(run_id, err["type"], err["message"], err.get("traceback"))
+        if info.status == "cancelled":
+            raise RunCancelled(f"run {run_id!r} was cancelled")
+        raise RunReverted(f"run {run_id!r} was reverted: its compensations ran")
 
     async def _pause(
-        self, pause: float, deadline: float | None, what: str, timeout: float | None
+        self, ended: Waker, pause: float, deadline: float | None, what: str, timeout: float | None
     ) -> float:
         """Wait a little (less as the deadline nears), woken early when a local run ends."""
         wait = pause
@@ -344,7 +367,7 @@ class Run:
             if left <= 0:
                 raise ResultTimeout(f"{what} within {timeout}s")
             wait = min(wait, left)
-        await self._conductor._ended.wait(wait)
+        await ended.wait(wait)
         return min(pause * 2, 0.25)
 
     async def read(self, key: str, timeout: float | None = None) -> Any:
@@ -356,16 +379,17 @@ class Run:
         timeout = _client_timeout(timeout, "read(timeout=...)")
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.002
-        while True:
-            info = await self._info(self.run_id)
-            if info.published and key in info.published:
-                return info.published[key]
-            if info.status in TERMINAL_STATUSES:
-                raise InvalidArgument(
-                    f"run {self.run_id!r} ended ({info.status}) without publishing {key!r}"
-                )
-            what = f"run {self.run_id!r} published no {key!r}"
-            pause = await self._pause(pause, deadline, what, timeout)
+        with self._conductor._watch(self.run_id) as ended:
+            while True:
+                info = await self._info(self.run_id)
+                if info.published and key in info.published:
+                    return info.published[key]
+                if info.status in TERMINAL_STATUSES:
+                    raise InvalidArgument(
+                        f"run {self.run_id!r} ended ({info.status}) without publishing {key!r}"
+                    )
+                what = f"run {self.run_id!r} published no {key!r}"
+                pause = await self._pause(ended, pause, deadline, what, timeout)
 
     async def stream(self, name: str, *, timeout: float | None = None) -> AsyncIterator[Any]:
         """Yield the values the run emits on stream ``name``, from the first; end with the run.
@@ -373,27 +397,34 @@ class Run:
         ``timeout`` bounds the wait for each next item (:class:`ResultTimeout`).
         """
         timeout = _client_timeout(timeout, "stream(timeout=...)")
-        backend = self._conductor.backend
         run_id = self.run_id
         await self._info(run_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._conductor._watch(run_id) as ended:
+            async for value in self._follow(run_id, name, ended, deadline, timeout):
+                yield value
+
+    async def _follow(
+        self, run_id: str, name: str, ended: Waker, deadline: float | None, timeout: float | None
+    ) -> AsyncIterator[Any]:
+        backend = self._conductor.backend
         position = 0
         pause = 0.002
-        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             entries = await backend.read_log(run_id, position)
-            ended = False
+            finished = False
             for data in entries:
                 for record in decode_entry(run_id, position, data):
                     if record["k"] == "emit" and record["stream"] == name:
                         yield record.get("value")
                     elif record["k"] == "end":
-                        ended = True
+                        finished = True
                 position += 1
-            if ended:
+            if finished:
                 return
             if entries:
                 pause = 0.002
                 deadline = None if timeout is None else time.monotonic() + timeout
                 continue
             what = f"run {run_id!r} emitted nothing more on {name!r}"
-            pause = await self._pause(pause, deadline, what, timeout)
+            pause = await self._pause(ended, pause, deadline, what, timeout)
