@@ -15,7 +15,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ["steps", "waiting", "determinism", "long-runs", "guarantees", "concurrency"]
+DOCS = [
+    "steps",
+    "waiting",
+    "determinism",
+    "long-runs",
+    "guarantees",
+    "concurrency",
+    "schedules",
+    "queues",
+]
 EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("docs_*.py"))
 
 NONDETERMINISM = (
@@ -81,6 +90,27 @@ EXPECTED: dict[str, list[str]] = {
         "order-2 (in flight): ['reserved desk', 'insured desk', 'shipped desk']",
         "order-3 (new): ['reserved chair', 'insured chair', 'shipped chair']",
         "order-3 recorded the marker: ['insure-before-shipping']",
+    ],
+    "docs_queues": [
+        "mail: at most at once: 2",
+        "priority order: ['first', 'high', 'high-2', 'mid', 'low']",
+        "per customer at once: 1 1",
+        "7 runs at 3 per 0.5 s took at least 1 s: True",
+        "dedup: True dedup:mail:welcome-ann",
+        "debounce: ['sent to draft-3', 'sent to draft-3', 'sent to draft-3', 'sent to draft-3']",
+        "delay: sent to later | waited: True",
+    ],
+    "docs_schedules": [
+        "runs started: True",
+        "a run's id names its tick: True",
+        "result: True",
+        "every: 0:00:00.200000 | catch_up: latest",
+        "runs while paused: 0",
+        "trigger: True",
+        "schedules left: []",
+        "backfill: ['schedule:nightly:20250329T013000Z', 'schedule:nightly:20250330T010000Z',"
+        " 'schedule:nightly:20250331T003000Z']",
+        "a second backfill starts: 0 runs",
     ],
     "docs_steps": [
         "total: 83",
