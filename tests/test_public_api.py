@@ -24,6 +24,7 @@ def test_all_is_sorted_and_complete() -> None:
         "cli",
         "demo",
         "testing",
+        "telemetry",
     }
     assert set(substantial.__all__) <= public
     assert public - modules - set(substantial.__all__) == set()
