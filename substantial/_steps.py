@@ -35,15 +35,34 @@ class RetryPolicy:
     """How ``save`` retries a failing step: exponential backoff, each attempt recorded.
 
     ``max_attempts=1`` disables retries. Delays are ``initial_delay *
-    backoff ** (attempt - 1)``, capped at ``max_delay`` seconds.
+    backoff ** (attempt - 1)``, capped at ``max_delay`` seconds. Only
+    exceptions that are instances of ``retry_on`` (default: any) and of
+    none of ``no_retry_on`` are retried; any other fails the step at once.
     """
 
     max_attempts: int = 5
     initial_delay: float = 0.1
     backoff: float = 2.0
     max_delay: float = 30.0
+    retry_on: tuple[type[BaseException], ...] = ()
+    no_retry_on: tuple[type[BaseException], ...] = ()
+
+    def retries(self, exc: BaseException) -> bool:
+        """Tell whether a step that raised ``exc`` may be tried again (attempts permitting)."""
+        if self.no_retry_on and isinstance(exc, self.no_retry_on):
+            return False
+        return not self.retry_on or isinstance(exc, self.retry_on)
 
     def __post_init__(self) -> None:
+        for name in ("retry_on", "no_retry_on"):
+            kinds = getattr(self, name)
+            kinds = (kinds,) if isinstance(kinds, type) else tuple(kinds)
+            if not all(isinstance(k, type) and issubclass(k, BaseException) for k in kinds):
+                raise InvalidArgument(
+                    f"RetryPolicy({name}=...) takes exception classes, e.g. "
+                    f"({name}=(TimeoutError, ConnectionError)), got {getattr(self, name)!r}"
+                )
+            object.__setattr__(self, name, kinds)
         attempts = self.max_attempts
         if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
             raise InvalidArgument(
@@ -184,7 +203,7 @@ class Steps:
             result = spec.fn(*spec.args)
         except Exception as exc:
             self.pace.note(key, time.perf_counter() - started)
-            pause = self._settle(command, 1, None, error_of(exc))
+            pause = self._settle(command, 1, None, error_of(exc), spec.retry.retries(exc))
             if pause is not None:
                 self.spawn(self._run_step(command, attempts=1, pause=pause))
             return
@@ -217,7 +236,9 @@ class Steps:
                     call = telemetry.step(call, self.x, command, attempts)
                 value = await call
             except Exception as exc:
-                settled = self._settle(command, attempts, None, error_of(exc))
+                settled = self._settle(
+                    command, attempts, None, error_of(exc), spec.retry.retries(exc)
+                )
             else:
                 settled = self._settle(command, attempts, value, None)
             if settled is None:
@@ -225,7 +246,12 @@ class Steps:
             pause, first = settled, None
 
     def _settle(
-        self, command: Command, attempts: int, value: Any, error: ErrorInfo | None
+        self,
+        command: Command,
+        attempts: int,
+        value: Any,
+        error: ErrorInfo | None,
+        retryable: bool = True,
     ) -> float | None:
         """Post a step's completion, or its failed attempt; return the pause before a retry."""
         spec: StepSpec = command.spec
@@ -246,7 +272,7 @@ class Steps:
                         done["key"] = spec.key
                 self.post(done)
                 return None
-        if attempts >= spec.retry.max_attempts:
+        if attempts >= spec.retry.max_attempts or not retryable:
             self.post(
                 {
                     "k": kind,

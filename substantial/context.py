@@ -77,9 +77,11 @@ def step_outcome(record: Record, step: str) -> Any:
 class Context:
     """The handle a workflow uses for every effect; one per run and replay."""
 
-    def __init__(self, execution: Execution, run_id: str) -> None:
+    def __init__(self, execution: Execution, run_id: str, retry: RetryPolicy | None = None) -> None:
         self._x = execution
         self._run_id = run_id
+        #: The workflow's default retry policy (``@workflow(retry=...)``).
+        self._retry = retry or DEFAULT_RETRY
 
     @property
     def run_id(self) -> str:
@@ -145,7 +147,7 @@ class Context:
         c, bound = x.issue("step", step)
         if key is not None and key in x.keys:
             return cast(T, x.keys[key])
-        policy = retry or DEFAULT_RETRY
+        policy = retry or self._retry
         limit = None if timeout is None else seconds(timeout, "c.save(timeout=...)")
         attempts, retry_at = 0, 0.0
         for record in bound:

@@ -351,7 +351,7 @@ class Worker:
             )
             for m in mailbox:
                 x.apply({"k": "event", "id": m["id"], "name": m["name"], "value": m.get("value")})
-            ctx = Context(x, run_id)
+            ctx = Context(x, run_id, wf.retry)
             effects = _RunEffects(self, live)
             driver = Driver(
                 x,

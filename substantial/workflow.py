@@ -13,6 +13,7 @@ from substantial.backends.base import validate_id
 from substantial.errors import InvalidArgument
 
 if TYPE_CHECKING:
+    from substantial._steps import RetryPolicy
     from substantial.context import Context
 
 __all__ = ["ChildSpec", "Registry", "Workflow", "workflow"]
@@ -27,13 +28,15 @@ class Workflow(Generic[R]):
 
     ``version`` pins runs to code: a run started on version ``"2"`` is only
     replayed by a worker that registered version ``"2"`` of this workflow.
-    ``timeout`` (seconds) is the default deadline of its runs.
+    ``timeout`` (seconds) is the default deadline of its runs; ``retry`` the
+    retry policy of its steps that do not give one.
     """
 
     fn: Callable[..., Awaitable[R]]
     name: str
     version: str | None = None
     timeout: float | None = None
+    retry: RetryPolicy | None = None
 
     @property
     def key(self) -> tuple[str, str | None]:
@@ -76,6 +79,7 @@ def workflow(
     name: str | None = None,
     version: str | int | None = None,
     timeout: timedelta | float | None = None,
+    retry: RetryPolicy | None = None,
 ) -> Callable[[Callable[..., Awaitable[R]]], Workflow[R]]: ...
 
 
@@ -86,6 +90,7 @@ def workflow(
     name: str | None = None,
     version: str | int | None = None,
     timeout: timedelta | float | None = None,
+    retry: RetryPolicy | None = None,
 ) -> Workflow[R] | Callable[[Callable[..., Awaitable[R]]], Workflow[R]]:
     """Declare an ``async def`` taking a :class:`Context` as a durable workflow.
 
@@ -93,9 +98,14 @@ def workflow(
     timeout=timedelta(hours=1))``. The name defaults to the function's name
     and is what the log records, so renaming the function does not orphan
     runs in flight if ``name`` is kept. ``timeout`` gives every run a
-    deadline (``start(..., timeout=...)`` overrides it).
+    deadline (``start(..., timeout=...)`` overrides it). ``retry`` is the
+    :class:`RetryPolicy` of every ``save`` that does not pass its own.
     """
     limit = timeout_seconds(timeout, "@workflow(timeout=...)")
+    from substantial._steps import RetryPolicy
+
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise InvalidArgument(f"@workflow(retry=...) takes a RetryPolicy, got {retry!r}")
 
     def wrap(f: Callable[..., Awaitable[R]]) -> Workflow[R]:
         if not inspect.iscoroutinefunction(f):
@@ -105,7 +115,11 @@ def workflow(
             )
         wf_name = validate_id("workflow name", name or f.__name__)
         return Workflow(
-            fn=f, name=wf_name, version=None if version is None else str(version), timeout=limit
+            fn=f,
+            name=wf_name,
+            version=None if version is None else str(version),
+            timeout=limit,
+            retry=retry,
         )
 
     if fn is not None:
