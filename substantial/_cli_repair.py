@@ -24,7 +24,7 @@ from substantial._cli_common import (
 from substantial.backends.base import Backend
 from substantial.checker import CheckReport, check_exported, check_store, describe_finding
 from substantial.conductor import Conductor
-from substantial.portable import export_runs, import_runs, read_exported
+from substantial.portable import MigrateReport, export_runs, import_runs, migrate, read_exported
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -45,9 +45,9 @@ def parse_since(value: str | None, now: float | None = None) -> float | None:
         ) from None
 
 
-def _progress(enabled: bool) -> Progress:
+def _progress(enabled: bool, what: str = "replaying") -> Progress:
     return Progress(
-        TextColumn("replaying"),
+        TextColumn(what),
         BarColumn(),
         MofNCompleteColumn(),
         console=console(stderr=True),
@@ -275,3 +275,35 @@ def restart_command(run_id: str, url: str | None, new_id: str | None) -> None:
             await conductor.close()
 
     console().print(plain(f"restarted {run_id} as {run(go())}"))
+
+
+@click.command("migrate")
+@click.option("--from", "source_url", required=True, metavar="URL", help="Store to copy from.")
+@click.option("--to", "target_url", required=True, metavar="URL", help="Store to copy into.")
+@click.option("--status", help="Only runs with this status (e.g. completed).")
+def migrate_command(source_url: str, target_url: str, status: str | None) -> None:
+    """Copy every run from one store to another, verified by checksum; rerun to resume."""
+
+    async def go() -> MigrateReport:
+        source, target = open_backend(source_url), open_backend(target_url)
+        try:
+            with _progress(sys.stderr.isatty(), "copying") as bar:
+                task = bar.add_task("copying", total=None)
+                return await migrate(
+                    source, target, status=status, progress=lambda n: bar.update(task, completed=n)
+                )
+        finally:
+            await source.close()
+            await target.close()
+
+    report = run(go())
+    out = console()
+    for run_id in report.differ:
+        out.print(plain(f"{run_id}: the target holds a different log under this id", "bold red"))
+    summary = (
+        f"{report.copied} run(s) copied and verified, {report.present} already there, "
+        f"{len(report.differ)} differ"
+    )
+    out.print(plain(summary, "green" if report.ok else "bold red"))
+    if not report.ok:
+        raise click.exceptions.Exit(1)

@@ -16,6 +16,7 @@ from substantial._cli_repair import (
     export_command,
     fork_command,
     import_command,
+    migrate_command,
     replay_command,
     restart_command,
     resume_command,
@@ -117,12 +118,15 @@ def worker(
 
 
 runs.add_command(resume_command)
+runs.add_command(export_command)
+runs.add_command(import_command)
 runs.add_command(fork_command)
 runs.add_command(restart_command)
 main.add_command(runs)
 main.add_command(replay_command)
 main.add_command(export_command)
 main.add_command(import_command)
+main.add_command(migrate_command)
 main.add_command(workers)
 main.add_command(ui)
 

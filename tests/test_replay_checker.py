@@ -14,7 +14,7 @@ import pytest
 from substantial import Conductor, Context, workflow
 from substantial.backends import from_url
 from substantial.checker import check_store
-from substantial.portable import export_runs, import_runs, read_exported
+from substantial.portable import checksum, export_runs, import_runs, migrate, read_exported
 from substantial.testing import log_records
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,3 +150,43 @@ def test_a_malformed_export_line_is_refused_naming_the_line(tmp_path: Path) -> N
 
     with pytest.raises(InvalidArgument, match="line 2 of the export"):
         list(read_exported([b"", b'{"format": "something-else"}']))
+
+
+async def test_migrate_copies_every_run_verified_and_resumes_after_an_interruption(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    await seed(url)
+    source, target = from_url(url), from_url(f"file://{tmp_path / 'copy'}")
+    # An earlier migration died half-way through order-1: only its first entry is there.
+    first = [line async for line in export_runs(source, ["order-1"])]
+    partial = next(iter(read_exported(first)))
+    await target.create_run(partial.info, partial.entries()[0], 0.0)
+    report = await migrate(source, target)
+    assert (report.copied, report.present, report.differ) == (6, 0, [])
+    for run_id in ("order-0", "order-1", "order-4", "other-0"):
+        assert checksum(await target.read_log(run_id)) == checksum(await source.read_log(run_id))
+        assert await target.get_run(run_id) == await source.get_run(run_id)
+    again = await migrate(source, target)
+    assert (again.copied, again.present, again.differ) == (0, 6, [])
+    await source.close()
+    await target.close()
+    # A different run under an existing id is reported, not overwritten; the CLI exits 1.
+    clash_url = f"file://{tmp_path / 'other'}"
+    clash = Conductor(clash_url)
+    clash.register(other)
+    agent = clash.run(poll_interval=0.2)
+    await (await clash.start(other, run_id="order-0")).result(timeout=10)
+    agent.cancel()
+    await agent
+    await clash.close()
+    proc = subprocess.run(
+        [sys.executable, "-m", "substantial.cli", "migrate", "--from", url, "--to", clash_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "order-0: the target holds a different log" in proc.stdout
+    assert "5 run(s) copied and verified, 0 already there, 1 differ" in proc.stdout
