@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from substantial._cli_common import load_conductor
+from substantial._cli_flow import queues, schedules
 from substantial._cli_repair import (
     export_command,
     fork_command,
@@ -129,6 +130,8 @@ main.add_command(import_command)
 main.add_command(migrate_command)
 main.add_command(workers)
 main.add_command(ui)
+main.add_command(schedules)
+main.add_command(queues)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,14 @@ from substantial._queue_flow import MESSAGE, QUEUE_WORKFLOW
 from substantial._runs import create_run
 from substantial.backends.base import Backend, RunInfo, validate_id
 from substantial.errors import InvalidArgument, PositionTaken
-from substantial.records import Record, StartRecord, encode_entry, encode_value, start_record
+from substantial.records import (
+    Record,
+    StartRecord,
+    decode_entry,
+    encode_entry,
+    encode_value,
+    start_record,
+)
 from substantial.replay import CANCEL_EVENT
 
 if TYPE_CHECKING:
@@ -109,25 +116,32 @@ class QueueInfo:
     concurrency: int | None
     per_key_concurrency: int | None
     rate_limit: tuple[int, float] | None
-    waiting: int
-    running: int
+    #: Runs waiting and running (None until a worker has run the queue).
+    waiting: int | None
+    running: int | None
     #: When the run waiting longest was queued (epoch seconds), if any waits.
     oldest: float | None
 
 
-def _info(run: RunInfo) -> QueueInfo | None:
+async def _info(backend: Backend, run: RunInfo) -> QueueInfo | None:
     public = (run.published or {}).get("queue")
     if not isinstance(public, dict):
-        return None
+        # No worker has run the queue yet: its limits are in its start record.
+        first = await backend.read_log(run.run_id, 0)
+        if not first:
+            return None
+        start = decode_entry(run.run_id, 0, first[0])[0]["kwargs"]
+        public = {"name": start.get("name"), "config": start.get("config"), "waiting": None}
     config = public.get("config") or {}
     rate = config.get("rate_limit")
+    waiting, running = public.get("waiting"), public.get("running")
     return QueueInfo(
         name=str(public.get("name")),
         concurrency=config.get("concurrency"),
         per_key_concurrency=config.get("per_key_concurrency"),
         rate_limit=None if rate is None else (int(rate[0]), float(rate[1])),
-        waiting=int(public.get("waiting", 0)),
-        running=int(public.get("running", 0)),
+        waiting=None if waiting is None else int(waiting),
+        running=None if running is None else int(running),
         oldest=public.get("oldest"),
     )
 
@@ -144,8 +158,6 @@ async def ensure_queue(backend: Backend, queue: Queue) -> None:
     info = await backend.get_run(run_id)
     stored = ((info.published if info else None) or {}).get("queue", {}).get("config")
     if stored is None:
-        from substantial.records import decode_entry
-
         first = await backend.read_log(run_id, 0)
         stored = decode_entry(run_id, 0, first[0])[0]["kwargs"]["config"] if first else None
     if stored != config:
@@ -274,7 +286,10 @@ async def list_queues(conductor: Conductor, *, limit: int = 1000) -> list[QueueI
         page = await conductor.backend.list_runs(
             workflow=QUEUE_WORKFLOW, status="active", limit=500, after=after
         )
-        out.extend(info for run in page if (info := _info(run)) is not None)
+        for run in page:
+            info = await _info(conductor.backend, run)
+            if info is not None:
+                out.append(info)
         if len(page) < 500:
             break
         after = page[-1].run_id

@@ -340,3 +340,53 @@ async def test_each_tick_starts_exactly_once_across_sigkilled_and_stopped_worker
         assert kinds.count("start") == 1
     pids = {row.split()[-1] for row in trace.read_text().splitlines()}
     assert len(pids) >= 2, "ticks should have run on more than one worker"
+
+
+# -- the command line ----------------------------------------------------------------
+
+
+def test_schedules_and_queues_from_the_command_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from substantial import Queue
+    from substantial.cli import main
+    from tests.flow_workflows import held
+
+    url = f"sqlite://{tmp_path / 'cli.db'}"
+
+    async def setup() -> None:
+        conductor = Conductor(url, queues=[Queue("mail", concurrency=3)])
+        conductor.register(held)
+        await conductor.schedule("nightly", untimed, cron="0 3 * * *", tz="Europe/Paris")
+        await conductor.start(held, {"n": 1}, queue="mail")
+        await conductor.close()
+
+    asyncio.run(setup())
+    cli = CliRunner()
+
+    def call(*args: str) -> str:
+        result = cli.invoke(main, [*args, "--backend", url])
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    listed = call("schedules", "list", "--json")
+    assert '"name":"nightly"' in listed and '"cron":"0 3 * * *"' in listed
+    assert "nightly" in call("schedules", "list")
+    assert call("schedules", "pause", "nightly") == "pause sent to schedule nightly\n"
+    assert call("schedules", "trigger", "nightly").startswith("started schedule:nightly:")
+    filled = call(
+        "schedules", "backfill", "nightly", "2025-01-01T00:00:00Z", "2025-01-02T12:00:00Z"
+    )
+    assert filled.split() == [
+        "schedule:nightly:20250101T020000Z",
+        "schedule:nightly:20250102T020000Z",
+    ]
+    queues = call("queues", "list", "--json")
+    assert '"name":"mail"' in queues and '"concurrency":3' in queues
+    assert "mail" in call("queues", "list")
+    bad = cli.invoke(main, ["schedules", "pause", "nope", "--backend", url])
+    assert bad.exit_code != 0 and "no schedule named 'nope'" in bad.output
+    bad = cli.invoke(
+        main, ["schedules", "backfill", "nightly", "yesterday", "today", "--backend", url]
+    )
+    assert bad.exit_code != 0 and "ISO 8601" in bad.output
