@@ -149,7 +149,7 @@ class NonDeterminismError(SubstantialError):
             f"run {run_id!r} is not deterministic at {at}: the log recorded "
             f"{recorded}, but the code now asks for {requested}. Keep the old code registered "
             "for runs in flight (give the changed workflow a new version=, see "
-            "docs/determinism.md), or cancel the run."
+            "docs/versioning.md), or cancel the run."
         )
         self.run_id = run_id
         self.position = position

@@ -24,13 +24,16 @@ DOCS = [
     "concurrency",
     "schedules",
     "queues",
+    "versioning",
+    "repair",
+    "testing",
 ]
 EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("docs_*.py"))
 
 NONDETERMINISM = (
     "run 'order-1' is not deterministic at command 0 (log position 1): the log recorded "
     "step 'reserve', but the code now asks for step 'price'. Keep the old code registered for "
-    "runs in flight (give the changed workflow a new version=, see docs/determinism.md), or "
+    "runs in flight (give the changed workflow a new version=, see docs/versioning.md), or "
     "cancel the run."
 )
 
