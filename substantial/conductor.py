@@ -172,17 +172,21 @@ class Conductor(FlowControl, Surgery):
         """Return runs' metadata, ordered by run id; ``parent`` keeps one run's children."""
         if parent is None:
             return await self.backend.list_runs(status=status, workflow=workflow, limit=limit)
-        # Children's ids start with their parent's id unless given one: page through the rest.
+        # The parent's log names every child it started: read that, not the whole store.
+        ids: dict[str, None] = {}
+        for position, data in enumerate(await self.backend.read_log(validate_id("run id", parent))):
+            for record in decode_entry(parent, position, data):
+                if record["k"] == "child" and "error" not in record:
+                    ids[record["run_id"]] = None
         out: list[RunInfo] = []
-        after: str | None = None
-        while len(out) < limit:
-            page = await self.backend.list_runs(
-                status=status, workflow=workflow, limit=500, after=after
-            )
-            out.extend(info for info in page if info.parent == parent)
-            if len(page) < 500:
-                break
-            after = page[-1].run_id
+        for run_id in sorted(ids):
+            info = await self.backend.get_run(run_id)
+            if (
+                info is not None
+                and status in (None, info.status)
+                and workflow in (None, info.workflow)
+            ):
+                out.append(info)
         return out[:limit]
 
     # -- workers ---------------------------------------------------------------
