@@ -149,6 +149,8 @@ class Driver:
                 x.nondeterministic(position, describe(record), "the end of the workflow", None)
             if live and not x.main.done() and x.failure is None:
                 await self._live()
+            elif live:
+                await self._ack_recorded()
         finally:
             for handle in self.timers.values():
                 handle.cancel()
@@ -330,6 +332,18 @@ class Driver:
                 "within 1000 years: pass a finite delay, or None for no timeout"
             )
         return True
+
+    async def _ack_recorded(self) -> None:
+        """Acknowledge, with the next write, inbox events the log already holds.
+
+        A worker that died between recording an event and acknowledging it leaves
+        the event in the inbox; a run that then ends during replay never reads its
+        inbox live, so it is done here.
+        """
+        x = self.x
+        for event in await self.backend.read_inbox(x.run_id):
+            if event.event_id in x.seen_ids and event.event_id not in x.to_ack:
+                x.to_ack.append(event.event_id)
 
     async def _read_events(self) -> list[Record]:
         x = self.x

@@ -246,7 +246,7 @@ class Worker:
         failed together from retrying together.
         """
         failures = self._failures[run_id] = self._failures.get(run_id, 0) + 1
-        pause = min(RUN_RETRY_MAX, first * 2 ** min(failures - 1, 16))
+        pause = min(RUN_RETRY_MAX, first * 2.0 ** min(failures - 1, 16))
         return pause * random.uniform(0.5, 1.0)
 
     async def _note(self, live: LiveRun, note: str) -> None:
@@ -431,6 +431,10 @@ class Worker:
         until = driver.handback_at
         if driver.deadline is not None and not x.timed_out:
             until = driver.deadline if until is None else min(until, driver.deadline)
+        if until is None and await self.backend.read_inbox(run_id):
+            # An event already waits: keep the run due rather than unschedule it and
+            # re-schedule after, which a crash in between would leave out of the index.
+            until = 0.0
         if until is not None:
             await self.backend.schedule(run_id, until)
         else:

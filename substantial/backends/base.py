@@ -434,8 +434,13 @@ class Backend(abc.ABC):
         try:
             await self.append(info.run_id, 0, entry)
         except PositionTaken:
-            if await self.get_run(info.run_id) is None:
+            existing = await self.get_run(info.run_id)
+            if existing is None:
                 await self.put_run(info)
+                await self.schedule(info.run_id, due_at)
+            elif existing.status == "active" and not await self.read_log(info.run_id, 1):
+                # A start that died between metadata and schedule: nothing has run, and
+                # with no due entry nothing would. Scheduling it again is at worst a wake-up.
                 await self.schedule(info.run_id, due_at)
             return False
         await self.put_run(info)
