@@ -255,6 +255,8 @@ class Outcome:
     #: Every event record of every log, by event id.
     events_recorded: Counter[str] = field(default_factory=Counter)
     inbox_left: int = 0
+    #: The store, as the run left it.
+    store: Backend | None = None
 
 
 async def _process(
@@ -368,4 +370,4 @@ async def scenario(
         await late
     _steps, events, inbox = await _recorded(inner)
     TRACES.append(view.trace)
-    return Outcome(result, crashed, view.writes, Counter(LEDGER), recorded, events, inbox)
+    return Outcome(result, crashed, view.writes, Counter(LEDGER), recorded, events, inbox, inner)
