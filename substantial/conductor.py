@@ -325,6 +325,22 @@ class Run:
             raise RunNotFound(f"no run with id {run_id!r} in {backend.describe()}: start it first")
         return info
 
+    async def _info_by(self, run_id: str, deadline: float | None, timeout: float | None) -> RunInfo:
+        """Read the run's metadata, giving up at the caller's deadline even if the store hangs.
+
+        A frozen store makes a call wait for the backend's own timeouts (seconds to
+        minutes, docs/RELIABILITY.md); ``result(timeout=1)`` must not.
+        """
+        if deadline is None:
+            return await self._info(run_id)
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.05)):
+                return await self._info(run_id)
+        except TimeoutError as exc:
+            raise ResultTimeout(
+                f"run {run_id!r}: the store did not answer within {timeout}s"
+            ) from exc
+
     async def result(self, timeout: float | None = None) -> Any:
         """Wait for the run to end and return its value, following ``continue_using``.
 
@@ -339,7 +355,7 @@ class Run:
         with contextlib.ExitStack() as watching:
             ended = watching.enter_context(self._conductor._watch(run_id))
             while True:
-                info = await self._info(run_id)
+                info = await self._info_by(run_id, deadline, timeout)
                 if info.status == "continued":
                     run_id = info.output["next"]
                     ended = watching.enter_context(self._conductor._watch(run_id))
@@ -385,7 +401,7 @@ class Run:
         pause = 0.002
         with self._conductor._watch(self.run_id) as ended:
             while True:
-                info = await self._info(self.run_id)
+                info = await self._info_by(self.run_id, deadline, timeout)
                 if info.published and key in info.published:
                     return info.published[key]
                 if info.status in TERMINAL_STATUSES:

@@ -47,6 +47,9 @@ logger = logging.getLogger("substantial.worker")
 #: The first and the longest pause before a run whose try failed is taken again.
 RUN_RETRY_FIRST = 1.0
 RUN_RETRY_MAX = 60.0
+#: The first pause of the poll loop when the store is unreachable (it doubles up to
+#: ``poll_interval``).
+OUTAGE_RETRY_FIRST = 0.25
 
 
 @dataclass
@@ -115,14 +118,27 @@ class Worker:
         """Serve due runs until cancelled; on cancellation, hand back what is held."""
         housekeeping = asyncio.create_task(self._housekeeping())
         try:
+            # During an outage: when it began, and the pause before the next try.
+            outage: float | None = None
+            pause = OUTAGE_RETRY_FIRST
             while not self._stopping:
                 try:
                     await self._poll_once()
                     timeout = await self._next_wait()
+                    if outage is not None:
+                        lasted = asyncio.get_running_loop().time() - outage
+                        logger.warning("backend reachable again after %.1fs", lasted)
+                        outage, pause = None, OUTAGE_RETRY_FIRST
+                    await self.backend.wait_for_work(timeout)
                 except BackendUnavailable as exc:
-                    logger.warning("backend unavailable, retrying: %s", exc)
-                    timeout = min(self.poll_interval, 1.0)
-                await self.backend.wait_for_work(timeout)
+                    # One warning per outage, not one per try: a long outage is no log storm.
+                    if outage is None:
+                        outage = asyncio.get_running_loop().time()
+                        logger.warning("backend unavailable, retrying with backoff: %s", exc)
+                    else:
+                        logger.debug("backend still unavailable: %s", exc)
+                    await asyncio.sleep(pause * random.uniform(0.5, 1.0))
+                    pause = min(pause * 2, max(self.poll_interval, OUTAGE_RETRY_FIRST))
         finally:
             self._stopping = True
             housekeeping.cancel()
@@ -192,6 +208,10 @@ class Worker:
             for live in list(self.runs.values()):
                 try:
                     held = await self.backend.acquire_lease(live.run_id, self.owner, self.lease_ttl)
+                except BackendUnavailable as exc:
+                    # The store is down: every other renewal would wait and fail the same way.
+                    logger.warning("could not renew the %d lease(s) held: %s", len(self.runs), exc)
+                    break
                 except BackendError as exc:
                     logger.warning("could not renew lease of %s: %s", live.run_id, exc)
                     continue
