@@ -11,17 +11,18 @@ import asyncio
 import logging
 import math
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
 from substantial.backends import from_url, redact_url
-from substantial.backends.base import Backend, Lease, RunInfo, validate_id
+from substantial.backends.base import PROTOCOL_VERSION, Backend, Lease, RunInfo, validate_id
 from substantial.backends.redis import RedisBackend, shard_of
 from substantial.backends.s3 import S3Backend
 from substantial.cli import main
-from substantial.errors import CorruptRecord, InvalidArgument
+from substantial.errors import CorruptRecord, InvalidArgument, ProtocolMismatch
 from tests.backend_redis import RedisHarness
 from tests.harness import Harness
 
@@ -159,6 +160,30 @@ async def test_unreadable_metadata_lists_as_corrupt_and_the_rest_still_lists(
     with pytest.raises(CorruptRecord):
         await backend.get_run("b")
     assert (await backend.get_run("c")) is not None
+
+
+async def test_metadata_of_a_newer_protocol_lists_as_unreadable_not_failing_the_listing(
+    harness: Harness,
+) -> None:
+    backend = await opened(harness)
+    for run_id in ("a", "b"):
+        await backend.put_run(info(run_id))
+    await backend.put_run(replace(info("n"), protocol=PROTOCOL_VERSION + 1))
+
+    runs = await backend.list_runs()
+    assert [(i.run_id, i.status) for i in runs] == [
+        ("a", "active"),
+        ("b", "active"),
+        ("first", "active"),
+        ("n", "corrupt"),
+    ]
+    error = runs[3].error
+    assert error is not None and error["type"] == "ProtocolMismatch"
+    assert f"storage protocol {PROTOCOL_VERSION + 1}" in error["message"]
+    assert "upgrade substantial" in error["message"]
+    assert [i.run_id for i in await backend.list_runs(status="corrupt")] == ["n"]
+    with pytest.raises(ProtocolMismatch, match="upgrade substantial"):
+        await backend.get_run("n")
 
 
 # -- secrets in URLs -------------------------------------------------------------

@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import math
 import weakref
+from dataclasses import replace
 
 from substantial.backends.base import Lease, RunInfo, validate_id
-from substantial.errors import CorruptRecord, InvalidArgument
+from substantial.errors import CorruptRecord, InvalidArgument, ProtocolMismatch
 
 __all__ = [
     "UNREADABLE_OWNER",
@@ -97,6 +98,11 @@ def read_listed(backend: object, run_id: str, data: bytes) -> RunInfo:
         detail = str(exc.__cause__ or exc)
         warn_once(backend, "metadata", run_id, detail, "listing it with status 'corrupt'")
         return RunInfo.unreadable(run_id, f"metadata cannot be decoded: {detail}")
+    except ProtocolMismatch as exc:
+        # Written by a newer release: unreadable here, like a corrupt record, and named so.
+        warn_once(backend, "metadata", run_id, str(exc), "listing it with status 'corrupt'")
+        flagged = RunInfo.unreadable(run_id, str(exc))
+        return replace(flagged, error={"type": "ProtocolMismatch", "message": str(exc)})
 
 
 def listed(info: RunInfo, status: str | None, workflow: str | None) -> bool:
