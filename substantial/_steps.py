@@ -110,6 +110,10 @@ class StepSpec:
 
 
 _NEVER = float("inf")
+
+#: Told (run id, command, name) each time a step or compensation function is called;
+#: the crash simulator of the test kit counts calls with it. None in production.
+watch: Callable[[str, int, str | None], None] | None = None
 #: Types a step commonly returns, none of them awaitable (isawaitable is slow to say so).
 _PLAIN = frozenset({int, str, float, bool, type(None), dict, list, tuple, bytes})
 
@@ -198,6 +202,8 @@ class Steps:
     def _step_inline(self, command: Command, key: object) -> None:
         """Run a quick sync step now; a failure that will be retried goes on as a task."""
         spec: StepSpec = command.spec
+        if watch is not None:
+            watch(self.x.run_id, command.c, command.name)
         started = time.perf_counter()
         try:
             result = spec.fn(*spec.args)
@@ -230,6 +236,8 @@ class Steps:
             if pause:
                 await asyncio.sleep(pause)
             attempts += 1
+            if watch is not None and first is None:
+                watch(self.x.run_id, command.c, command.name)
             try:
                 call = self._call(spec, first)
                 if telemetry.on:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from substantial import _clock
+from substantial._crashtest import CrashPoint, CrashReport, crash_test
 from substantial._offline import Replayed, replay
 from substantial._timeskip import keep_time
 from substantial.backends.base import Backend
@@ -25,7 +26,16 @@ from substantial.conductor import Conductor
 from substantial.records import Record, decode_entry
 from substantial.workflow import Workflow
 
-__all__ = ["MemoryBackend", "Replayed", "log_records", "replay", "running"]
+__all__ = [
+    "CrashPoint",
+    "CrashReport",
+    "MemoryBackend",
+    "Replayed",
+    "crash_test",
+    "log_records",
+    "replay",
+    "running",
+]
 
 
 @contextlib.asynccontextmanager

@@ -302,9 +302,12 @@ async def test_a_deadline_raises_inside_then_ends_timed_out(conductor: Conductor
     assert calls["cleanup"] == before + 1, "the finally block did not run its step"
 
 
-@workflow(timeout=0.2)
+@workflow(timeout=1.0)
 async def parent_with_deadline(c: Context) -> Any:
-    return await c.child(waits_for_stop)
+    # start_child returns once the child exists, so a slow store cannot let the
+    # deadline pass before there is a child to inherit it.
+    child = await c.start_child(waits_for_stop)
+    return await child.result()
 
 
 async def test_a_child_inherits_its_parents_deadline(conductor: Conductor) -> None:
