@@ -11,12 +11,14 @@ from datetime import timedelta
 from typing import Any
 
 from substantial import _clock
+from substantial._codec_backend import CodecBackend
 from substantial._durations import seconds
 from substantial._flow import FlowControl
 from substantial._runs import create_run, existing_start, same_start
 from substantial._surgery import Surgery
 from substantial.backends import from_url
 from substantial.backends.base import TERMINAL_STATUSES, Backend, RunInfo, Waker, validate_id
+from substantial.codecs import Codec
 from substantial.errors import (
     InvalidArgument,
     ResultTimeout,
@@ -46,11 +48,17 @@ def _client_timeout(timeout: float | None, what: str) -> float | None:
 class Conductor(FlowControl, Surgery):
     """Start and follow runs on one backend, and run workers for registered workflows.
 
-    ``backend`` is a :class:`Backend` or a URL such as ``sqlite:///./runs.db``.
+    ``backend`` is a :class:`Backend` or a URL such as ``sqlite:///./runs.db``;
+    ``codec`` (:mod:`substantial.codecs`) encodes every value of every run
+    before it reaches the store, e.g. ``Encrypt(key)``: workers and clients
+    of the store must all use the same codec.
     """
 
-    def __init__(self, backend: Backend | str, *, queues: Sequence[Queue] = ()) -> None:
-        self.backend: Backend = from_url(backend) if isinstance(backend, str) else backend
+    def __init__(
+        self, backend: Backend | str, *, queues: Sequence[Queue] = (), codec: Codec | None = None
+    ) -> None:
+        store = from_url(backend) if isinstance(backend, str) else backend
+        self.backend: Backend = store if codec is None else CodecBackend(store, codec)
         self.registry = Registry()
         self._register_flow(queues)
         # Clients waiting on a run are woken when this process's worker ends it; one

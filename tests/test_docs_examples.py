@@ -27,6 +27,7 @@ DOCS = [
     "versioning",
     "repair",
     "testing",
+    "codecs",
 ]
 EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("docs_*.py"))
 
