@@ -15,7 +15,7 @@ import pytest
 from substantial.backends.base import Backend, RunInfo, make_owner
 from substantial.errors import CorruptRecord, InvalidArgument, PositionTaken
 from substantial.records import decode_entry, encode_entry
-from tests.harness import Harness
+from tests.harness import NEVER_CLOSED, Harness
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,6 +148,84 @@ async def test_invalid_run_id_is_rejected(backend: Backend) -> None:
             await backend.append(bad, 0, entry(1))
 
 
+async def test_an_append_that_would_leave_a_gap_is_refused(harness: Harness) -> None:
+    backend = await harness.open()
+    with pytest.raises(InvalidArgument, match="gap"):
+        await backend.append("g", 1, entry(1))
+    await backend.append("g", 0, entry(0))
+    with pytest.raises(InvalidArgument, match="position 1 is empty"):
+        await backend.append("g", 2, entry(2))
+    # A client that never read the log judges by what is stored, not by what it saw.
+    fresh = await harness.open()
+    await fresh.append("g", 1, entry(1))
+    with pytest.raises(InvalidArgument, match="gap"):
+        await fresh.append("g", 3, entry(3))
+    with pytest.raises(PositionTaken):
+        await backend.append("g", 1, entry("again"))
+    log = await backend.read_log("g")
+    assert [decode_entry("g", i, e)[0]["value"] for i, e in enumerate(log)] == [0, 1]
+
+
+async def test_positions_must_be_whole_numbers_from_zero(backend: Backend) -> None:
+    for bad in (-1, 1.5, "1", True):
+        with pytest.raises(InvalidArgument, match="whole number"):
+            await backend.append("n", bad, entry(0))  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="whole number"):
+            await backend.read_log("n", bad)  # type: ignore[arg-type]
+    assert await backend.read_log("n") == []
+
+
+async def test_every_operation_refuses_an_invalid_run_id(backend: Backend) -> None:
+    bad = "../escape"
+    calls = [
+        backend.append(bad, 0, entry(0)),
+        backend.read_log(bad),
+        backend.post_event(bad, "e", b"1"),
+        backend.read_inbox(bad),
+        backend.ack_events(bad, ["e"]),
+        backend.schedule(bad, time.time()),
+        backend.unschedule(bad),
+        backend.acquire_lease(bad, "me", 30),
+        backend.release_lease(bad, "me"),
+        backend.get_lease(bad),
+        backend.put_run(info(bad)),
+        backend.get_run(bad),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidArgument, match="invalid run id"):
+            await call
+
+
+async def test_unknown_runs_read_as_empty_and_cleanup_of_them_is_a_no_op(
+    backend: Backend,
+) -> None:
+    assert await backend.read_log("ghost") == []
+    assert await backend.read_log("ghost", 7) == []
+    assert await backend.read_inbox("ghost") == []
+    assert await backend.get_run("ghost") is None
+    assert await backend.get_lease("ghost") is None
+    await backend.ack_events("ghost", ["e1"])
+    await backend.unschedule("ghost")
+    await backend.release_lease("ghost", "me")
+    assert await backend.list_runs() == []
+    assert await backend.due(time.time() + 3600) == []
+    assert await backend.next_due_at() is None
+
+
+async def test_schedule_refuses_a_time_that_is_not_a_finite_number(backend: Backend) -> None:
+    for bad in (float("nan"), float("inf"), -float("inf"), "soon", None):
+        with pytest.raises(InvalidArgument, match="finite number"):
+            await backend.schedule("t", bad)  # type: ignore[arg-type]
+    assert await backend.next_due_at() is None
+
+
+async def test_due_with_no_room_returns_nothing(backend: Backend) -> None:
+    await backend.schedule("d", time.time() - 1)
+    assert await backend.due(time.time(), limit=0) == []
+    assert await backend.due(time.time(), limit=-1) == []
+    assert [r for r, _ in await backend.due(time.time(), limit=1)] == ["d"]
+
+
 # -- the inbox --------------------------------------------------------------
 
 
@@ -191,6 +269,24 @@ async def test_concurrent_posts_of_distinct_ids_are_all_kept(harness: Harness) -
 async def test_invalid_event_id_is_rejected(backend: Backend) -> None:
     with pytest.raises(InvalidArgument, match="invalid event id"):
         await backend.post_event("r", "a/b", b"1")
+
+
+async def test_ack_ignores_ids_not_in_the_inbox_and_malformed_ones(backend: Backend) -> None:
+    await backend.post_event("r", "e1", b"1")
+    await backend.post_event("r", "e2", b"2")
+    await backend.ack_events("r", ["e1", "e1", "missing", "../e2", "", "a b", 5, None])  # type: ignore[list-item]
+    assert [e.event_id for e in await backend.read_inbox("r")] == ["e2"]
+    await backend.ack_events("r", [])
+    assert [e.event_id for e in await backend.read_inbox("r")] == ["e2"]
+
+
+async def test_an_acknowledged_event_id_can_be_posted_again(backend: Backend) -> None:
+    # Deduplication after consumption is the log's job (recorded ids), not the inbox's.
+    assert await backend.post_event("r", "once", b"1") is True
+    await backend.ack_events("r", ["once"])
+    assert await backend.post_event("r", "once", b"2") is True
+    (event,) = await backend.read_inbox("r")
+    assert event.data == b"2"
 
 
 # -- the due index ----------------------------------------------------------
@@ -384,3 +480,17 @@ async def test_kill_9_mid_append_never_leaves_a_half_entry(shared_harness: Harne
             assert record["name"] == str(position)
             assert len(record["value"]) == 200_000
     assert len(await backend.read_log("k9")) > 4
+
+
+# -- lifecycle --------------------------------------------------------------
+
+
+def test_a_backend_never_closed_leaves_no_warning_at_exit(harness: Harness) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", "-c", NEVER_CLOSED, harness.url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "42\n", "")

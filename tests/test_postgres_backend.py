@@ -104,6 +104,25 @@ async def test_one_batch_settles_each_append_on_its_own(store: PostgresHarness) 
     assert [len(await backend.read_log(f"r{i}")) for i in range(20)] == [1] * 20
 
 
+async def test_one_batch_tells_gaps_from_taken_positions(store: PostgresHarness) -> None:
+    backend = await open_backend(store)
+    await backend.append("a", 0, entry("a0"))
+    # One batch: consecutive positions of one run (the second needs the first, which a
+    # statement cannot see among its own rows), a gap, and a gap behind a taken position.
+    outcomes = await asyncio.gather(
+        backend.append("a", 1, entry(1)),
+        backend.append("a", 2, entry(2)),
+        backend.append("b", 3, entry(3)),
+        backend.append("a", 0, entry("again")),
+        return_exceptions=True,
+    )
+    assert outcomes[:2] == [None, None]
+    assert isinstance(outcomes[2], InvalidArgument) and "gap" in str(outcomes[2])
+    assert isinstance(outcomes[3], PositionTaken)
+    assert await backend.read_log("a") == [entry("a0"), entry(1), entry(2)]
+    assert await backend.read_log("b") == []
+
+
 async def test_a_cancelled_append_is_not_written(store: PostgresHarness) -> None:
     backend = await open_backend(store)
     task = asyncio.create_task(backend.append("c", 0, entry("never")))

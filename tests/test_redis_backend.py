@@ -356,17 +356,6 @@ async def test_append_retried_after_a_lost_reply_succeeds(store: RedisHarness) -
         await backend.append("r", 0, entry("again"))
 
 
-async def test_gaps_and_negative_positions_are_refused(store: RedisHarness) -> None:
-    backend = await store.open()
-    with pytest.raises(InvalidArgument, match="gap"):
-        await backend.append("r", 1, entry(1))
-    with pytest.raises(InvalidArgument, match="negative"):
-        await backend.append("r", -1, entry(1))
-    with pytest.raises(InvalidArgument, match="negative"):
-        await backend.read_log("r", -1)
-    assert await backend.read_log("r") == []
-
-
 async def test_leases_use_the_server_clock(store: RedisHarness) -> None:
     backend = await store.open()
     raw = store.raw()

@@ -4,6 +4,7 @@ outages, adaptive polling, and the request counts docs/PROTOCOL.md promises."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 import time
 import uuid
@@ -22,6 +23,7 @@ from substantial.backends.s3._objects import ObjectStore
 from substantial.errors import BackendError, BackendUnavailable, InvalidArgument, PositionTaken
 from substantial.records import decode_entry, encode_entry
 from tests.backend_s3 import S3Harness
+from tests.harness import NEVER_CLOSED
 from tests.s3_server import S3Server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -248,7 +250,10 @@ async def test_conditional_writes_are_checked_once_per_server(
     assert not [k for k in raw_keys(h) if ".probe" in k]
     other = open_s3(h)
     await other.append("r", 1, entry(1))
-    assert other.requests == {"PutObject": 1}
+    # No probe; one HEAD: the gap check of a position this client has not seen the log reach.
+    assert other.requests == {"HeadObject": 1, "PutObject": 1}
+    await other.append("r", 2, entry(2))
+    assert other.requests == {"HeadObject": 1, "PutObject": 2}
 
 
 async def test_a_server_that_ignores_conditions_is_refused(
@@ -658,3 +663,20 @@ async def test_requests_per_operation(h: S3Harness) -> None:
     assert await cost(b.put_run(info("r"))) == {"PutObject": 1}
     assert await cost(b.get_run("r")) == {"GetObject": 1}
     assert await cost(b.list_runs()) == {"ListObjectsV2": 1, "GetObject": 1}
+
+
+# -- lifecycle --------------------------------------------------------------
+
+
+def test_a_backend_never_closed_prints_nothing_at_exit(h: S3Harness) -> None:
+    # With default warning filters aiohttp still prints "Unclosed client session" and
+    # "Unclosed connector" through the loop's exception handler; the shared suite runs
+    # the same script with warnings as errors on every backend.
+    proc = subprocess.run(
+        [sys.executable, "-c", NEVER_CLOSED, h.url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "42\n", "")

@@ -7,27 +7,38 @@
   order, decode each record (flagging unreadable ones) and apply the filters.
 * :func:`reraise_lost_cancel` - the guard against a driver that swallows a
   ``cancel()``.
+* :func:`release_with_loop` - closing a client its user never closed, when
+  its event loop shuts down.
+* The checks that make every backend answer bad input alike:
+  :func:`check_position`, :func:`check_time`, :func:`gap_error` and
+  :func:`ack_ids`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+import math
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from typing import TypeAlias
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from substantial.backends._hostile import listed, read_listed
+from substantial.backends._hostile import is_valid_id, listed, read_listed
 from substantial.backends._redact import redact_url
 from substantial.backends.base import Durability, RunInfo
 from substantial.errors import InvalidArgument
 
 __all__ = [
     "Page",
+    "ack_ids",
     "check_durability",
+    "check_position",
+    "check_time",
     "filtered_runs",
+    "gap_error",
     "lease_takable",
     "local_store_url",
+    "release_with_loop",
     "reraise_lost_cancel",
 ]
 
@@ -37,6 +48,37 @@ def check_durability(value: object) -> Durability:
     if value not in ("process", "fsync"):
         raise InvalidArgument(f"durability={value!r}: use 'process' or 'fsync'")
     return value
+
+
+def check_position(run_id: str, position: object, what: str = "log position") -> int:
+    """Return ``position`` if it is a whole number >= 0; raise :class:`InvalidArgument` if not."""
+    if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+        raise InvalidArgument(f"{what} {position!r} of run {run_id!r} is not a whole number >= 0")
+    return position
+
+
+def gap_error(run_id: str, position: int) -> InvalidArgument:
+    """Return the error for an append that would leave position ``position - 1`` empty."""
+    return InvalidArgument(
+        f"position {position} leaves a gap in the log of run {run_id!r}: position "
+        f"{position - 1} is empty; append at the first free position"
+    )
+
+
+def check_time(at: object) -> float:
+    """Return ``at`` as a float if it is a finite number of seconds; raise if not."""
+    if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
+        raise InvalidArgument(f"time {at!r} is not a finite number of seconds since the epoch")
+    return float(at)
+
+
+def ack_ids(event_ids: Sequence[object]) -> list[str]:
+    """Return the well-formed ids of ``event_ids``, each once, in order.
+
+    Acknowledging is cleanup: an id that no event can have is ignored like
+    one that is not in the inbox, never an error (and never used in a key).
+    """
+    return list(dict.fromkeys(e for e in event_ids if isinstance(e, str) and is_valid_id(e)))
 
 
 def local_store_url(url: str) -> tuple[str, Durability]:
@@ -137,3 +179,26 @@ def reraise_lost_cancel() -> Iterator[None]:
     yield
     if task is not None and task.cancelling() > before:
         raise asyncio.CancelledError
+
+
+async def release_with_loop(release: Callable[[], Awaitable[None]]) -> AsyncGenerator[None, None]:
+    """Have the running event loop call ``release`` when it shuts down; return the guard.
+
+    A user who never closes a backend (the seed's pattern: run, stop the
+    worker, return from ``asyncio.run``) must not see "Unclosed client
+    session" at exit. ``asyncio.run`` closes every async generator still
+    open in its loop before closing the loop; the guard is one, so its
+    ``finally`` releases the client while the loop can still run it. The
+    caller keeps the guard (the loop holds it weakly) and, on an explicit
+    close, calls ``await guard.aclose()``, which releases once.
+    """
+
+    async def guard() -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            await release()
+
+    agen = guard()
+    await agen.__anext__()
+    return agen

@@ -13,7 +13,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from substantial.backends import _hostile
-from substantial.backends._common import Page, filtered_runs, lease_takable
+from substantial.backends._common import (
+    Page,
+    ack_ids,
+    check_position,
+    check_time,
+    filtered_runs,
+    gap_error,
+    lease_takable,
+)
 from substantial.backends.base import Backend, Event, Lease, RunInfo, validate_id
 from substantial.errors import PositionTaken
 
@@ -40,22 +48,25 @@ class MemoryBackend(Backend):
         return cls()
 
     async def append(self, run_id: str, position: int, entry: bytes) -> None:
-        """Store the entry if ``position`` is the next free slot or beyond it."""
+        """Store the entry if ``position`` is the next free slot."""
         validate_id("run id", run_id)
-        log = self.logs.setdefault(run_id, [])
+        check_position(run_id, position)
+        log = self.logs.get(run_id, [])
         if position < len(log):
             raise PositionTaken(run_id, position)
         if position > len(log):
-            # Gaps cannot be represented by a list; the engine never creates them.
-            raise ValueError(f"position {position} leaves a gap in run {run_id!r}")
-        log.append(bytes(entry))
+            raise gap_error(run_id, position)
+        self.logs.setdefault(run_id, log).append(bytes(entry))
 
     async def read_log(self, run_id: str, start: int = 0) -> list[bytes]:
         """Return entries from ``start``."""
+        validate_id("run id", run_id)
+        check_position(run_id, start, "log start")
         return list(self.logs.get(run_id, ())[start:])
 
     async def post_event(self, run_id: str, event_id: str, data: bytes) -> bool:
         """Add the event unless its id is already pending."""
+        validate_id("run id", run_id)
         validate_id("event id", event_id)
         inbox = self.inboxes.setdefault(run_id, {})
         if event_id in inbox:
@@ -66,17 +77,21 @@ class MemoryBackend(Backend):
 
     async def read_inbox(self, run_id: str) -> list[Event]:
         """Return pending events in insertion (arrival) order."""
+        validate_id("run id", run_id)
         return list(self.inboxes.get(run_id, {}).values())
 
     async def ack_events(self, run_id: str, event_ids: Sequence[str]) -> None:
-        """Forget consumed events."""
+        """Forget consumed events; ids not in the inbox, or malformed, are ignored."""
+        validate_id("run id", run_id)
         inbox = self.inboxes.get(run_id)
         if inbox:
-            for event_id in event_ids:
+            for event_id in ack_ids(event_ids):
                 inbox.pop(event_id, None)
 
     async def schedule(self, run_id: str, at: float) -> None:
         """Place the run in the sorted due list."""
+        validate_id("run id", run_id)
+        at = check_time(at)
         self._remove_due(run_id)
         bisect.insort(self._due, (at, run_id))
         self._due_at[run_id] = at
@@ -85,6 +100,7 @@ class MemoryBackend(Backend):
 
     async def unschedule(self, run_id: str) -> None:
         """Drop the run from the due list."""
+        validate_id("run id", run_id)
         self._remove_due(run_id)
 
     def _remove_due(self, run_id: str) -> None:
@@ -96,6 +112,8 @@ class MemoryBackend(Backend):
     async def due(self, now: float, limit: int = 100) -> list[tuple[str, float]]:
         """Return the earliest due runs."""
         self._drop_bad_due()
+        if limit <= 0:
+            return []
         end = bisect.bisect_right(self._due, (now, "\U0010ffff"))
         return [(run_id, at) for at, run_id in self._due[: min(end, limit)]]
 
@@ -129,6 +147,7 @@ class MemoryBackend(Backend):
         self, run_id: str, owner: str, ttl: float, *, steal_from: str | None = None
     ) -> bool:
         """Take the lease if free, expired, ours or held by ``steal_from``."""
+        validate_id("run id", run_id)
         now = time.time()
         lease = self._lease(run_id)
         holder, expires_at = (lease.owner, lease.expires_at) if lease else (None, 0.0)
@@ -139,12 +158,14 @@ class MemoryBackend(Backend):
 
     async def release_lease(self, run_id: str, owner: str) -> None:
         """Drop our lease."""
+        validate_id("run id", run_id)
         lease = self._lease(run_id)
         if lease is not None and (lease.owner == owner or _hostile.is_unreadable(lease)):
             del self.leases[run_id]
 
     async def get_lease(self, run_id: str) -> Lease | None:
         """Return the lease, if any; an unreadable one reads as expired, owner ``?``."""
+        validate_id("run id", run_id)
         return self._lease(run_id)
 
     def _lease(self, run_id: str) -> Lease | None:
@@ -161,10 +182,12 @@ class MemoryBackend(Backend):
 
     async def put_run(self, info: RunInfo) -> None:
         """Store metadata."""
+        validate_id("run id", info.run_id)
         self.runs[info.run_id] = info.to_bytes()
 
     async def get_run(self, run_id: str) -> RunInfo | None:
         """Load metadata."""
+        validate_id("run id", run_id)
         data = self.runs.get(run_id)
         return None if data is None else RunInfo.from_bytes(run_id, data)
 

@@ -13,8 +13,12 @@ import orjson
 from substantial.backends import _hostile
 from substantial.backends._common import (
     Page,
+    ack_ids,
     check_durability,
+    check_position,
+    check_time,
     filtered_runs,
+    gap_error,
     lease_takable,
     local_store_url,
 )
@@ -30,11 +34,19 @@ from substantial.backends.base import (
 )
 from substantial.backends.fs._due import DueIndex, key_us
 from substantial.backends.fs._files import Files, arrival_ns, read_fd, read_file, sync_dir
-from substantial.errors import CorruptRecord, InvalidArgument, PositionTaken
+from substantial.errors import CorruptRecord, PositionTaken
 
 __all__ = ["FSBackend"]
 
 _POSITION_DIGITS = 12
+
+
+def _exists(path: str) -> bool:
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 class FSBackend(Backend):
@@ -79,11 +91,13 @@ class FSBackend(Backend):
     async def append(self, run_id: str, position: int, entry: bytes) -> None:
         """Store the entry if the position is free, by linking a complete file to its name."""
         validate_id("run id", run_id)
-        if position < 0:
-            raise InvalidArgument(f"log position {position} is negative")
+        check_position(run_id, position)
+        log_dir = f"{self._runs}/{run_id}/log"
         try:
-            name = f"{position:0{_POSITION_DIGITS}d}"
-            self._files.publish(f"{self._runs}/{run_id}/log", name, entry)
+            # Entries are never removed: once the one before exists, it stays.
+            if position and not _exists(f"{log_dir}/{position - 1:0{_POSITION_DIGITS}d}"):
+                raise gap_error(run_id, position)
+            self._files.publish(log_dir, f"{position:0{_POSITION_DIGITS}d}", entry)
         except FileExistsError:
             raise PositionTaken(run_id, position) from None
         except OSError as exc:
@@ -92,9 +106,9 @@ class FSBackend(Backend):
     async def read_log(self, run_id: str, start: int = 0) -> list[bytes]:
         """Read entry files from ``start`` until the first missing one."""
         validate_id("run id", run_id)
+        position = check_position(run_id, start, "log start")
         log_dir = f"{self._runs}/{run_id}/log"
         out: list[bytes] = []
-        position = max(start, 0)
         try:
             while True:
                 try:
@@ -170,15 +184,15 @@ class FSBackend(Backend):
         return [Event(name, data, ns / 1e9) for ns, name, data in found]
 
     async def ack_events(self, run_id: str, event_ids: Sequence[str]) -> None:
-        """Delete the events' files; missing ones are ignored."""
+        """Delete the events' files; missing ones and malformed ids are ignored."""
         validate_id("run id", run_id)
         inbox = f"{self._runs}/{run_id}/inbox"
+        ids = ack_ids(event_ids)
         try:
-            for event_id in event_ids:
-                validate_id("event id", event_id)
+            for event_id in ids:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(f"{inbox}/{event_id}")
-            if self._fsync and event_ids:
+            if self._fsync and ids:
                 with contextlib.suppress(FileNotFoundError):
                     sync_dir(inbox)
         except OSError as exc:
@@ -189,7 +203,7 @@ class FSBackend(Backend):
     async def schedule(self, run_id: str, at: float) -> None:
         """Point the run at a new due key, then remove its old key."""
         validate_id("run id", run_id)
-        at_us = key_us(at)
+        at_us = key_us(check_time(at))
         try:
             self._index.set(run_id, at_us)
         except OSError as exc:

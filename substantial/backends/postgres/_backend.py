@@ -5,14 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
 from substantial.backends import _hostile
-from substantial.backends._common import Page, filtered_runs
+from substantial.backends._common import (
+    Page,
+    ack_ids,
+    check_position,
+    check_time,
+    filtered_runs,
+    gap_error,
+    release_with_loop,
+)
 from substantial.backends._redact import redact_url
 from substantial.backends.base import Backend, Event, Lease, RunInfo, validate_id
 from substantial.backends.postgres._batch import AppendBatcher, Key
@@ -23,7 +31,8 @@ from substantial.backends.postgres._errors import (
     translate,
 )
 from substantial.backends.postgres._listen import Listener
-from substantial.backends.postgres._schema import Statements, ensure_schema
+from substantial.backends.postgres._pool import open_pool
+from substantial.backends.postgres._schema import Statements
 from substantial.errors import BackendUnavailable, InvalidArgument, PositionTaken, SubstantialError
 
 __all__ = ["PostgresBackend"]
@@ -72,6 +81,7 @@ class PostgresBackend(Backend):
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self._pool: Any = None
+        self._guard: AsyncGenerator[None, None] | None = None
         self._pool_lock = asyncio.Lock()
         self._closed = False
         self._batcher = AppendBatcher(self._insert_many) if group_commit else None
@@ -134,28 +144,18 @@ class PostgresBackend(Backend):
             raise BackendUnavailable(f"this backend for {self._where} is closed; open a new one")
         async with self._pool_lock:
             if self._pool is None:
-                try:
-                    pool = await asyncpg.create_pool(
-                        self._dsn,
-                        min_size=1,
-                        max_size=self.pool_size,
-                        timeout=self.connect_timeout,
-                        command_timeout=self.command_timeout,
-                        server_settings={"application_name": "substantial"},
-                        reset=_keep_session,
-                    )
-                except ValueError as exc:  # asyncpg's verdict on the URL's options
-                    detail = str(exc).replace(self._password or "\0", "***")
-                    raise InvalidArgument(
-                        f"invalid Postgres URL {redact_url(self._dsn)!r}: {detail}"
-                    ) from exc
-                try:
-                    async with pool.acquire() as conn:
-                        await ensure_schema(conn, self._sql, self._where)
-                except BaseException:
-                    pool.terminate()
-                    raise
+                pool = await open_pool(
+                    self._dsn,
+                    self._sql,
+                    size=self.pool_size,
+                    connect_timeout=self.connect_timeout,
+                    command_timeout=self.command_timeout,
+                    password=self._password,
+                    where=self._where,
+                )
                 self._pool = pool
+                # Released when this loop shuts down if nobody closes the backend first.
+                self._guard = await release_with_loop(self._release)
         return self._pool
 
     async def _run(
@@ -186,41 +186,62 @@ class PostgresBackend(Backend):
     async def append(self, run_id: str, position: int, entry: bytes) -> None:
         """Insert the entry; the primary key (run_id, position) refuses a taken position."""
         validate_id("run id", run_id)
-        if position < 0:
-            raise InvalidArgument(f"log position {position} of run {run_id!r} is negative")
+        check_position(run_id, position)
         entry = bytes(entry)
         if self._batcher is not None:
             await self._batcher.append(run_id, position, entry)
             return
-
-        async def insert(conn: Conn) -> str:
-            return str(await conn.execute(self._sql["append"], run_id, position, entry))
-
         # Not retried: after a lost reply the retry would find its own row and fail.
-        if not (await self._run("append", insert, retry=False)).endswith(" 1"):
-            raise PositionTaken(run_id, position)
+        stored, taken = await self._insert_many([(run_id, position, entry)])
+        if not stored:
+            if taken:
+                raise PositionTaken(run_id, position)
+            raise gap_error(run_id, position)
 
-    async def _insert_many(self, rows: list[tuple[str, int, bytes]]) -> set[Key]:
-        """Insert rows of the log in one statement; return the keys stored now."""
+    async def _insert_many(self, rows: list[tuple[str, int, bytes]]) -> tuple[set[Key], set[Key]]:
+        """Insert rows of the log; return the keys stored now, and the refused ones taken.
 
-        async def insert(conn: Conn) -> set[Key]:
-            if len(rows) == 1:
-                run_id, position, entry = rows[0]
-                status = await conn.execute(self._sql["append"], run_id, position, entry)
-                return {(run_id, position)} if str(status).endswith(" 1") else set()
-            stored = await conn.fetch(
-                self._sql["append_many"],
-                [r[0] for r in rows],
-                [r[1] for r in rows],
-                [r[2] for r in rows],
+        A row whose predecessor is in the same batch goes in a later statement:
+        a statement does not see its own rows, so it would read as a gap.
+        """
+        waves: list[list[tuple[str, int, bytes]]] = []
+        depth: dict[Key, int] = {}
+        for row in sorted(rows):
+            d = depth[(row[0], row[1])] = depth.get((row[0], row[1] - 1), -1) + 1
+            if d == len(waves):
+                waves.append([])
+            waves[d].append(row)
+
+        async def insert(conn: Conn) -> tuple[set[Key], set[Key]]:
+            stored: set[Key] = set()
+            for wave in waves:
+                if len(wave) == 1:
+                    run_id, position, entry = wave[0]
+                    status = await conn.execute(self._sql["append"], run_id, position, entry)
+                    if str(status).endswith(" 1"):
+                        stored.add((run_id, position))
+                    continue
+                found = await conn.fetch(
+                    self._sql["append_many"],
+                    [r[0] for r in wave],
+                    [r[1] for r in wave],
+                    [r[2] for r in wave],
+                )
+                stored.update((r[0], r[1]) for r in found)
+            refused = [r for r in rows if (r[0], r[1]) not in stored]
+            if not refused:
+                return stored, set()
+            found = await conn.fetch(
+                self._sql["taken"], [r[0] for r in refused], [r[1] for r in refused]
             )
-            return {(r[0], r[1]) for r in stored}
+            return stored, {(r[0], r[1]) for r in found}
 
         return await self._run("append", insert, retry=False)
 
     async def read_log(self, run_id: str, start: int = 0) -> list[bytes]:
         """Select entries from ``start`` in position order and stop at the first gap."""
         validate_id("run id", run_id)
+        check_position(run_id, start, "log start")
         rows = await self._run(
             f"read the log of run {run_id!r}",
             lambda c: c.fetch(self._sql["read_log"], run_id, start),
@@ -260,9 +281,9 @@ class PostgresBackend(Backend):
         return [Event(event_id, bytes(data), posted_at) for event_id, data, posted_at in rows]
 
     async def ack_events(self, run_id: str, event_ids: Sequence[str]) -> None:
-        """Delete the events in one statement; unknown ids match no row."""
+        """Delete the events in one statement; unknown and malformed ids are ignored."""
         validate_id("run id", run_id)
-        ids = [validate_id("event id", e) for e in event_ids]
+        ids = ack_ids(event_ids)
         if ids:
             await self._run("ack_events", lambda c: c.execute(self._sql["ack"], run_id, ids))
 
@@ -271,7 +292,7 @@ class PostgresBackend(Backend):
     async def schedule(self, run_id: str, at: float) -> None:
         """Upsert the run's ``due`` row and notify the time, in one statement."""
         validate_id("run id", run_id)
-        args = (run_id, float(at), self._sql.channel)
+        args = (run_id, check_time(at), self._sql.channel)
         await self._run("schedule", lambda c: c.execute(self._sql["schedule"], *args))
 
     async def unschedule(self, run_id: str) -> None:
@@ -443,12 +464,13 @@ class PostgresBackend(Backend):
         self._listener.start()
         return await self.waker.wait(timeout)
 
-    async def close(self) -> None:
-        """Settle queued appends, stop listening and close the pool."""
+    async def _release(self) -> None:
+        """Settle queued appends, stop listening, close the pool; a later call reopens."""
+        self._guard = None
         if self._batcher is not None:
             await self._batcher.drain()
-        self._closed = True
-        await self._listener.close()
+        await self._listener.stop()
+        self._listen_waited = False
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
@@ -457,11 +479,14 @@ class PostgresBackend(Backend):
             except TimeoutError:
                 pool.terminate()
 
-
-async def _keep_session(_conn: Conn) -> None:
-    """Return a connection to the pool as it is.
-
-    Statements here change no session state (no SET, no LISTEN, no session
-    locks), and asyncpg still rolls back a transaction left open; its
-    default reset would add a round trip to every call.
-    """
+    async def close(self) -> None:
+        """Settle queued appends, stop listening and close the pool."""
+        if self._batcher is not None:
+            await self._batcher.drain()
+        self._closed = True
+        await self._listener.close()
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            await guard.aclose()  # runs _release, once
+        else:
+            await self._release()

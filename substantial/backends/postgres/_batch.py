@@ -12,13 +12,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from substantial.errors import BackendError, PositionTaken
+from substantial.backends._common import gap_error
+from substantial.errors import BackendError, InvalidArgument, PositionTaken
 
 __all__ = ["AppendBatcher"]
 
 Key = tuple[str, int]
-#: Store the rows (sorted by key) and return the keys that were stored now.
-Insert = Callable[[list[tuple[str, int, bytes]]], Awaitable[set[Key]]]
+#: Store the rows (sorted by key); return the keys stored now and, of the others, those
+#: whose position holds an entry (taken). A row in neither would have left a gap.
+Insert = Callable[[list[tuple[str, int, bytes]]], Awaitable[tuple[set[Key], set[Key]]]]
 
 
 class AppendBatcher:
@@ -37,8 +39,9 @@ class AppendBatcher:
             # empty no other task can join a batch, so waiting for one only adds latency.
             ready = getattr(loop, "_ready", None)
             if ready is not None and not ready:
-                if (run_id, position) not in await self._insert([(run_id, position, entry)]):
-                    raise PositionTaken(run_id, position)
+                stored, taken = await self._insert([(run_id, position, entry)])
+                if (run_id, position) not in stored:
+                    raise _refusal(run_id, position, taken)
                 return
             self._batch = []
             # Runs after every callback already queued: each task that is ready in
@@ -66,7 +69,7 @@ class AppendBatcher:
         # each other's rows in opposite orders would deadlock.
         rows = sorted((key[0], key[1], entry) for key, (entry, _) in first.items())
         try:
-            stored = await self._insert(rows) if rows else set()
+            stored, taken = await self._insert(rows) if rows else (set(), set())
         except BaseException as exc:
             for *_, fut in live:
                 if fut.done():
@@ -88,8 +91,10 @@ class AppendBatcher:
             key = (run_id, position)
             if key in stored and first[key][1] is fut:
                 fut.set_result(None)
+            elif key in stored:
+                fut.set_exception(PositionTaken(run_id, position))  # lost to the first
             else:
-                fut.set_exception(PositionTaken(run_id, position))
+                fut.set_exception(_refusal(run_id, position, taken))
 
     async def drain(self) -> None:
         """Wait until every batch that has left is settled."""
@@ -98,3 +103,9 @@ class AppendBatcher:
                 await asyncio.wait(set(self._flushes))
             else:
                 await asyncio.sleep(0)
+
+
+def _refusal(run_id: str, position: int, taken: set[Key]) -> PositionTaken | InvalidArgument:
+    if (run_id, position) in taken:
+        return PositionTaken(run_id, position)
+    return gap_error(run_id, position)

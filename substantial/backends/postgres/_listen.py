@@ -128,8 +128,12 @@ class Listener:
             await conn.fetchval("SELECT 1", timeout=_PING_EVERY)
 
     async def close(self) -> None:
-        """Stop listening and close the connection."""
+        """Stop listening and close the connection; the listener cannot start again."""
         self._closed = True
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Stop listening and close the connection; :meth:`start` starts again."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -106,14 +106,26 @@ class Statements:
         )
         self.sql: dict[str, str] = {
             "version": f"SELECT version FROM {t('schema')}",
+            # Only at 0 or right after an existing entry: a gap is refused like a taken
+            # position (no row); "taken" below tells the two apart.
             "append": (
                 f"INSERT INTO {log} (run_id, position, entry) "
-                "VALUES ($1::text, $2::bigint, $3::bytea) ON CONFLICT DO NOTHING"
+                "SELECT $1::text, $2::bigint, $3::bytea WHERE $2::bigint = 0 OR EXISTS "
+                f"(SELECT 1 FROM {log} WHERE run_id = $1::text AND position = $2::bigint - 1) "
+                "ON CONFLICT DO NOTHING"
             ),
             "append_many": (
                 f"INSERT INTO {log} (run_id, position, entry) "
-                "SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[]) "
+                "SELECT r, p, e FROM unnest($1::text[], $2::bigint[], $3::bytea[]) AS t(r, p, e) "
+                f"WHERE p = 0 OR EXISTS (SELECT 1 FROM {log} "
+                "WHERE run_id = r AND position = p - 1) "
                 "ON CONFLICT DO NOTHING RETURNING run_id, position"
+            ),
+            # Of the given positions, those that hold an entry.
+            "taken": (
+                f"SELECT l.run_id, l.position FROM {log} l "
+                "JOIN unnest($1::text[], $2::bigint[]) AS t(r, p) "
+                "ON l.run_id = t.r AND l.position = t.p"
             ),
             "read_log": (
                 f"SELECT position, entry FROM {log} WHERE run_id = $1::text "

@@ -14,7 +14,14 @@ from redis import exceptions as rx
 from redis.asyncio import RedisCluster
 
 from substantial.backends import _hostile
-from substantial.backends._common import Page, filtered_runs
+from substantial.backends._common import (
+    Page,
+    ack_ids,
+    check_position,
+    check_time,
+    filtered_runs,
+    gap_error,
+)
 from substantial.backends._redact import redact_url
 from substantial.backends.base import Backend, Event, Lease, RunInfo, validate_id
 from substantial.backends.redis._connect import describe_client, open_client
@@ -87,7 +94,7 @@ class RedisBackend(Backend):
         self._due_keys = [f"{{{prefix}:due:{k}}}" for k in range(SHARDS)]
         self._runs_keys = [f"{{{prefix}:runs:{k}}}" for k in range(SHARDS)]
         self._where = describe_client(self._client)
-        self._health = Health(self._client, self._where)
+        self._health = Health(self._client, self._where, self._release)
         self._closed = False
         # Wake-ups: the listener notifies self.waker, which keeps a signal that
         # arrives between a poll and the next wait.
@@ -162,8 +169,7 @@ class RedisBackend(Backend):
     async def append(self, run_id: str, position: int, entry: bytes) -> None:
         """Push the entry if the log holds exactly ``position`` entries (Lua, atomic)."""
         keys = [self._key(run_id, "log"), self._key(run_id, "append")]
-        if position < 0:
-            raise InvalidArgument(f"log position {position} of run {run_id!r} is negative")
+        check_position(run_id, position)
         # A call retried by the driver after its reply was lost must not fail
         # against its own write: the token tells the script it was ours.
         token = os.urandom(8).hex()
@@ -172,16 +178,12 @@ class RedisBackend(Backend):
         if result == 0:
             raise PositionTaken(run_id, position)
         if result == -1:
-            raise InvalidArgument(
-                f"position {position} leaves a gap in the log of run {run_id!r}: "
-                "append at the first free position"
-            )
+            raise gap_error(run_id, position)
 
     async def read_log(self, run_id: str, start: int = 0) -> list[bytes]:
         """Return the entries from ``start`` (one LRANGE)."""
         key = self._key(run_id, "log")
-        if start < 0:
-            raise InvalidArgument(f"log position {start} of run {run_id!r} is negative")
+        check_position(run_id, start, "log start")
         async with self._health.io("read_log"):
             entries = await self._client.lrange(key, start, -1)
         return cast(list[bytes], entries)
@@ -223,12 +225,16 @@ class RedisBackend(Backend):
         ]
 
     async def ack_events(self, run_id: str, event_ids: Sequence[str]) -> None:
-        """Delete consumed events from the stream and the id index (Lua, atomic)."""
+        """Delete consumed events from the stream and the id index (Lua, atomic).
+
+        Ids not in the inbox, and malformed ones, are ignored.
+        """
         keys = self._inbox_keys(run_id)
-        if not event_ids:
+        ids = ack_ids(event_ids)
+        if not ids:
             return
         async with self._health.io("ack_events"):
-            await self._script("ack", keys, list(event_ids))
+            await self._script("ack", keys, ids)
 
     def _inbox_keys(self, run_id: str) -> list[str]:
         return [self._key(run_id, "inbox"), self._key(run_id, "events")]
@@ -238,6 +244,7 @@ class RedisBackend(Backend):
     async def schedule(self, run_id: str, at: float) -> None:
         """Set the run's score in its due shard, then publish the time on the wake channel."""
         validate_id("run id", run_id)
+        at = check_time(at)
         async with self._health.io("schedule"):
             await self._in_order(
                 ("ZADD", self._due_keys[shard_of(run_id)], repr(float(at)), run_id),
@@ -465,12 +472,17 @@ class RedisBackend(Backend):
         # The waker keeps a signal that arrived while nobody waited, so it counts at once.
         return await self.waker.wait(timeout)
 
+    async def _release(self) -> None:
+        """Close the connections; a later call (in another loop, say) opens new ones."""
+        await self._listener.stop()
+        if self._owns_client:
+            await self._client.aclose()
+
     async def close(self) -> None:
         """Stop the listener and close the connections this backend opened."""
         self._closed = True
         await self._listener.close()
-        if self._owns_client:
-            await self._client.aclose()
+        await self._health.release()
 
 
 def _member_id(member: bytes) -> str | None:

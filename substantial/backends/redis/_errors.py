@@ -6,12 +6,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from redis import exceptions as rx
 from redis.asyncio import Redis, RedisCluster
 
-from substantial.backends._common import reraise_lost_cancel
+from substantial.backends._common import release_with_loop, reraise_lost_cancel
 from substantial.errors import BackendError, BackendUnavailable
 
 __all__ = ["Client", "Health", "log"]
@@ -40,9 +40,11 @@ _DENIED = (rx.AuthenticationError, rx.AuthorizationError, rx.NoPermissionError)
 class Health:
     """Translate driver errors for one client, and say once when its server goes and comes."""
 
-    def __init__(self, client: Client, where: str) -> None:
+    def __init__(self, client: Client, where: str, release: Callable[[], Awaitable[None]]) -> None:
         self._client = client
         self.where = where
+        self._release = release
+        self._guard: AsyncGenerator[None, None] | None = None
         # A cluster client must learn the topology once before concurrent
         # use: redis-py 8 breaks connections when many first calls race.
         self._initialized = not isinstance(client, RedisCluster)
@@ -58,6 +60,9 @@ class Health:
         """
         with reraise_lost_cancel():
             try:
+                if self._guard is None:
+                    # Released when this loop shuts down if nobody closes the backend first.
+                    self._guard = await release_with_loop(self._released)
                 if not self._initialized:
                     await self.initialize()
                 yield
@@ -81,6 +86,18 @@ class Health:
                 raise BackendError(f"Redis at {self.where} rejected {what}: {exc}") from exc
             if self._down_since is not None:
                 self.note_up()
+
+    async def _released(self) -> None:
+        self._guard = None
+        await self._release()
+
+    async def release(self) -> None:
+        """Release the connections now (once), whether or not a loop guards them."""
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            await guard.aclose()
+        else:
+            await self._release()
 
     async def initialize(self) -> None:
         """Let a cluster client learn the topology (once)."""

@@ -157,6 +157,10 @@ class Listener:
     async def close(self) -> None:
         """Stop listening; the listener cannot be started again."""
         self._closed = True
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Stop listening; :meth:`start` (in this loop or another) starts again."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -5,12 +5,19 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from substantial.backends import _hostile
-from substantial.backends._common import Page, filtered_runs
+from substantial.backends._common import (
+    Page,
+    ack_ids,
+    check_position,
+    check_time,
+    filtered_runs,
+    gap_error,
+)
 from substantial.backends._redact import redact_url
 from substantial.backends.base import Backend, Event, Lease, RunInfo, validate_id
 from substantial.backends.s3._due import DueIndex
@@ -121,6 +128,8 @@ class S3Backend(Backend):
         #: Requests sent, by S3 operation, as botocore sends them (each of our retries
         #: counts): the bill, in requests.
         self.requests = self._objects.requests
+        # Per run, how many leading log positions are known to hold entries.
+        self._log_ends: OrderedDict[str, int] = OrderedDict()
         self._due = DueIndex(self._objects, self.waker, min_poll=min_poll, max_poll=max_poll)
         self._leases = Leases(self._objects, self._lease_key, self._took)
 
@@ -216,12 +225,30 @@ class S3Backend(Backend):
     # -- the log ----------------------------------------------------------
 
     async def append(self, run_id: str, position: int, entry: bytes) -> None:
-        """Create the entry's object with If-None-Match: *; a 412 means the position is taken."""
+        """Create the entry's object with If-None-Match: *; a 412 means the position is taken.
+
+        A position whose predecessor this client has not seen costs one HEAD
+        first (the gap check); a worker extending a log it read costs none.
+        """
         validate_id("run id", run_id)
-        if position < 0:
-            raise InvalidArgument(f"position {position} of run {run_id!r} is negative")
+        check_position(run_id, position)
+        if position > self._log_ends.get(run_id, 0):
+            _, etag = await self._objects.head_wid(self.entry_key(run_id, position - 1))
+            if not etag:
+                raise gap_error(run_id, position)
         if await self._objects.put_if(self.entry_key(run_id, position), bytes(entry)) is None:
+            self._saw_log(run_id, position + 1)
             raise PositionTaken(run_id, position)
+        self._saw_log(run_id, position + 1)
+
+    def _saw_log(self, run_id: str, end: int) -> None:
+        """Remember that positions below ``end`` hold entries (they are never removed)."""
+        ends = self._log_ends
+        if ends.get(run_id, 0) < end:
+            ends[run_id] = end
+        ends.move_to_end(run_id)
+        if len(ends) > 10_000:
+            ends.popitem(last=False)
 
     async def read_log(self, run_id: str, start: int = 0) -> list[bytes]:
         """List the run's log from ``start``, then fetch the entries in parallel.
@@ -230,7 +257,7 @@ class S3Backend(Backend):
         check costs a GET, not a LIST.
         """
         validate_id("run id", run_id)
-        start = max(0, start)
+        check_position(run_id, start, "log start")
         prefix = self._log_prefix(run_id)
         head: list[bytes] = []
         after = None
@@ -259,6 +286,8 @@ class S3Backend(Backend):
             if obj is None:
                 break
             out.append(obj.body)
+        if out:
+            self._saw_log(run_id, start + len(out))
         return out
 
     # -- the inbox --------------------------------------------------------
@@ -299,7 +328,7 @@ class S3Backend(Backend):
         """Delete the events' objects (DELETE requests are free on AWS)."""
         validate_id("run id", run_id)
         prefix = self._inbox_prefix(run_id)
-        ids = [e for e in dict.fromkeys(event_ids) if _hostile.is_valid_id(e)]
+        ids = ack_ids(event_ids)
         await self._objects.gather(self._objects.delete(f"{prefix}{e}") for e in ids)
 
     # -- the due index ----------------------------------------------------
@@ -307,7 +336,7 @@ class S3Backend(Backend):
     async def schedule(self, run_id: str, at: float) -> None:
         """Put a new due key, move the run's pointer to it (CAS), then delete the old key."""
         validate_id("run id", run_id)
-        await self._due.schedule(run_id, at)
+        await self._due.schedule(run_id, check_time(at))
 
     async def unschedule(self, run_id: str) -> None:
         """Delete the run's pointer and the due key it names."""

@@ -19,7 +19,7 @@ import secrets
 import time
 import weakref
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -34,6 +34,7 @@ from botocore.exceptions import (
     ProfileNotFound,
 )
 
+from substantial.backends._common import release_with_loop
 from substantial.backends._redact import redact_url
 from substantial.backends.s3._errors import TRANSIENT_ERRORS, Rejected, client_error
 from substantial.errors import BackendError, BackendUnavailable
@@ -130,6 +131,7 @@ class ObjectStore:
         self._stack: contextlib.AsyncExitStack | None = None
         self._open_lock: asyncio.Lock | None = None
         self._sem: asyncio.Semaphore | None = None
+        self._guard: AsyncGenerator[None, None] | None = None
         self.closed = False
 
     def describe(self) -> str:
@@ -147,6 +149,8 @@ class ObjectStore:
         async with self._open_lock:
             if self._client is None:
                 self._client = await self._create_client()
+                # Released when this loop shuts down if nobody closes the backend first.
+                self._guard = await release_with_loop(self._release)
         return self._client
 
     async def _create_client(self) -> S3Client:
@@ -438,9 +442,19 @@ class ObjectStore:
                 return out
             start_after = items[-1].key
 
+    async def _release(self) -> None:
+        """Close the HTTP client; a later request (in another loop, say) opens a new one."""
+        stack, self._stack, self._client = self._stack, None, None
+        # Both belong to the loop the client was made in.
+        self._open_lock = self._sem = None
+        if stack is not None:
+            await stack.aclose()
+
     async def close(self) -> None:
         """Close the HTTP client; the store is unusable afterwards."""
         self.closed = True
-        stack, self._stack, self._client = self._stack, None, None
-        if stack is not None:
-            await stack.aclose()
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            await guard.aclose()  # runs _release, once
+        else:
+            await self._release()

@@ -10,7 +10,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from substantial.backends import _hostile
-from substantial.backends._common import Page, check_durability, filtered_runs, local_store_url
+from substantial.backends._common import (
+    Page,
+    ack_ids,
+    check_durability,
+    check_position,
+    check_time,
+    filtered_runs,
+    gap_error,
+    local_store_url,
+)
 from substantial.backends._wake import WakeChannel
 from substantial.backends.base import Backend, Durability, Event, Lease, RunInfo, validate_id
 from substantial.backends.sqlite._batch import GroupCommit
@@ -18,6 +27,7 @@ from substantial.backends.sqlite._schema import (
     ACQUIRE,
     APPEND,
     GET_LEASE,
+    HAS_ENTRY,
     POST,
     PUT_RUN,
     RELEASE,
@@ -144,17 +154,21 @@ class SQLiteBackend(Backend):
     async def append(self, run_id: str, position: int, entry: bytes) -> None:
         """Insert the entry; the primary key refuses a taken position."""
         validate_id("run id", run_id)
+        check_position(run_id, position)
         entry = bytes(entry)
 
         def write(db: sqlite3.Connection) -> None:
             if db.execute(APPEND, (run_id, position, entry)).rowcount != 1:
-                raise PositionTaken(run_id, position)
+                if db.execute(HAS_ENTRY, (run_id, position)).fetchone():
+                    raise PositionTaken(run_id, position)
+                raise gap_error(run_id, position)
 
         await self._write(write, single=True)
 
     async def read_log(self, run_id: str, start: int = 0) -> list[bytes]:
         """Select entries from ``start`` and stop at the first gap."""
         validate_id("run id", run_id)
+        check_position(run_id, start, "log start")
         rows = self._read(
             "SELECT position, entry FROM log WHERE run_id = ? AND position >= ? ORDER BY position",
             (run_id, start),
@@ -210,11 +224,11 @@ class SQLiteBackend(Backend):
         return [Event(event_id, data, posted_at) for event_id, data, posted_at in rows]
 
     async def ack_events(self, run_id: str, event_ids: Sequence[str]) -> None:
-        """Delete the events; unknown ids match no row."""
+        """Delete the events; unknown and malformed ids are ignored."""
         validate_id("run id", run_id)
-        if not event_ids:
+        rows = [(run_id, e) for e in ack_ids(event_ids)]
+        if not rows:
             return
-        rows = [(run_id, validate_id("event id", e)) for e in event_ids]
 
         def write(db: sqlite3.Connection) -> None:
             db.executemany("DELETE FROM inbox WHERE run_id = ? AND event_id = ?", rows)
@@ -226,7 +240,7 @@ class SQLiteBackend(Backend):
     async def schedule(self, run_id: str, at: float) -> None:
         """Upsert the run's row in the ``due`` table."""
         validate_id("run id", run_id)
-        at = float(at)
+        at = check_time(at)
 
         def write(db: sqlite3.Connection) -> None:
             db.execute(SCHEDULE, (run_id, at))
@@ -247,6 +261,8 @@ class SQLiteBackend(Backend):
         """Walk the ``(at, run_id)`` index up to ``now``."""
         self._wake.listen()
         self.waker.clear()  # this read covers every signal sent so far
+        if limit <= 0:
+            return []  # SQLite reads a negative LIMIT as "no limit"
         rows = self._read(
             "SELECT run_id, at FROM due WHERE at <= ? ORDER BY at, run_id LIMIT ?",
             (now, limit),

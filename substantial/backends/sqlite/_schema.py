@@ -13,6 +13,7 @@ __all__ = [
     "ACQUIRE",
     "APPEND",
     "GET_LEASE",
+    "HAS_ENTRY",
     "POST",
     "PUT_RUN",
     "RELEASE",
@@ -63,7 +64,13 @@ PRAGMA user_version = 1;
 COMMIT;
 """
 
-APPEND = "INSERT OR IGNORE INTO log (run_id, position, entry) VALUES (?, ?, ?)"
+# Only at 0 or right after an existing entry: a gap is refused like a taken position
+# (no row), and the caller tells the two apart.
+APPEND = (
+    "INSERT OR IGNORE INTO log (run_id, position, entry) SELECT ?1, ?2, ?3 "
+    "WHERE ?2 = 0 OR EXISTS (SELECT 1 FROM log WHERE run_id = ?1 AND position = ?2 - 1)"
+)
+HAS_ENTRY = "SELECT 1 FROM log WHERE run_id = ? AND position = ?"
 POST = "INSERT OR IGNORE INTO inbox (run_id, event_id, data, posted_at) VALUES (?, ?, ?, ?)"
 SCHEDULE = (
     "INSERT INTO due (run_id, at) VALUES (?, ?) ON CONFLICT (run_id) DO UPDATE SET at = excluded.at"
