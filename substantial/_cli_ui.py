@@ -14,7 +14,9 @@ __all__ = ["ui"]
 @common.backend_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8765, show_default=True, help="Port to listen on.")
-@click.option("--allow-actions", is_flag=True, help="Allow sending events and cancelling runs.")
+@click.option(
+    "--allow-actions", is_flag=True, help="Allow sending events, cancelling and resuming runs."
+)
 @click.option(
     "--token",
     envvar="SUBSTANTIAL_UI_TOKEN",

@@ -163,6 +163,8 @@ def add_rows(tl: Timeline, records: list[tuple[int, Record]]) -> None:
             tl.rows.append(
                 Row("snapshot", "compacted: replay restarts here", clock, position=position)
             )
+        elif kind == "repair":
+            tl.rows.append(_repair_row(r, number(r.get("at"), clock), position))
         elif kind == "end":
             status = str(r["status"])
             state = "ok" if status in ("completed", "continued") else "failed"
@@ -196,3 +198,18 @@ def _event_row(r: Record, t: float, position: int, children: dict[str, Row]) -> 
     if name == CANCEL_EVENT:
         return Row("event", "cancel requested", t, state="failed", position=position)
     return Row("event", f"event {name}", t, position=position, value=value)
+
+
+def _repair_row(r: Record, at: float, position: int) -> Row:
+    """Say who resumed, forked or restarted the run, and into which run."""
+    op, by = str(r["op"]), r.get("by")
+    to = r.get("to") if isinstance(r.get("to"), str) else None
+    if op == "resume":
+        label = "resumed"
+    elif op in ("forked", "restarted"):
+        label = f"{op} as {to}"
+    else:
+        label = f"repair: {op}"
+    if by:
+        label += f" by {by}"
+    return Row("repair", label, at, position=position, run_id=to)

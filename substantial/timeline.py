@@ -69,7 +69,12 @@ def build(
     started_at = number(
         start_rec.get("at") if start_rec else None, info.created_at if info else now
     )
-    end_rec = next((r for _, r in reversed(records) if r["k"] == "end"), None)
+    # A resume voids the end before it: the run's end, if any, is one written after it.
+    resumed = max(
+        (i for i, (_, r) in enumerate(records) if r["k"] == "repair" and r["op"] == "resume"),
+        default=-1,
+    )
+    end_rec = next((r for _, r in reversed(records[resumed + 1 :]) if r["k"] == "end"), None)
     tl = Timeline(
         run_id=run_id,
         workflow=str(start_rec["workflow"]) if start_rec else (info.workflow if info else "?"),

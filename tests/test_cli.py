@@ -355,3 +355,26 @@ async def test_tail_prints_new_records_across_runs(live_store: tuple[str, Conduc
     assert len(lines) == 4
     assert "tail-1  start small" in lines[0] and "tail-1  end completed 1" in lines[1]
     assert "tail-2  start small" in lines[2] and "tail-2  end completed 2" in lines[3]
+
+
+async def test_show_a_resumed_run_as_active_again(live_store: tuple[str, Conductor]) -> None:
+    url, conductor = live_store
+    conductor.register(fails)
+    agent = conductor.run(poll_interval=0.2)
+    try:
+        run = await conductor.start(fails, {"msg": "broken"}, run_id="resumed")
+        with pytest.raises(WorkflowFailed):
+            await run.result(timeout=20)
+    finally:
+        agent.cancel()
+        await agent
+    await conductor.resume("resumed")  # no worker: it stays active, its old end voided
+    data = orjson.loads(
+        (await cli_in_thread("runs", "show", "resumed", "--json", "--backend", url)).output
+    )
+    assert data["status"] == "active" and data["ended_at"] is None and data["error"] is None
+    kinds = [r["kind"] for r in data["rows"]]
+    assert kinds[-2:] == ["end", "repair"]  # the old end stays in the history
+    assert data["rows"][-1]["label"].startswith("resumed by ")
+    shown = (await cli_in_thread("runs", "show", "resumed", "--backend", url)).output
+    assert "fails  active for" in shown and "resumed by" in shown

@@ -19,7 +19,7 @@ import orjson
 import pytest
 import uvicorn
 from click.testing import CliRunner
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Browser, Page, async_playwright, expect
 
 from substantial import Conductor, Context, RetryPolicy, WorkflowFailed, workflow
 from substantial.cli import main
@@ -71,9 +71,24 @@ async def hostile(c: Context) -> None:
     raise RuntimeError(HOSTILE_VALUE)
 
 
+#: Whether the bug that fails ``fixable`` is fixed yet (the test "deploys" the fix).
+_fixed: dict[str, bool] = {}
+
+
+@workflow()
+async def fixable(c: Context) -> str:
+    def charge() -> str:
+        if not _fixed.get(c.run_id):
+            raise ValueError("card service misconfigured")
+        return "charged"
+
+    first = await c.save(lambda: "reserved", name="reserve")
+    return first + " and " + await c.save(charge, name="charge", retry=RetryPolicy(max_attempts=1))
+
+
 def _conductor(url: str) -> Conductor:
     conductor = Conductor(url)
-    for wf in (child_flow, shown, hostile):
+    for wf in (child_flow, shown, hostile, fixable):
         conductor.register(wf)
     return conductor
 
@@ -193,7 +208,7 @@ async def test_runs_list_and_run_page(
     assert "read-only" in await page.inner_text("#store")
     await page.select_option("select[name=status]", "active")
     await page.click("#filters button[type=submit]")
-    await page.wait_for_function("document.querySelectorAll('table.runs tbody tr').length === 1")
+    await expect(page.locator("table.runs tbody tr")).to_have_count(1, timeout=20_000)
     assert await page.inner_text("table.runs tbody tr td:first-child") == "waiting"
     await page.screenshot(path=str(tmp_path / "list.png"))
 
@@ -218,7 +233,7 @@ async def test_runs_list_and_run_page(
     await page.wait_for_selector("#timeline .trow.kind-end")
     assert await page.inner_text("h1 .runid") == "done:3"
     await page.click(".facts a.runlink")
-    await page.wait_for_function("document.querySelector('h1 .runid').textContent === 'done'")
+    await expect(page.locator("h1 .runid")).to_have_text("done", timeout=20_000)
     assert problems == []
 
 
@@ -301,6 +316,71 @@ async def test_actions_only_with_the_flag_and_pages_update_live(
         await page.click("#cancel-run")
         await page.click("#cancel-run")  # the second click confirms
         await page.wait_for_selector(".facts .st-cancelled", timeout=20_000)
+    finally:
+        agent.cancel()
+        await agent
+    assert problems == []
+
+
+async def test_resume_a_failed_run_from_its_page(
+    store: tuple[str, Conductor], serve: Callable[..., str], browser: Browser
+) -> None:
+    url, conductor = store
+    json_post = {"Content-Type": "application/json"}
+    agent = conductor.run(poll_interval=0.2)
+    try:
+        run = await conductor.start(fixable, run_id="to-resume")
+        with pytest.raises(WorkflowFailed, match="card service misconfigured"):
+            await run.result(timeout=20)
+
+        read_only = serve(url)
+        status, body = http("POST", read_only + "/api/runs/to-resume/resume", b"{}", **json_post)
+        assert status == 403 and "--allow-actions" in body["error"]
+        page, problems = await new_page(browser)
+        await page.goto(read_only + "/#/run/to-resume")
+        await page.wait_for_selector(".facts .st-failed")
+        assert await page.locator("#resume-run").count() == 0
+
+        acting = serve(url, allow_actions=True)
+        status, body = http(
+            "POST",
+            acting + "/api/runs/to-resume/resume",
+            b"{}",
+            **json_post,
+            Origin="http://evil.example",
+        )
+        assert status == 403 and "cross-origin" in body["error"]
+        status, body = http("POST", acting + "/api/runs/done/resume", b"{}", **json_post)
+        assert status == 400 and "only failed, cancelled or timed-out runs resume" in body["error"]
+        status, body = http("POST", acting + "/api/runs/nope/resume", b"{}", **json_post)
+        assert status == 404
+        assert (await conductor.backend.get_run("to-resume")).status == "failed"  # type: ignore[union-attr]
+
+        await page.goto(acting + "/#/run/done")  # completed: nothing to resume
+        await page.wait_for_selector(".facts .st-completed")
+        assert await page.locator("#resume-run, #send-event").count() == 0
+        await page.goto(acting + "/#/run/to-resume")
+        await page.wait_for_selector("#resume-run")
+        assert "failed" in await page.inner_text("#resume")
+        await page.fill("input[name=resume-timeout]", "soon")
+        await page.click("#resume-run")
+        await page.click("#resume-run")  # the second click confirms
+        await expect(page.locator("#action-message")).to_contain_text(
+            "takes a number of seconds", timeout=20_000
+        )
+        assert (await conductor.backend.get_run("to-resume")).status == "failed"  # type: ignore[union-attr]
+
+        _fixed["to-resume"] = True  # the fix is deployed
+        await page.fill("input[name=resume-timeout]", "")
+        await page.click("#resume-run")
+        await page.click("#resume-run")
+        await page.wait_for_selector(".facts .st-completed", timeout=20_000)  # live again
+        assert await run.result(timeout=5) == "reserved and charged"
+        assert "charged" in await page.inner_text(".facts")
+        assert "resumed by" in await page.inner_text("#timeline .trow.kind-repair")
+        steps = [r for r in http("GET", acting + "/api/runs/to-resume")[1]["rows"]]
+        assert [r["state"] for r in steps if r["kind"] == "step"] == ["ok", "ok"]
+        assert await page.locator("#resume-run").count() == 0
     finally:
         agent.cancel()
         await agent

@@ -8,7 +8,7 @@ Security, in order of the checks each request meets:
 * with a token, every request must carry it (``Authorization: Bearer``, or the
   cookie set by opening the page once with ``?token=``); binding to anything
   but a loopback address requires a token;
-* actions (send an event, cancel) exist only with ``allow_actions``, must be
+* actions (send an event, cancel, resume) exist only with ``allow_actions``, must be
   ``POST`` with a JSON body (which a cross-site form cannot send without a
   preflight we never answer) and, when the browser sends an ``Origin``, one
   equal to the page's own;
@@ -249,17 +249,26 @@ def create_app(config: UIConfig) -> ASGIApp:
             return _error(400, f"the body must be JSON: {exc}")
         if not isinstance(body, dict):
             return _error(400, "the body must be a JSON object")
-        run = Conductor(state["backend"]).get(request.path_params["run_id"])
+        conductor = Conductor(state["backend"])
+        action = request.path_params["action"]
         try:
-            if request.path_params["action"] == "cancel":
+            run = conductor.get(request.path_params["run_id"])
+            if action == "cancel":
                 await run.cancel()
                 return _json({"ok": True})
-            if request.path_params["action"] != "events":
-                return _error(404, "unknown action: use events or cancel")
+            if action == "resume":
+                # No workflow code here to check the log against: the resume is not replayed
+                # first, as `runs resume` without --check.
+                await conductor.resume(run.run_id, timeout=body.get("timeout"))
+                return _json({"ok": True})
+            if action != "events":
+                return _error(404, "unknown action: use events, cancel or resume")
             name = body.get("name")
             if not isinstance(name, str) or not name:
                 return _error(400, "an event needs a non-empty string 'name'")
             event_id = await run.send(name, body.get("value"), event_id=body.get("event_id"))
+        except RunNotFound as exc:
+            return _error(404, str(exc))
         except SubstantialError as exc:
             return _error(400, str(exc))
         return _json({"ok": True, "event_id": event_id})

@@ -9,8 +9,10 @@ const STATES = new Set([
   "corrupt", "ok", "running", "retrying", "waiting", "info",
 ]);
 const LIST_FILTERS = ["status", "workflow", "parent", "id", "since", "until", "where", "sort", "reverse"];
+const RESUMABLE = new Set(["failed", "cancelled", "timed_out"]);
 let config = { actions: false, backend: "" };
 let timer = null;
+let views = 0; // counts the views drawn, so a late answer for an old one is dropped
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -194,44 +196,75 @@ function renderRuns(target, data, params) {
 // -- one run -------------------------------------------------------------------
 
 function runView(runId) {
+  const view = views;
+  const actions = el("div", { id: "actions" });
+  const message = el("span", { class: "muted", id: "action-message" });
   const target = el("div", { id: "run" });
-  show(el("p", {}, el("a", { href: "#/" }, "← all runs")), target);
-  let actionsShown = false;
+  show(el("p", {}, el("a", { href: "#/" }, "← all runs")), actions, target);
+  let drawn = null; // which actions the panel shows: "steer", "resume" or none
   const refresh = async () => {
     try {
       const tl = await api("/api/runs/" + encodeURIComponent(runId));
+      if (view !== views) return; // the page moved on while this was read
       renderRun(target, tl);
-      if (config.actions && tl.status === "active" && !actionsShown) {
-        actionsShown = true;
-        target.before(actionsPanel(runId, refresh));
+      let wanted = null;
+      if (config.actions && tl.status === "active") wanted = "steer";
+      else if (config.actions && RESUMABLE.has(tl.status)) wanted = "resume";
+      if (wanted !== drawn) {
+        drawn = wanted;
+        const panel = wanted === "steer" ? steerPanel(runId, post)
+          : wanted === "resume" ? resumePanel(runId, tl.status, post) : null;
+        actions.replaceChildren(...(panel ? [panel] : []), message);
       }
       if (tl.status !== "active") stopTimer();
+      else if (timer === null) every(1000, refresh);
     } catch (e) {
+      if (view !== views) return;
       target.replaceChildren(el("p", { class: "error" }, e.message));
       stopTimer();
     }
   };
-  refresh();
-  every(1000, refresh);
-}
-
-function actionsPanel(runId, refresh) {
-  const name = el("input", { name: "event-name", placeholder: "event name", size: 14 });
-  const value = el("input", { name: "event-value", placeholder: "JSON value, e.g. 3", size: 24 });
-  const message = el("span", { class: "muted", id: "action-message" });
-  const post = async (path, body) => {
+  const post = async (path, body, done) => {
     try {
       await api(path, {
         method: "POST",
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify(body),
       });
-      message.textContent = "sent";
-      refresh();
+      message.textContent = done;
+      await refresh();
     } catch (e) {
       message.textContent = e.message;
     }
   };
+  refresh();
+  every(1000, refresh);
+}
+
+// A button that asks for a second click before it acts.
+function confirmButton(id, label, armed, act) {
+  const button = el("button", { type: "button", id }, label);
+  button.addEventListener("click", () => {
+    if (button.dataset.armed !== "1") {
+      button.dataset.armed = "1";
+      button.textContent = armed;
+      return;
+    }
+    button.disabled = true;
+    Promise.resolve(act()).finally(() => {
+      // Refused (the panel stays): ready for another go.
+      button.disabled = false;
+      button.dataset.armed = "";
+      button.textContent = label;
+    });
+  });
+  return button;
+}
+
+function steerPanel(runId, post) {
+  const name = el("input", { name: "event-name", placeholder: "event name", size: 14 });
+  const value = el("input", { name: "event-value", placeholder: "JSON value, e.g. 3", size: 24 });
+  const path = (action) => `/api/runs/${encodeURIComponent(runId)}/${action}`;
   const send = el("form", { class: "actions", id: "send-event" }, name, value,
     el("button", { type: "submit" }, "Send event"));
   send.addEventListener("submit", (event) => {
@@ -241,22 +274,29 @@ function actionsPanel(runId, refresh) {
       try {
         parsed = JSON.parse(value.value);
       } catch (e) {
-        message.textContent = "the value must be JSON: " + e.message;
+        document.getElementById("action-message").textContent = "the value must be JSON: " + e.message;
         return;
       }
     }
-    post(`/api/runs/${encodeURIComponent(runId)}/events`, { name: name.value, value: parsed });
+    post(path("events"), { name: name.value, value: parsed }, "sent");
   });
-  const cancel = el("button", { type: "button", id: "cancel-run" }, "Cancel run");
-  cancel.addEventListener("click", () => {
-    if (cancel.dataset.armed !== "1") {
-      cancel.dataset.armed = "1";
-      cancel.textContent = "Click again to cancel";
-      return;
-    }
-    post(`/api/runs/${encodeURIComponent(runId)}/cancel`, {});
+  const cancel = confirmButton("cancel-run", "Cancel run", "Click again to cancel",
+    () => post(path("cancel"), {}, "cancel requested"));
+  return el("div", { class: "panel" }, send, cancel, " ");
+}
+
+function resumePanel(runId, status, post) {
+  // A timed-out run needs a new deadline, or none; others may take one.
+  const timeout = el("input", { name: "resume-timeout", placeholder: "new timeout, seconds (none)", size: 24 });
+  const resume = confirmButton("resume-run", "Resume run", "Click again to resume", () => {
+    const text = timeout.value.trim();
+    // Not a number: sent as typed, for the server to say what it expects.
+    const seconds = !text ? null : Number.isFinite(Number(text)) ? Number(text) : text;
+    return post(`/api/runs/${encodeURIComponent(runId)}/resume`, { timeout: seconds },
+      "resumed: its failed steps run again on the next worker");
   });
-  return el("div", { class: "panel" }, send, cancel, " ", message);
+  return el("div", { class: "panel", id: "resume" },
+    el("span", { class: "muted" }, `${status}: resume it after a fix `), timeout, " ", resume, " ");
 }
 
 function renderRun(target, tl) {
@@ -359,6 +399,7 @@ function segment(left, right, cls, title) {
 
 function route() {
   stopTimer();
+  views++;
   const hash = location.hash;
   if (hash.startsWith("#/run/")) runView(decodeURIComponent(hash.slice(6)));
   else listView();
