@@ -28,6 +28,8 @@ DOCS = [
     "repair",
     "testing",
     "codecs",
+    "SECURITY",
+    "RELIABILITY",
 ]
 EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("docs_*.py"))
 

@@ -91,6 +91,11 @@ async def test_a_full_disk_backs_off_without_rerunning_the_step_and_others_go_on
         assert 2 <= len(in_window) <= 10, len(in_window)
         gaps = [b - a for a, b in itertools.pairwise(in_window)]
         assert max(gaps) > 0.5, gaps
+        print(
+            f"full disk: the step ran {LEDGER['full']} time(s), its write was tried "
+            f"{len(in_window)} times in {window:.0f} s (longest pause {max(gaps):.1f} s), "
+            "another run completed meanwhile"
+        )
         assert not agent.done()
         disk_full = False
         assert await run.result(timeout=30) == "full"
