@@ -34,8 +34,9 @@ __all__ = ["Driver", "Effects"]
 
 logger = logging.getLogger("substantial.workflow")
 
-#: How early a timer is armed before its due time, to absorb the event loop's lateness.
-TIMER_EARLY = 0.002
+#: How early a timer wakes the loop before its due time, to absorb the loop's lateness.
+TIMER_EARLY = 0.001
+
 #: The first and the longest pause between tries of a log write the store refused.
 WRITE_RETRY_FIRST = 0.05
 WRITE_RETRY_MAX = 10.0
@@ -404,20 +405,26 @@ class Driver:
         task.add_done_callback(self.tasks.discard)
 
     def _arm(self, c: int, until: float) -> None:
-        loop = asyncio.get_running_loop()
-        # The loop's timers wake up to a millisecond late (epoll rounds up), so aim a
-        # little early and finish the wait in _fire.
+        # The loop wakes up to a millisecond late (epoll counts whole milliseconds): aim
+        # that much early, and let _fire finish the wait.
         delay = max(0.0, until - _clock.now() - TIMER_EARLY)
-        self.timers[c] = loop.call_later(delay, self._fire, c, until)
+        self.timers[c] = asyncio.get_running_loop().call_later(delay, self._fire, c, until)
         self.timer_due[c] = until
 
     def _fire(self, c: int, until: float) -> None:
-        if _clock.now() >= until:
-            self.timers.pop(c, None)
-            self.timer_due.pop(c, None)
-            self._post({"k": "timer", "c": c, "t": self.x.now()})
-        else:
-            self.timers[c] = asyncio.get_running_loop().call_later(0, self._fire, c, until)
+        left = until - _clock.now()
+        if left > 0:
+            loop = asyncio.get_running_loop()
+            if left > TIMER_EARLY or getattr(loop, "_ready", True):
+                # Others are ready to run: do not hold them up, come back (never spin).
+                self.timers[c] = loop.call_later(left, self._fire, c, until)
+                return
+            # Nothing else is ready: sleeping the rest (under a millisecond, no CPU) is
+            # both punctual and free.
+            time.sleep(left)
+        self.timers.pop(c, None)
+        self.timer_due.pop(c, None)
+        self._post({"k": "timer", "c": c, "t": self.x.now()})
 
     def rearm(self) -> None:
         """Arm the run's timers and deadline again: the clock jumped (time-skipping tests)."""
