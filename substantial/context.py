@@ -331,7 +331,7 @@ class Context:
             raise InvalidArgument("start_child() takes the child's arguments as a dict of kwargs")
         x = self._x
         x.enter()
-        encoded = as_stored(dict(kwargs or {}), "the child's arguments")
+        encoded = as_stored(dict(kwargs or {}), "the child's arguments", "kwargs")
         limit = None if timeout is None else seconds(timeout, "c.child(timeout=...)", positive=True)
         c, _bound = x.issue("child", wf.name)
         child_id = run_id if run_id is not None else f"{self._run_id}:{c}"
@@ -393,7 +393,8 @@ class Context:
             except TypeError as exc:
                 raise InvalidArgument(f"continue_using({workflow.name}, ...): {exc}") from exc
             kwargs = {k: v for k, v in bound.arguments.items() if k != next(iter(bound.arguments))}
-        raise ContinueAs(workflow.name, workflow.version, as_stored(kwargs))
+        successor = as_stored(kwargs, "the arguments of continue_using()", "kwargs")
+        raise ContinueAs(workflow.name, workflow.version, successor)
 
     async def compact(self, **kwargs: Any) -> None:
         """Restart this run's function from a snapshot, so replay stays short; never returns.
@@ -415,7 +416,7 @@ class Context:
                 f"{len(busy)} primitive(s) and {len(others)} other task(s) still run, "
                 f"{len(running)} child run(s) are unfinished; await them first"
             )
-        raise Compact(as_stored(kwargs))
+        raise Compact(as_stored(kwargs, "the state passed to compact()", "kwargs"))
 
     def _refuse_with_compensations(self, what: str) -> None:
         count = len(self._x.compensations)

@@ -109,7 +109,7 @@ async def step_returns(c: Context, which: str) -> str:
 
 @pytest.mark.parametrize(
     ("which", "says"),
-    [("nan", "['a'][2] is nan"), ("keys", "has keys 1 and '1'")],
+    [("nan", "['a'][2] is nan"), ("keys", " has keys 1 and '1'")],
 )
 async def test_a_step_result_that_json_would_change_fails_the_step_clearly(
     which: str, says: str
@@ -117,7 +117,7 @@ async def test_a_step_result_that_json_would_change_fails_the_step_clearly(
     async with running(step_returns) as conductor:
         run = await conductor.start(step_returns, {"which": which})
         message = await run.result(timeout=20)
-        assert says in message and "step 'produce'" in message
+        assert f"result{says}" in message and "step 'produce'" in message
         records = await log_records(conductor.backend, run.run_id)
         steps = [r for r in records if r["k"] == "step"]
         # The failure is recorded (so a replay raises the same), never a value with None in it.
@@ -205,7 +205,8 @@ async def test_emitted_values_log_data_and_child_arguments_are_checked_too() -> 
         run = await conductor.start(other_paths)
         errors = await run.result(timeout=20)
         assert len(errors) == 3, errors
-        assert "is nan" in errors[0] and "is inf" in errors[1] and "is -inf" in errors[2]
+        assert "is nan" in errors[0] and "is inf" in errors[1]
+        assert "the child's arguments in the log: kwargs['x'] is -inf" in errors[2]
 
 
 @workflow()
