@@ -7,6 +7,10 @@ that real workers filled, and checks what a person sees.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -381,6 +385,54 @@ async def test_resume_a_failed_run_from_its_page(
         steps = [r for r in http("GET", acting + "/api/runs/to-resume")[1]["rows"]]
         assert [r["state"] for r in steps if r["kind"] == "step"] == ["ok", "ok"]
         assert await page.locator("#resume-run").count() == 0
+    finally:
+        agent.cancel()
+        await agent
+    assert problems == []
+
+
+async def test_workers_page_shows_who_holds_what(
+    store: tuple[str, Conductor], serve: Callable[..., str], browser: Browser
+) -> None:
+    url, conductor = store
+    backend = conductor.backend
+    base = serve(url)
+    page, problems = await new_page(browser)
+    await page.goto(base + "/")
+    await page.click("#nav-workers")
+    await page.wait_for_selector("#no-workers")
+
+    # What crashes leave: a lease of a process of this host that is gone, and one run out.
+    exited = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True
+    )
+    gone = f"{socket.gethostname()}/{int(exited.stdout)}/1/w-gone"
+    assert await backend.acquire_lease("waiting", gone, 60)
+    await conductor.start(child_flow, run_id="stale")  # no worker runs yet
+    assert await backend.acquire_lease("stale", "elsewhere/1/1/w-other", 0.2)
+    await page.wait_for_selector(f'tr.gone[data-owner="{gone}"]', timeout=20_000)  # live
+    assert "waiting" in await page.inner_text(f'tr[data-owner="{gone}"]')
+    assert "the process is gone" in await page.inner_text("#workers")
+    await expect(page.locator("#expired")).to_contain_text("stale", timeout=20_000)
+    await backend.release_lease("waiting", gone)
+
+    agent = conductor.run(poll_interval=0.2)
+    try:
+        await conductor.start(shown, run_id="held")
+        row = page.locator(f'tr[data-owner="{agent.worker.owner}"]')
+        await expect(row).to_contain_text("held", timeout=20_000)
+        cells = await row.locator("td").all_inner_texts()
+        assert cells[:2] == [socket.gethostname(), str(os.getpid())]
+        assert await page.locator("tr.gone").count() == 0
+        await row.locator("a.runlink", has_text="held").click()
+        await expect(page.locator("h1 .runid")).to_have_text("held", timeout=20_000)
+        assert agent.worker.owner in await page.inner_text(".facts")
+        http_status, data = http("GET", base + "/api/workers")
+        assert http_status == 200
+        (worker,) = data["workers"]
+        assert worker["owner"] == agent.worker.owner and "held" in worker["runs"]
+        await conductor.get("held").send("go", 1)
+        assert await conductor.get("held").result(timeout=20) == 22
     finally:
         agent.cancel()
         await agent

@@ -35,6 +35,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from substantial._holders import held_runs, holders_json
 from substantial.backends import from_url, redact_url
 from substantial.backends.base import Backend
 from substantial.conductor import Conductor
@@ -226,6 +227,14 @@ def create_app(config: UIConfig) -> ASGIApp:
             }
         )
 
+    async def api_workers(request: Request) -> Response:
+        now = time.time()
+        try:
+            views, stale = await held_runs(state["backend"], now)
+        except SubstantialError as exc:
+            return _error(503, str(exc))
+        return _json({**holders_json(views, stale), "now": now})
+
     async def api_run(request: Request) -> Response:
         try:
             tl = await load(state["backend"], request.path_params["run_id"])
@@ -279,6 +288,7 @@ def create_app(config: UIConfig) -> ASGIApp:
             Route("/static/{name}", static),
             Route("/api/config", api_config),
             Route("/api/runs", api_runs),
+            Route("/api/workers", api_workers),
             Route("/api/runs/{run_id}", api_run),
             Route("/api/runs/{run_id}/{action}", api_action, methods=["POST"]),
         ],

@@ -395,6 +395,57 @@ function segment(left, right, cls, title) {
   return node;
 }
 
+// -- live workers --------------------------------------------------------------
+
+function workersView() {
+  const view = views;
+  const target = el("div", { id: "workers" });
+  show(el("h1", {}, "Workers"),
+    el("p", { class: "muted" }, "Workers that hold active runs now, from the runs' leases. " +
+      "A worker that holds nothing leaves no trace in the store and is not listed."),
+    target);
+  const refresh = async () => {
+    try {
+      const data = await api("/api/workers");
+      if (view === views) renderWorkers(target, data);
+    } catch (e) {
+      if (view === views) target.replaceChildren(el("p", { class: "error" }, e.message));
+    }
+  };
+  refresh();
+  every(2000, refresh);
+}
+
+function renderWorkers(target, data) {
+  const parts = [];
+  if (!data.workers.length) {
+    parts.push(el("p", { class: "muted", id: "no-workers" }, "no worker holds an active run"));
+  } else {
+    const rows = data.workers.map((w) => {
+      let ends = "in " + fmtDur(w.first_expiry - data.now);
+      if (w.last_expiry - w.first_expiry > 1) ends += "–" + fmtDur(w.last_expiry - data.now);
+      const held = [];
+      w.runs.slice(0, 20).forEach((id, i) => held.push(i ? ", " : "", runLink(id)));
+      if (w.runs.length > 20) held.push(` (+${w.runs.length - 20})`);
+      return el("tr", { "data-owner": w.owner, class: w.gone ? "gone" : null },
+        el("td", {}, w.host), el("td", {}, w.pid), el("td", { class: "num" }, String(w.runs.length)),
+        el("td", {}, ends), el("td", {}, held), el("td", { class: "owner" }, w.owner));
+    });
+    parts.push(table(["host", "pid", "runs", "leases end", "holding", "owner"], [], "workers-table"));
+    parts[0].querySelector("tbody").replaceChildren(...rows);
+    if (data.workers.some((w) => w.gone)) {
+      parts.push(el("p", { class: "error" }, "red: the process is gone; its runs are taken over"));
+    }
+  }
+  if (data.expired.length) {
+    const held = [];
+    data.expired.slice(0, 20).forEach((lease, i) => held.push(i ? ", " : "", runLink(lease.run_id)));
+    parts.push(el("p", { class: "muted", id: "expired" },
+      `${data.expired.length} active run(s) with an expired lease, waiting for a worker: `, held));
+  }
+  target.replaceChildren(...parts);
+}
+
 // -- routing -------------------------------------------------------------------
 
 function route() {
@@ -402,6 +453,7 @@ function route() {
   views++;
   const hash = location.hash;
   if (hash.startsWith("#/run/")) runView(decodeURIComponent(hash.slice(6)));
+  else if (hash === "#/workers") workersView();
   else listView();
 }
 
