@@ -7,6 +7,8 @@ with ``entry_points.txt``) on ``sys.path``, as pip would, and open it by URL.
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ from substantial.backends import (
 )
 from substantial.backends.memory import MemoryBackend
 from substantial.errors import InvalidArgument
+from substantial.testing.contract import BackendContract
 
 
 @pytest.fixture(autouse=True)
@@ -153,3 +156,45 @@ def test_a_target_that_is_not_a_backend_is_refused() -> None:
     register_backend("badtarget", "no_colon_here")
     with pytest.raises(InvalidArgument, match="module:attribute"):
         from_url("badtarget://x")
+
+
+SUITE_USER = """
+import pytest
+
+from substantial.backends.memory import MemoryBackend
+from substantial.testing.contract import BackendContract, Store
+
+
+class TestMyBackend(BackendContract):
+    @pytest.fixture
+    def store(self):
+        shared = MemoryBackend()  # one store; every client the suite opens is this one
+        return Store(lambda: shared)
+"""
+
+
+def test_the_shipped_suite_runs_in_another_project_with_one_fixture(tmp_path: Path) -> None:
+    # A project of its own: no conftest, pytest-asyncio in strict mode (its default).
+    (tmp_path / "test_my_backend.py").write_text(SUITE_USER)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "asyncio_mode=strict",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert "failed" not in summary and "error" not in summary, summary
+    tests = [name for name in dir(BackendContract) if name.startswith("test_")]
+    # The whole suite ran; only the tests that open the store from other processes skip.
+    assert summary.startswith(f"{len(tests) - 3} passed, 3 skipped"), summary
