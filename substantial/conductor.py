@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
-from substantial import _clock
+from substantial import _clock, telemetry
 from substantial._codec_backend import CodecBackend
 from substantial._durations import seconds
 from substantial._flow import FlowControl
@@ -130,7 +130,13 @@ class Conductor(FlowControl, Surgery):
         now = _clock.now()
         args = as_stored(dict(kwargs or {}), "the workflow's arguments", "kwargs")
         record = start_record(
-            rid, wf.name, wf.version, args, now, deadline=None if limit is None else now + limit
+            rid,
+            wf.name,
+            wf.version,
+            args,
+            now,
+            deadline=None if limit is None else now + limit,
+            trace=telemetry.carrier() if telemetry.on else None,
         )
         options = (key, priority, dedup_id, delay, debounce)
         queued = await self._enqueue(record, queue, run_id is not None, *options)

@@ -52,6 +52,8 @@ class StartRecord(TypedDict):
     parent: NotRequired[str]
     deadline: NotRequired[float]
     abandon: NotRequired[bool]
+    #: The W3C trace context (``traceparent``, ``tracestate``) the run was started in.
+    trace: NotRequired[dict[str, str]]
 
 
 class StepRecord(TypedDict):
@@ -348,6 +350,7 @@ def start_record(
     parent: str | None = None,
     deadline: float | None = None,
     abandon: bool = False,
+    trace: dict[str, str] | None = None,
 ) -> StartRecord:
     """Build the record at position 0 of a run."""
     record: StartRecord = {
@@ -367,6 +370,8 @@ def start_record(
         record["deadline"] = deadline
     if abandon:
         record["abandon"] = True
+    if trace:
+        record["trace"] = trace
     return record
 
 

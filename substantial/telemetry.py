@@ -12,6 +12,14 @@ Attributes: ``substantial.run_id``, ``substantial.workflow``,
 ``substantial.step``, ``substantial.attempt``, ``substantial.outcome``. A step
 or run that raises records the exception and sets the span's status to error.
 
+Trace context crosses processes through the log: ``conductor.start`` called
+inside an active span records its W3C trace context (``traceparent``,
+``tracestate``) in the run's start record (field ``trace``), and every
+attempt's run span is a child of it, whichever worker runs it. A child run's
+start record carries its parent's run span, and a ``continue_using``
+successor the span of the run it continues, so a whole tree of runs is one
+trace. A run started outside any span gets a trace of its own.
+
 :func:`enable_log_context` (or :func:`use_json_logs`, or ``substantial worker
 --log-format json``) puts ``run_id``, ``workflow``, ``step`` and ``attempt`` on
 every log record emitted while a run's code runs, through :class:`LogContext`;
@@ -25,7 +33,8 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import Awaitable
+import time
+from collections.abc import Awaitable, Mapping
 from datetime import UTC, datetime
 from typing import IO, Any, Protocol, TypeVar
 
@@ -37,10 +46,12 @@ from substantial.replay import Evicted, Fenced
 __all__ = [
     "JsonFormatter",
     "LogContext",
+    "carrier",
     "current",
     "disable",
     "enable",
     "enable_log_context",
+    "joined",
     "on",
     "run",
     "step",
@@ -70,6 +81,23 @@ class _Command(Protocol):
 _run: contextvars.ContextVar[_Held | None] = contextvars.ContextVar("substantial_run", default=None)
 _step: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar(
     "substantial_step", default=None
+)
+
+
+class _Attempt:
+    """The span of one run attempt, opened once the run's start record is read."""
+
+    __slots__ = ("begun", "span", "token", "tracer")
+
+    def __init__(self, tracer: Any) -> None:
+        self.tracer = tracer
+        self.begun = time.time_ns()
+        self.span: Any = None
+        self.token: Any = None
+
+
+_attempt: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar(
+    "substantial_attempt", default=None
 )
 
 
@@ -122,38 +150,101 @@ def _workflow(held: _Held) -> str | None:
     return None if held.info is None else str(held.info.workflow)
 
 
+def carrier() -> dict[str, str] | None:
+    """Return the current span's W3C trace context, to store in a start record; None if none.
+
+    None too when tracing is off: then OpenTelemetry is not even imported.
+    """
+    if _tracer is None:
+        return None
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    out: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(out)
+    return out or None
+
+
+def _parent(trace_context: Any) -> Any:
+    """Return the OpenTelemetry context a start record's ``trace`` names (or a new trace's)."""
+    from opentelemetry.context import Context as OtelContext
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    if not isinstance(trace_context, dict):
+        return OtelContext()  # no trace to continue: the run's spans begin their own
+    # The log is data from anywhere: only text fields reach the parser, which ignores
+    # anything that is not a well-formed traceparent.
+    fields = {k: v for k, v in trace_context.items() if isinstance(k, str) and isinstance(v, str)}
+    return TraceContextTextMapPropagator().extract(fields, context=OtelContext())
+
+
+def _open(attempt: _Attempt, held: _Held, trace_context: Any) -> Any:
+    """Open the attempt's span as the current one; it began when the worker took the run."""
+    from opentelemetry import context, trace
+
+    span = attempt.tracer.start_span(
+        "run",
+        context=_parent(trace_context),
+        attributes={"substantial.run_id": held.run_id},
+        start_time=attempt.begun,
+    )
+    attempt.span = span
+    attempt.token = context.attach(trace.set_span_in_context(span))
+    return span
+
+
+def joined(start: Mapping[str, Any]) -> None:
+    """Open the current run attempt's span, continuing the trace its start record names.
+
+    The worker calls this (when :data:`on`) once it has read the run's start
+    record, in the run's own task: step spans and child runs started after it
+    descend from this span.
+    """
+    attempt = _attempt.get()
+    held = _run.get()
+    if attempt is not None and attempt.span is None and held is not None:
+        _open(attempt, held, start.get("trace"))
+
+
 async def run(work: Awaitable[T], held: _Held) -> T:
     """Run one attempt of a run (the worker's whole hold on it) inside its span."""
     # Not reset afterwards: this task is the run's own, and the worker's log lines about
     # how the attempt ended come after it.
     _run.set(held)
-    tracer = _tracer
-    if tracer is None:
+    if _tracer is None:
         return await work
-    attributes = {"substantial.run_id": held.run_id}
-    with tracer.start_as_current_span(
-        "run", attributes=attributes, record_exception=False, set_status_on_exception=False
-    ) as span:
-        outcome = "done"
-        try:
-            return await work
-        except Evicted:
-            outcome = "handed back"
-            raise
-        except Fenced:
-            outcome = "fenced"
-            raise
-        except BaseException as exc:
-            outcome = "stopped" if not isinstance(exc, Exception) else "error"
-            if isinstance(exc, Exception):
-                _record_error(span, exc)
-            raise
-        finally:
-            workflow = _workflow(held)
-            if workflow is not None:
-                span.update_name(f"run {workflow}")
-                span.set_attribute("substantial.workflow", workflow)
-            span.set_attribute("substantial.outcome", outcome)
+    attempt = _Attempt(_tracer)
+    _attempt.set(attempt)
+    outcome = "done"
+    error: Exception | None = None
+    try:
+        return await work
+    except Evicted:
+        outcome = "handed back"
+        raise
+    except Fenced:
+        outcome = "fenced"
+        raise
+    except BaseException as exc:
+        outcome = "stopped" if not isinstance(exc, Exception) else "error"
+        if isinstance(exc, Exception):
+            error = exc
+        raise
+    finally:
+        # An attempt that ended before reading the start record (nothing to run yet, an
+        # unreadable log) still gets its span, in a trace of its own.
+        span = attempt.span if attempt.span is not None else _open(attempt, held, None)
+        if attempt.token is not None:
+            from opentelemetry import context
+
+            context.detach(attempt.token)
+        if error is not None:
+            _record_error(span, error)
+        workflow = _workflow(held)
+        if workflow is not None:
+            span.update_name(f"run {workflow}")
+            span.set_attribute("substantial.workflow", workflow)
+        span.set_attribute("substantial.outcome", outcome)
+        span.end()
 
 
 async def step(work: Awaitable[T], held: Any, command: _Command, attempt: int) -> T:

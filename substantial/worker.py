@@ -310,6 +310,8 @@ class Worker:
             raise CorruptRecord(run_id, start_at, "the log does not begin with a start record")
         if resumed is not None:
             start = {**start, "deadline": resumed.get("deadline")}
+        if telemetry.on:
+            telemetry.joined(start)  # the attempt's span, in the trace the start carries
         if info is None:
             info = RunInfo(
                 run_id,
@@ -423,6 +425,8 @@ class Worker:
             parent=start.get("parent"),
             deadline=start.get("deadline"),
             abandon=bool(start.get("abandon")),
+            # The successor goes on in the trace of the run it continues.
+            trace=(telemetry.carrier() if telemetry.on else None) or start.get("trace"),
         )
         if "parent" in start:
             record["reports_as"] = start.get("reports_as", start["run_id"])  # type: ignore[typeddict-unknown-key]
@@ -512,6 +516,7 @@ class _RunEffects:
             parent=x.run_id,
             deadline=deadline,
             abandon=spec.abandon,
+            trace=telemetry.carrier() if telemetry.on else None,  # under the parent's run span
         )
         if not await create_run(self.worker.backend, record):
             existing = await existing_start(self.worker.backend, spec.run_id)

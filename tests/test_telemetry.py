@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from substantial import Conductor, Context, RetryPolicy, StepFailed, telemetry, workflow
+from substantial import Conductor, Context, RetryPolicy, StepFailed, records, telemetry, workflow
+from substantial._runs import create_run
 from substantial.backends.memory import MemoryBackend
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,25 +49,52 @@ async def traced(c: Context) -> str:
     return str(await c.save(lambda: "done", name="last"))
 
 
+@workflow()
+async def kid(c: Context, x: int = 1) -> int:
+    return int(await c.save(lambda: x + 1, name="inside kid"))
+
+
+@workflow()
+async def parent(c: Context, again: bool = False) -> int:
+    v = await c.save(lambda: 1, name="before")
+    got = await c.child(kid, {"x": v})
+    if again:
+        await c.continue_using(parent)
+    return got
+
+
 #: The conductor a worker subprocess serves (``substantial worker tests.test_telemetry:served``).
 served = Conductor(os.environ.get("SUBSTANTIAL_TEST_URL", "memory://"))
-served.register(traced)
+for _wf in (traced, parent, kid):
+    served.register(_wf)
+
+
+_providers: dict[int, TracerProvider] = {}
+
+
+def exporter_provider(memory: InMemorySpanExporter) -> TracerProvider:
+    """The provider exporting to ``memory`` (one per exporter)."""
+    if id(memory) not in _providers:
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(memory))
+        _providers[id(memory)] = provider
+    return _providers[id(memory)]
 
 
 @pytest.fixture
 def exporter() -> Iterator[InMemorySpanExporter]:
     memory = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    telemetry.enable(provider)
+    telemetry.enable(exporter_provider(memory))
     yield memory
     telemetry.disable()
+    _providers.pop(id(memory), None)
 
 
 @pytest.fixture
 async def conductor() -> AsyncIterator[Conductor]:
     c = Conductor(MemoryBackend())
-    c.register(traced)
+    for wf in (traced, parent, kid):
+        c.register(wf)
     agent = c.run(poll_interval=0.1, idle_timeout=0.05)
     yield c
     agent.cancel()
@@ -220,3 +251,142 @@ def test_enable_without_the_extra_says_what_to_install(monkeypatch: pytest.Monke
     with pytest.raises(Exception, match=r"pip install 'substantial\[otel\]'"):
         telemetry.enable()
     assert telemetry.on is False
+
+
+async def start_record(conductor: Conductor, run_id: str) -> dict[str, Any]:
+    entries = await conductor.backend.read_log(run_id)
+    record: dict[str, Any] = orjson.loads(entries[0])[0]
+    return record
+
+
+def traceparent(span: Any) -> str:
+    ctx = span.get_span_context()
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+
+
+async def test_a_run_and_its_children_continue_the_trace_they_were_started_in(
+    exporter: InMemorySpanExporter, conductor: Conductor
+) -> None:
+    tracer = trace.get_tracer("app", tracer_provider=exporter_provider(exporter))
+    with tracer.start_as_current_span("handle request") as request:
+        run = await conductor.start(parent, {"again": True}, run_id="traced-tree")
+    outside = await conductor.start(kid, run_id="untraced")
+    assert await run.result(timeout=20) == 2
+    assert await outside.result(timeout=20) == 2
+
+    # The start record holds the W3C trace context of the span start() was called in.
+    assert (await start_record(conductor, "traced-tree"))["trace"] == {
+        "traceparent": traceparent(request)
+    }
+    assert "trace" not in await start_record(conductor, "untraced")
+    spans = exporter.get_finished_spans()
+    by_run: dict[str, list[ReadableSpan]] = {}
+    for span in spans:
+        if span.name.startswith("run "):
+            by_run.setdefault(attrs(span)["substantial.run_id"], []).append(span)
+    trace_id = request.get_span_context().trace_id
+    (first,) = by_run["traced-tree"]
+    assert first.parent is not None and first.parent.span_id == request.get_span_context().span_id
+    assert first.context.trace_id == trace_id
+    # The child's start record names the span of the parent's run attempt that started it.
+    (child,) = by_run["traced-tree:1"]
+    child_start = await start_record(conductor, "traced-tree:1")
+    assert child_start["trace"]["traceparent"] == traceparent(first)
+    assert child.parent is not None and child.parent.span_id == first.context.span_id
+    assert child.context.trace_id == trace_id
+    (inside,) = [
+        s
+        for s in spans
+        if s.name == "step inside kid" and attrs(s)["substantial.run_id"] == "traced-tree:1"
+    ]
+    assert inside.parent is not None and inside.parent.span_id == child.context.span_id
+    # continue_using: the successor goes on in the same trace, under the run it continues.
+    (successor,) = by_run["traced-tree+1"]
+    assert successor.parent is not None and successor.parent.span_id == first.context.span_id
+    assert {s.context.trace_id for s in by_run["traced-tree+1:1"]} == {trace_id}
+    # A run started outside any span is a trace of its own, not part of anyone's.
+    (alone,) = by_run["untraced"]
+    assert alone.parent is None and alone.context.trace_id != trace_id
+
+
+async def test_a_damaged_trace_context_starts_a_new_trace(
+    exporter: InMemorySpanExporter, conductor: Conductor
+) -> None:
+    for run_id, damaged in (("bad-1", {"traceparent": "00-zz-1-01"}), ("bad-2", "text")):
+        record: dict[str, Any] = dict(
+            records.start_record(run_id, "kid", None, {"x": 4}, time.time())
+        )
+        record["trace"] = damaged
+        created = await create_run(conductor.backend, record)  # type: ignore[arg-type]
+        assert created
+        assert await conductor.get(run_id).result(timeout=20) == 5
+    runs = [s for s in exporter.get_finished_spans() if s.name == "run kid"]
+    assert len(runs) == 2 and all(s.parent is None for s in runs)
+
+
+def test_trace_context_crosses_to_a_worker_process(tmp_path: Path) -> None:
+    provider = TracerProvider()  # the client's spans need no exporter here: only their ids
+    telemetry.enable(provider)
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    try:
+
+        async def start() -> str:
+            client = Conductor(url)
+            client.register(parent)
+            tracer = trace.get_tracer("app", tracer_provider=provider)
+            with tracer.start_as_current_span("client") as span:
+                await client.start(parent, run_id="crossed")
+            await client.close()
+            return traceparent(span)
+
+        sent = asyncio.run(start())
+    finally:
+        telemetry.disable()
+    env = {**os.environ, "SUBSTANTIAL_TEST_URL": url, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", WORKER_EXPORTING_SPANS],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    spans = {
+        name: (trace_id, span_id, parent_id)
+        for name, trace_id, span_id, parent_id in orjson.loads(out.stdout)
+    }
+    _, trace_id, span_id, _ = sent.split("-")
+    # The worker's run span continues the client's trace, under the client's span ...
+    assert spans["run parent"][0] == trace_id and spans["run parent"][2] == span_id
+    # ... and the child run's, under the parent's run span, whose step spans it holds.
+    assert spans["run kid"][0] == trace_id and spans["run kid"][2] == spans["run parent"][1]
+    assert spans["step inside kid"][2] == spans["run kid"][1]
+
+
+#: A worker process that serves ``served`` until run "crossed" ends, then prints its spans.
+WORKER_EXPORTING_SPANS = """
+import asyncio, orjson
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from substantial import telemetry
+from tests.test_telemetry import served
+
+async def go():
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    telemetry.enable(provider)
+    agent = served.run(poll_interval=0.1)
+    assert await served.get("crossed").result(timeout=30) == 2
+    agent.cancel()
+    await agent
+    print(orjson.dumps([
+        [s.name, f"{s.context.trace_id:032x}", f"{s.context.span_id:016x}",
+         f"{s.parent.span_id:016x}" if s.parent else None]
+        for s in memory.get_finished_spans()
+    ]).decode())
+
+asyncio.run(go())
+"""
