@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from substantial import _clock
+from substantial import _clock, telemetry
 from substantial._durations import MAX_SECONDS
 from substantial._steps import Pace, Steps
 from substantial.backends.base import Backend
@@ -368,6 +368,8 @@ class Driver:
                         exc,
                     )
                 continue
+            if telemetry.on:
+                telemetry.event_delivered(event.posted_at)
             out.append(
                 {
                     "k": "event",

@@ -141,8 +141,18 @@ class Conductor(FlowControl, Surgery):
         options = (key, priority, dedup_id, delay, debounce)
         queued = await self._enqueue(record, queue, run_id is not None, *options)
         if queued is not None:
+            # Created now, or there before? A fresh random id is new; else the start record
+            # is ours only if it holds this call's time.
+            if telemetry.on and (
+                (run_id is None and dedup_id is None)
+                or (await existing_start(self.backend, record["run_id"])).get("at") == now
+            ):
+                telemetry.run_started(wf.name)
             return queued
-        if not await create_run(self.backend, record) and run_id is not None:
+        created = await create_run(self.backend, record)
+        if created and telemetry.on:
+            telemetry.run_started(wf.name)
+        if not created and run_id is not None:
             existing = await existing_start(self.backend, rid)
             if not same_start(existing, record):
                 raise RunConflict(

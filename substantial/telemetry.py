@@ -12,6 +12,13 @@ Attributes: ``substantial.run_id``, ``substantial.workflow``,
 ``substantial.step``, ``substantial.attempt``, ``substantial.outcome``. A step
 or run that raises records the exception and sets the span's status to error.
 
+Metrics (OpenTelemetry counters and histograms, unit ``s`` for times):
+``substantial.step.attempts`` and ``substantial.step.duration`` by workflow,
+step and outcome; ``substantial.runs.started`` by workflow;
+``substantial.runs.ended`` by workflow and status; ``substantial.runs.held``
+(the runs this process's workers hold); ``substantial.event.latency`` (from
+an event's post to its delivery into the run). Attributes never hold run ids.
+
 Trace context crosses processes through the log: ``conductor.start`` called
 inside an active span records its W3C trace context (``traceparent``,
 ``tracestate``) in the run's start record (field ``trace``), and every
@@ -40,6 +47,7 @@ from typing import IO, Any, Protocol, TypeVar
 
 import orjson
 
+from substantial._metrics import Instruments
 from substantial.errors import InvalidArgument
 from substantial.replay import Evicted, Fenced
 
@@ -51,9 +59,12 @@ __all__ = [
     "disable",
     "enable",
     "enable_log_context",
+    "event_delivered",
     "joined",
     "on",
     "run",
+    "run_ended",
+    "run_started",
     "step",
     "use_json_logs",
 ]
@@ -63,6 +74,7 @@ T = TypeVar("T")
 #: True when spans or log context are enabled; the engine's hooks check this first.
 on: bool = False
 _tracer: Any = None
+_metrics: Instruments | None = None
 _log_context = False
 
 
@@ -101,23 +113,25 @@ _attempt: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar(
 )
 
 
-def enable(tracer_provider: Any = None) -> None:
-    """Emit spans for run attempts and step attempts (the global tracer provider by default)."""
-    global _tracer, on
+def enable(tracer_provider: Any = None, meter_provider: Any = None) -> None:
+    """Emit spans and metrics of runs, steps and events (the global providers by default)."""
+    global _tracer, _metrics, on
     try:
-        from opentelemetry import trace
+        from opentelemetry import metrics, trace
     except ModuleNotFoundError as exc:
         raise InvalidArgument(
             "tracing needs OpenTelemetry: pip install 'substantial[otel]'"
         ) from exc
     _tracer = trace.get_tracer("substantial", tracer_provider=tracer_provider)
+    _metrics = Instruments(metrics.get_meter("substantial", meter_provider=meter_provider))
     on = True
 
 
 def disable() -> None:
-    """Stop emitting spans and adding log context: back to the default."""
-    global _tracer, _log_context, on
+    """Stop emitting spans and metrics and adding log context: back to the default."""
+    global _tracer, _metrics, _log_context, on
     _tracer = None
+    _metrics = None
     _log_context = False
     on = False
 
@@ -216,6 +230,9 @@ async def run(work: Awaitable[T], held: _Held) -> T:
     _attempt.set(attempt)
     outcome = "done"
     error: Exception | None = None
+    instruments = _metrics
+    if instruments is not None:
+        instruments.runs_held.add(1)
     try:
         return await work
     except Evicted:
@@ -245,6 +262,8 @@ async def run(work: Awaitable[T], held: _Held) -> T:
             span.set_attribute("substantial.workflow", workflow)
         span.set_attribute("substantial.outcome", outcome)
         span.end()
+        if instruments is not None:
+            instruments.runs_held.add(-1)
 
 
 async def step(work: Awaitable[T], held: Any, command: _Command, attempt: int) -> T:
@@ -261,22 +280,51 @@ async def step(work: Awaitable[T], held: Any, command: _Command, attempt: int) -
         "substantial.command": command.c,
     }
     running = _run.get()
-    if running is not None and _workflow(running) is not None:
-        attributes["substantial.workflow"] = _workflow(running)
+    workflow = None if running is None else _workflow(running)
+    if workflow is not None:
+        attributes["substantial.workflow"] = workflow
+    instruments = _metrics
     with tracer.start_as_current_span(
         f"step {name}",
         attributes=attributes,
         record_exception=False,
         set_status_on_exception=False,
     ) as span:
+        began = time.perf_counter()
         try:
             value = await work
         except Exception as exc:
             span.set_attribute("substantial.outcome", "error")
             _record_error(span, exc)
+            if instruments is not None:
+                instruments.step(workflow, name, "error", time.perf_counter() - began)
             raise
         span.set_attribute("substantial.outcome", "ok")
+        if instruments is not None:
+            instruments.step(workflow, name, "ok", time.perf_counter() - began)
         return value
+
+
+def run_started(workflow: str) -> None:
+    """Count a run this process created (a start, a child, a successor)."""
+    if _metrics is not None:
+        _metrics.runs_started.add(1, {"substantial.workflow": workflow})
+
+
+def run_ended(workflow: str, status: str) -> None:
+    """Count a run whose end a worker of this process recorded."""
+    if _metrics is not None:
+        attributes = {"substantial.workflow": workflow, "substantial.status": status}
+        _metrics.runs_ended.add(1, attributes)
+
+
+def event_delivered(posted_at: float) -> None:
+    """Record how long an event waited between its post and its delivery into the run."""
+    if _metrics is not None:
+        running = _run.get()
+        workflow = None if running is None else _workflow(running)
+        attributes = {} if workflow is None else {"substantial.workflow": workflow}
+        _metrics.event_latency.record(max(0.0, time.time() - posted_at), attributes)
 
 
 def _record_error(span: Any, exc: BaseException) -> None:

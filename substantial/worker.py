@@ -394,6 +394,8 @@ class Worker:
             if outcome.compact is None:
                 end = outcome.end
                 await driver.flush(end)
+                if telemetry.on:
+                    telemetry.run_ended(start["workflow"], end["status"])
                 if outcome.successor is not None:
                     await self._continue(x, start, outcome.successor, end)
                 await self._finish(live, start, end)
@@ -430,7 +432,8 @@ class Worker:
         )
         if "parent" in start:
             record["reports_as"] = start.get("reports_as", start["run_id"])  # type: ignore[typeddict-unknown-key]
-        await create_run(self.backend, record)
+        if await create_run(self.backend, record) and telemetry.on:
+            telemetry.run_started(successor["workflow"])
         # Events that arrived for this run and were never consumed go to its successor.
         for delivered in x.mailbox:
             body = encode_value({"name": delivered.name, "value": delivered.value})
@@ -518,7 +521,10 @@ class _RunEffects:
             abandon=spec.abandon,
             trace=telemetry.carrier() if telemetry.on else None,  # under the parent's run span
         )
-        if not await create_run(self.worker.backend, record):
+        created = await create_run(self.worker.backend, record)
+        if created and telemetry.on:
+            telemetry.run_started(spec.workflow)
+        if not created:
             existing = await existing_start(self.worker.backend, spec.run_id)
             if not same_start(existing, record):
                 raise RunConflict(

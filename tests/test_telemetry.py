@@ -17,12 +17,24 @@ from typing import Any
 import orjson
 import pytest
 from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from substantial import Conductor, Context, RetryPolicy, StepFailed, records, telemetry, workflow
+from substantial import (
+    Conductor,
+    Context,
+    Queue,
+    RetryPolicy,
+    StepFailed,
+    WorkflowFailed,
+    records,
+    telemetry,
+    workflow,
+)
 from substantial._runs import create_run
 from substantial.backends.memory import MemoryBackend
 
@@ -390,3 +402,96 @@ async def go():
 
 asyncio.run(go())
 """
+
+
+@workflow()
+async def waits(c: Context) -> Any:
+    return await c.receive("go")
+
+
+@workflow()
+async def fails(c: Context) -> None:
+    raise RuntimeError("no")
+
+
+def points(reader: InMemoryMetricReader, name: str) -> dict[tuple[Any, ...], Any]:
+    """The data points of metric ``name``, by their attribute values (sorted by key)."""
+    out: dict[tuple[Any, ...], Any] = {}
+    data = reader.get_metrics_data()
+    for resource in data.resource_metrics if data is not None else ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == name:
+                    for point in metric.data.data_points:
+                        key = tuple(v for _, v in sorted((point.attributes or {}).items()))
+                        out[key] = point
+    return out
+
+
+def values(reader: InMemoryMetricReader, name: str) -> dict[tuple[Any, ...], Any]:
+    return {k: p.value for k, p in points(reader, name).items()}
+
+
+async def test_metrics_of_steps_runs_and_events() -> None:
+    reader = InMemoryMetricReader()
+    telemetry.enable(TracerProvider(), MeterProvider(metric_readers=[reader]))
+    conductor = Conductor(MemoryBackend(), queues=[Queue("q", concurrency=2)])
+    for wf in (traced, parent, kid, waits, fails):
+        conductor.register(wf)
+    agent = conductor.run(poll_interval=0.1)
+    try:
+        assert await (await conductor.start(traced, run_id="m-1")).result(timeout=20) == "done"
+        assert await (await conductor.start(parent, run_id="m-2")).result(timeout=20) == 2
+        await conductor.start(parent, run_id="m-2")  # the same run again: not started twice
+        with pytest.raises(WorkflowFailed):
+            await (await conductor.start(fails)).result(timeout=20)
+        for _ in range(2):  # one run per dedup id
+            queued = await conductor.start(kid, {"x": 5}, queue="q", dedup_id="once")
+        assert await queued.result(timeout=20) == 6
+        assert await (await conductor.start(kid, {"x": 6}, queue="q")).result(timeout=20) == 7
+
+        held = await conductor.start(waits, run_id="m-held")
+
+        async def holding() -> bool:
+            # The worker holds the waiting run (and the queue's run): the gauge says as much.
+            held_now = values(reader, "substantial.runs.held").get(())
+            return "m-held" in agent.worker.runs and held_now == len(agent.worker.runs)
+
+        await wait_for(holding)
+        await held.send("go", 1)
+        assert await held.result(timeout=20) == 1
+    finally:
+        agent.cancel()
+        await agent
+        telemetry.disable()
+
+    attempts = values(reader, "substantial.step.attempts")
+    assert attempts[("error", "flaky", "traced")] == 2
+    assert attempts[("ok", "flaky", "traced")] == 1
+    assert attempts[("error", "doomed", "traced")] == 2
+    assert attempts[("ok", "last", "traced")] == 1
+    assert attempts[("ok", "inside kid", "kid")] == 3
+    durations = points(reader, "substantial.step.duration")
+    assert {k: p.count for k, p in durations.items()} == attempts
+    assert all(p.sum >= 0 and p.max < 20 for p in durations.values())
+    assert values(reader, "substantial.runs.started") == {
+        ("traced",): 1,
+        ("parent",): 1,
+        ("kid",): 3,
+        ("fails",): 1,
+        ("waits",): 1,
+    }
+    ended = values(reader, "substantial.runs.ended")
+    assert ended[("completed", "traced")] == 1 and ended[("completed", "kid")] == 3
+    assert ended[("failed", "fails")] == 1 and ended[("completed", "waits")] == 1
+    assert values(reader, "substantial.runs.held")[()] == 0  # every run given back
+    latency = points(reader, "substantial.event.latency")
+    assert latency[("waits",)].count == 1 and 0 <= latency[("waits",)].sum < 20
+    assert latency[("parent",)].count == 1  # the child's end, delivered to its parent
+
+
+async def wait_for(check: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
