@@ -91,6 +91,7 @@ def _table(page: Page, now: float) -> Table:
 @click.option("--status", help="Only runs with this status (active, completed, failed, ...).")
 @click.option("--workflow", help="Only runs of this workflow.")
 @click.option("--parent", help="Only the children of this run.")
+@click.option("--queue", help="Only runs started into this queue (named by the queue's log).")
 @click.option("--since", help="Only runs started at or after: ISO time, epoch, or age (15m, 2h).")
 @click.option("--until", "until_", metavar="TIME", help="Only runs started before this time.")
 @click.option("--id", "id_text", metavar="TEXT", help="Only runs whose id contains TEXT.")
@@ -116,6 +117,7 @@ def list_command(
     status: str | None,
     workflow: str | None,
     parent: str | None,
+    queue: str | None,
     since: str | None,
     until_: str | None,
     id_text: str | None,
@@ -138,6 +140,7 @@ def list_command(
             since=None if since is None else parse_time(since, now=now, what="--since"),
             until=None if until_ is None else parse_time(until_, now=now, what="--until"),
             text=id_text,
+            queue=queue,
             where=expr,
             sort=sort,
             descending=(sort in ("created", "updated")) != reverse,

@@ -27,11 +27,14 @@ Everything is answered from run metadata (which holds each run's status,
 times, result and error), never by reading logs. A ``status`` or ``workflow``
 equality at the top level (alone or inside a top-level ``and``) is handed to
 the backend's ``list_runs``, which the SQL and Redis backends answer from an
-index; the other terms are checked on each listed run.
+index; the other terms are checked on each listed run. A ``queue`` filter
+reads the queue's own run (its log and inbox name every run started into
+it) and then only those runs' metadata.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Callable
@@ -41,6 +44,7 @@ from typing import Any
 
 import orjson
 
+from substantial._queue_members import queued_run_ids
 from substantial.backends.base import TERMINAL_STATUSES, Backend, RunInfo
 from substantial.errors import InvalidArgument
 
@@ -258,6 +262,8 @@ class RunQuery:
     until: float | None = None
     #: Keep runs whose id contains this text.
     text: str | None = None
+    #: Keep runs started into this queue (read from the queue's own log, see _queue_members).
+    queue: str | None = None
     where: Expr | None = None
     sort: str = "created"
     descending: bool = True
@@ -304,6 +310,8 @@ async def find_runs(
     backend: Backend, query: RunQuery, progress: Callable[[int], None] | None = None
 ) -> Page:
     """Return the page of runs ``query`` asks for; ``progress(n)`` is told how many were read."""
+    if query.queue is not None:
+        return await _queue_page(backend, query, progress)
     pushed = _pushdown(query.where)
     status = query.status or pushed.get("status")
     workflow = query.workflow or pushed.get("workflow")
@@ -335,6 +343,26 @@ async def find_runs(
             break
     found.sort(key=SORT_KEYS[query.sort], reverse=query.descending)
     return Page(found[query.offset : query.offset + query.limit], len(found), scanned, truncated)
+
+
+async def _queue_page(
+    backend: Backend, query: RunQuery, progress: Callable[[int], None] | None
+) -> Page:
+    """Answer a query on one queue: its own log names its runs; read only their metadata."""
+    assert query.queue is not None
+    ids = await queued_run_ids(backend, query.queue)
+    found: list[RunInfo] = []
+    scanned = 0
+    for i in range(0, min(len(ids), query.scan_limit), 64):
+        chunk = ids[i : min(i + 64, query.scan_limit)]
+        infos = await asyncio.gather(*(backend.get_run(run_id) for run_id in chunk))
+        found.extend(info for info in infos if info is not None and query.keeps(info))
+        scanned += len(chunk)
+        if progress is not None:
+            progress(scanned)
+    found.sort(key=SORT_KEYS[query.sort], reverse=query.descending)
+    page = found[query.offset : query.offset + query.limit]
+    return Page(page, len(found), scanned, len(ids) > query.scan_limit)
 
 
 async def search(

@@ -13,7 +13,7 @@ import orjson
 import pytest
 from click.testing import CliRunner, Result
 
-from substantial import Conductor, Context, RetryPolicy, WorkflowFailed, workflow
+from substantial import Conductor, Context, Queue, RetryPolicy, WorkflowFailed, workflow
 from substantial.cli import main
 
 
@@ -378,3 +378,29 @@ async def test_show_a_resumed_run_as_active_again(live_store: tuple[str, Conduct
     assert data["rows"][-1]["label"].startswith("resumed by ")
     shown = (await cli_in_thread("runs", "show", "resumed", "--backend", url)).output
     assert "fails  active for" in shown and "resumed by" in shown
+
+
+def test_list_by_queue(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'queues.db'}"
+
+    async def fill() -> None:
+        conductor = Conductor(url, queues=[Queue("mail")])
+        conductor.register(small)
+        for n in (1, 2):  # parked: no worker runs here
+            await conductor.start(small, {"n": n}, queue="mail", run_id=f"mail-{n}")
+        await conductor.start(small, {"n": 3}, run_id="not-queued")
+        await conductor.close()
+
+    asyncio.run(fill())
+    found = runs_json("--queue", "mail", "--sort", "id", "--backend", url)
+    assert [(r["run_id"], r["status"]) for r in found] == [
+        ("mail-1", "active"),
+        ("mail-2", "active"),
+    ]
+    table = ok("runs", "list", "--queue", "mail", "--backend", url)
+    assert "waiting in queue 'mail'" in table and "not-queued" not in table
+    result = invoke("runs", "list", "--queue", "nope", "--backend", url)
+    assert result.exit_code == 1
+    line = result.output.strip()
+    assert "\n" not in line and line.startswith("Error: no queue named 'nope' in sqlite ")
+    assert line.endswith(": `substantial queues list` names the queues of this store")

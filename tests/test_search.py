@@ -6,11 +6,15 @@ import time
 from datetime import datetime
 from typing import Any
 
+import orjson
 import pytest
 
-from substantial import Conductor, Context, InvalidArgument, WorkflowFailed, workflow
+from substantial import Conductor, Context, InvalidArgument, Queue, WorkflowFailed, workflow
+from substantial._queue_flow import MESSAGE
+from substantial._queue_members import queued_run_ids
 from substantial.backends.base import RunInfo
 from substantial.backends.memory import MemoryBackend
+from substantial.records import encode_entry, start_record
 from substantial.search import RunQuery, check, find_runs, matches, parse_time
 from tests.harness import Harness
 
@@ -119,6 +123,11 @@ class CountingBackend(MemoryBackend):
     def __init__(self) -> None:
         super().__init__()
         self.asked: list[tuple[str | None, str | None]] = []
+        self.logs_read: list[str] = []
+
+    async def read_log(self, run_id: str, start: int = 0) -> list[bytes]:
+        self.logs_read.append(run_id)
+        return await super().read_log(run_id, start)
 
     async def list_runs(self, **kwargs: Any) -> list[RunInfo]:
         self.asked.append((kwargs.get("status"), kwargs.get("workflow")))
@@ -191,3 +200,100 @@ async def test_listing_pages_in_id_order_stop_early() -> None:
     assert page.total == 10 and page.scanned == 1200 and not page.truncated
     page = await find_runs(backend, RunQuery(scan_limit=700))
     assert page.scanned == 700 and page.truncated
+
+
+@workflow()
+async def mailer(c: Context, to: str = "") -> str:
+    return str(await c.save(lambda: f"sent to {to}", name="send"))
+
+
+async def test_runs_of_a_queue_are_named_by_the_queues_log_alone() -> None:
+    backend = CountingBackend()
+    conductor = Conductor(backend, queues=[Queue("mail", concurrency=1), Queue("other")])
+    conductor.register(mailer)
+    await conductor.start(mailer, {"to": "a"}, queue="mail", run_id="m-a")
+    for _ in range(2):  # one run per dedup id
+        await conductor.start(mailer, {"to": "b"}, queue="mail", dedup_id="b")
+    await conductor.start(mailer, {"to": "x"}, queue="other", run_id="o-x")
+    await conductor.start(mailer, {"to": "p"}, run_id="plain")
+    # No worker yet: the queue's messages still wait in its inbox.
+    page = await find_runs(backend, RunQuery(queue="mail", sort="id", descending=False))
+    assert [(r.run_id, r.status) for r in page.runs] == [
+        ("dedup:mail:b", "active"),
+        ("m-a", "active"),
+    ]
+    agent = conductor.run(poll_interval=0.1)
+    try:
+        for run_id in ("m-a", "dedup:mail:b", "o-x", "plain"):
+            await conductor.get(run_id).result(timeout=20)
+        await (await conductor.start(mailer, {"to": "c"}, queue="mail", run_id="m-c")).result(
+            timeout=20
+        )
+    finally:
+        agent.cancel()
+        await agent
+    backend.logs_read.clear()
+    backend.asked.clear()
+    page = await find_runs(backend, RunQuery(queue="mail", sort="id", descending=False))
+    assert [(r.run_id, r.status) for r in page.runs] == [
+        ("dedup:mail:b", "completed"),
+        ("m-a", "completed"),
+        ("m-c", "completed"),
+    ]
+    # One log read, the queue's; no listing of the store, no run's own log.
+    assert backend.logs_read == ["queue:mail"] and backend.asked == []
+    assert page.total == 3 and page.scanned == 3 and not page.truncated
+    where = await find_runs(backend, RunQuery(queue="mail", where={"contains": "sent to a"}))
+    assert [r.run_id for r in where.runs] == ["m-a"]
+    assert (await find_runs(backend, RunQuery(queue="mail", status="active"))).runs == []
+    capped = await find_runs(backend, RunQuery(queue="mail", scan_limit=2))
+    assert capped.scanned == 2 and capped.truncated
+    with pytest.raises(InvalidArgument, match=r"no queue named 'nope'.*queues list"):
+        await find_runs(backend, RunQuery(queue="nope"))
+    with pytest.raises(InvalidArgument, match="invalid queue name"):
+        await find_runs(backend, RunQuery(queue="no/such"))
+
+
+async def test_a_compacted_queue_still_names_its_runs() -> None:
+    """After compact(), the snapshot keeps the queue's waiting and running runs."""
+    backend = MemoryBackend()
+    start = start_record("queue:q", "substantial.queue", None, {"name": "q", "config": {}}, T0)
+    info = RunInfo("queue:q", "substantial.queue", "active", T0, T0)
+    assert await backend.create_run(info, encode_entry([dict(start)]), T0)
+
+    def enqueue(run_id: str) -> dict[str, Any]:
+        message = {"op": "enqueue", "run_id": run_id}
+        return {"k": "event", "id": f"enqueue.{run_id}", "name": MESSAGE, "value": message, "t": T0}
+
+    snapshot = {
+        "k": "snapshot",
+        "start": dict(start),
+        "next_c": 9,
+        "kwargs": {
+            "name": "q",
+            "config": {},
+            "state": {"entries": {"r2": [0, 1, None, 0, None, T0]}, "running": {"r3": None}},
+            "pending": [{"op": "enqueue", "run_id": "r4"}, {"op": "done", "run_id": "r1"}],
+        },
+    }
+    for position, records in enumerate(
+        [
+            [enqueue("r1")],
+            [snapshot],
+            [
+                enqueue("r5"),
+                {
+                    "k": "event",
+                    "id": "x",
+                    "name": "other",
+                    "value": {"op": "enqueue", "run_id": "not-a-member"},
+                    "t": T0,
+                },
+            ],
+        ],
+        start=1,
+    ):
+        await backend.append("queue:q", position, encode_entry(records))
+    body = orjson.dumps({"name": MESSAGE, "value": {"op": "enqueue", "run_id": "r6"}})
+    await backend.send_event("queue:q", "enqueue.r6", body)
+    assert await queued_run_ids(backend, "q") == ["r1", "r2", "r3", "r4", "r5", "r6"]

@@ -25,7 +25,7 @@ import uvicorn
 from click.testing import CliRunner
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from substantial import Conductor, Context, RetryPolicy, WorkflowFailed, workflow
+from substantial import Conductor, Context, Queue, RetryPolicy, WorkflowFailed, workflow
 from substantial.cli import main
 from substantial.ui import UIConfig, create_app
 
@@ -456,6 +456,20 @@ async def test_token_and_host_guards(
     assert "token" not in page.url  # moved into an HttpOnly cookie
     assert await page.evaluate("document.cookie") == ""
     assert problems == []
+
+
+async def test_list_api_filters_by_queue(serve: Callable[..., str], tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'queued.db'}"
+    conductor = Conductor(url, queues=[Queue("mail")])
+    conductor.register(child_flow)
+    await conductor.start(child_flow, queue="mail", run_id="queued")
+    await conductor.start(child_flow, run_id="direct")
+    await conductor.close()
+    base = serve(url)
+    status, body = http("GET", base + "/api/runs?queue=mail")
+    assert status == 200 and [r["run_id"] for r in body["runs"]] == ["queued"]
+    status, body = http("GET", base + "/api/runs?queue=nope")
+    assert status == 400 and "no queue named 'nope'" in body["error"]
 
 
 def test_ui_refuses_to_listen_beyond_loopback_without_a_token() -> None:

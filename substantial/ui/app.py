@@ -168,6 +168,7 @@ def _query(request: Request) -> RunQuery:
         since=parse_time(q["since"], now=now, what="since") if q.get("since") else None,
         until=parse_time(q["until"], now=now, what="until") if q.get("until") else None,
         text=q.get("id") or None,
+        queue=q.get("queue") or None,
         where=expr,
         sort=sort,
         descending=(sort in ("created", "updated")) != (q.get("reverse") == "1"),
@@ -213,6 +214,8 @@ def create_app(config: UIConfig) -> ASGIApp:
             return _error(400, str(exc))
         try:
             page = await find_runs(state["backend"], query)
+        except InvalidArgument as exc:  # e.g. no such queue
+            return _error(400, str(exc))
         except SubstantialError as exc:
             return _error(503, str(exc))
         return _json(

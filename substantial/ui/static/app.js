@@ -8,7 +8,7 @@ const STATES = new Set([
   "active", "completed", "failed", "cancelled", "reverted", "continued", "timed_out",
   "corrupt", "ok", "running", "retrying", "waiting", "info",
 ]);
-const LIST_FILTERS = ["status", "workflow", "parent", "id", "since", "until", "where", "sort", "reverse"];
+const LIST_FILTERS = ["status", "workflow", "parent", "queue", "id", "since", "until", "where", "sort", "reverse"];
 const RESUMABLE = new Set(["failed", "cancelled", "timed_out"]);
 let config = { actions: false, backend: "" };
 let timer = null;
@@ -128,7 +128,8 @@ function listView() {
       .map((s) => el("option", { value: s, selected: (params.get("sort") || "created") === s }, "sort: " + s)));
   const reverse = el("input", { type: "checkbox", name: "reverse", value: "1", checked: params.get("reverse") === "1" });
   const form = el("form", { id: "filters", class: "filters" },
-    status, input("workflow", "workflow"), input("parent", "parent run"), input("id", "text in run id"),
+    status, input("workflow", "workflow"), input("parent", "parent run"), input("queue", "queue", 10),
+    input("id", "text in run id"),
     input("since", "since (15m, ISO)", 12), input("until", "until", 10),
     input("where", 'where {"contains": "fatal"}', 28), sort,
     el("label", {}, reverse, " reverse"), el("button", { type: "submit" }, "Filter"));
