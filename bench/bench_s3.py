@@ -37,7 +37,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from substantial.backends.s3 import S3Backend, _content_md5
+from substantial.backends.s3 import S3Backend
+from substantial.backends.s3._objects import _content_md5
 from substantial.records import encode_entry
 from tests.s3_server import S3Server
 
