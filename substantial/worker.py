@@ -21,10 +21,11 @@ from typing import Any
 
 from substantial import _clock, queues, telemetry
 from substantial._durations import seconds
+from substantial._effects import RunEffects
 from substantial._live import Driver
 from substantial._outcome import Outcome, end_of, finish_run, snapshot_of
 from substantial._repair import effective
-from substantial._runs import create_run, existing_start, same_start
+from substantial._runs import create_run
 from substantial._steps import Pace
 from substantial.backends.base import PROTOCOL_VERSION, Backend, RunInfo, make_owner
 from substantial.context import Context
@@ -34,11 +35,10 @@ from substantial.errors import (
     CorruptRecord,
     InvalidArgument,
     ProtocolMismatch,
-    RunConflict,
 )
 from substantial.records import Record, decode_entry, encode_value, start_record
-from substantial.replay import Command, Evicted, Execution, Fenced
-from substantial.workflow import ChildSpec, Registry
+from substantial.replay import Evicted, Execution, Fenced
+from substantial.workflow import Registry
 
 __all__ = ["Worker"]
 
@@ -374,7 +374,7 @@ class Worker:
             for m in mailbox:
                 x.apply({"k": "event", "id": m["id"], "name": m["name"], "value": m.get("value")})
             ctx = Context(x, run_id, wf.retry)
-            effects = _RunEffects(self, live)
+            effects = RunEffects(self.backend, live)
             driver = Driver(
                 x,
                 self.backend,
@@ -494,53 +494,3 @@ def _check_protocol(run_id: str, first: list[Record]) -> None:
                 f"version runs protocol {PROTOCOL_VERSION} logs only: finish it with the "
                 "substantial release that started it, or cancel it"
             )
-
-
-class _RunEffects:
-    """What one run's commands do outside its own log."""
-
-    def __init__(self, worker: Worker, live: LiveRun) -> None:
-        self.worker = worker
-        self.live = live
-
-    async def start_child(self, x: Execution, command: Command) -> str:
-        spec: ChildSpec = command.spec
-        now = _clock.now()
-        parent_deadline = self.live.info.deadline if self.live.info is not None else None
-        deadline = None if spec.timeout is None else now + spec.timeout
-        if parent_deadline is not None:
-            deadline = parent_deadline if deadline is None else min(deadline, parent_deadline)
-        record = start_record(
-            spec.run_id,
-            spec.workflow,
-            spec.version,
-            spec.kwargs,
-            now,
-            parent=x.run_id,
-            deadline=deadline,
-            abandon=spec.abandon,
-            trace=telemetry.carrier() if telemetry.on else None,  # under the parent's run span
-        )
-        created = await create_run(self.worker.backend, record)
-        if created and telemetry.on:
-            telemetry.run_started(spec.workflow)
-        if not created:
-            existing = await existing_start(self.worker.backend, spec.run_id)
-            if not same_start(existing, record):
-                raise RunConflict(
-                    f"cannot start child {spec.run_id!r}: a run with that id exists and was "
-                    "not started by this command; give start_child another run_id"
-                )
-        return spec.run_id
-
-    async def send(self, run_id: str, event_id: str, name: str, value: Any) -> None:
-        body = encode_value({"name": name, "value": value})
-        await self.worker.backend.send_event(run_id, event_id, body)
-
-    async def publish(self, x: Execution) -> None:
-        backend = self.worker.backend
-        info = self.live.info or await backend.get_run(x.run_id)
-        if info is not None:
-            info = replace(info, published=dict(x.published), updated_at=_clock.now())
-            self.live.info = info
-            await backend.put_run(info)
