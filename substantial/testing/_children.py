@@ -5,7 +5,9 @@ appends one entry at a fixed position once the wall clock reaches START_AT
 and prints ``won`` or ``lost``.
 
 ``python -m substantial.testing._children append-forever URL RUN`` appends
-large entries until it is killed.
+large entries until it is killed, at most :data:`MAX_ENTRIES` of them: a
+writer faster than its reader must not fill the disk (the reader of a log
+that grows faster than it reads would never reach its end).
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import time
 from substantial.backends import from_url
 from substantial.errors import PositionTaken
 
-__all__ = ["big_entry", "race_entry"]
+__all__ = ["MAX_ENTRIES", "big_entry", "race_entry"]
+
+#: How many entries one ``append-forever`` child writes before it only waits to be killed.
+MAX_ENTRIES = 100
 
 
 def race_entry(tag: str) -> bytes:
@@ -48,11 +53,11 @@ async def _append_race(url: str, run_id: str, position: int, tag: str, start_at:
 
 async def _append_forever(url: str, run_id: str) -> None:
     backend = from_url(url)
-    position = len(await backend.read_log(run_id))
+    start = len(await backend.read_log(run_id))
     print("ready", flush=True)
-    while True:
+    for position in range(start, start + MAX_ENTRIES):
         await backend.append(run_id, position, big_entry(position))
-        position += 1
+    await asyncio.sleep(3600)
 
 
 def main() -> None:

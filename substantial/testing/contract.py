@@ -192,17 +192,20 @@ class BackendContract:
         """A writer killed with SIGKILL leaves whole entries only, and no gap."""
         url = self._url(store)
         for round_ in range(3):
+            before = len(await backend.read_log("k9"))
             proc = await _child("append-forever", url, "k9")
             assert proc.stdout is not None
             line = await asyncio.wait_for(proc.stdout.readline(), _CHILD_TIMEOUT)
             assert line.strip() == b"ready"
-            before = len(await backend.read_log("k9"))
             # Kill it once it has written at least once this round: mid-write, likely.
-            for _ in range(600):
-                if len(await backend.read_log("k9", before)) > 0:
+            for _ in range(1000):
+                if await backend.read_log("k9", before):
                     break
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.05 * round_)
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01 * round_)
+            if proc.returncode is not None:
+                _, err = await proc.communicate()
+                pytest.fail(f"the writer died on its own: {err.decode()}")
             proc.kill()
             await proc.communicate()  # reap it and close its pipes
             log = await backend.read_log("k9")
