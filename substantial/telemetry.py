@@ -1,7 +1,7 @@
-"""OpenTelemetry spans and structured logs for workers.
+"""OpenTelemetry spans and metrics, trace context across processes, and structured logs.
 
 Off by default. :func:`enable` (needs the ``otel`` extra) makes every worker
-in the process emit spans through OpenTelemetry:
+in the process emit spans and metrics through OpenTelemetry:
 
 * ``run <workflow>``: one per *run attempt*, from the moment a worker takes
   the run until it ends, is handed back, or is lost to another worker;
@@ -32,8 +32,10 @@ trace. A run started outside any span gets a trace of its own.
 every log record emitted while a run's code runs, through :class:`LogContext`;
 :class:`JsonFormatter` writes one JSON object per line.
 
-The engine calls :func:`run` and :func:`step` only when :data:`on` is true:
-with both off, the cost of this module is reading one module attribute.
+The engine calls this module's hooks (:func:`run`, :func:`step`,
+:func:`joined`, :func:`carrier`, the counters) only when :data:`on` is true:
+with everything off, its cost is reading one module attribute, and
+OpenTelemetry is never imported.
 """
 
 from __future__ import annotations
