@@ -3,7 +3,8 @@
 Run ``python -m bench.bench_replay [--backend sqlite,fs] [--runs 2000]``. Stores
 ``--runs`` completed runs of 10 steps each, then replays every one against
 the same code with :func:`substantial.checker.check_store` (nothing runs,
-nothing is written). Prints one JSON line per backend: ``{"workload": "RC",
+nothing is written). Then migrates the store to a fresh one of the same kind (workload MG, runs
+per second, each log read back and checksummed). Prints JSON lines: ``{"workload": "RC",
 "backend", "n", "seconds", "runs_per_s", "floor_ms", "ratio", "ok"}``, where
 ``floor_ms`` is one log read on that store (bench.bench_backends) and
 ``ratio`` the time per run against it.
@@ -21,6 +22,7 @@ from pathlib import Path
 from bench.bench_backends import TARGETS
 from substantial import Conductor, Context, workflow
 from substantial.checker import check_store
+from substantial.portable import migrate
 
 
 @workflow()
@@ -44,8 +46,14 @@ async def one(name: str, work: Path, runs: int) -> None:
     t0 = time.perf_counter()
     report = await check_store(conductor.registry, conductor.backend)
     seconds = time.perf_counter() - t0
-    await conductor.close()
     per_ms = seconds / runs * 1000
+    (work / "copy").mkdir()
+    target = TARGETS[name].open(work / "copy", "process")
+    t0 = time.perf_counter()
+    moved = await migrate(conductor.backend, target)
+    migrate_s = time.perf_counter() - t0
+    await target.close()
+    await conductor.close()
     line = {
         "workload": "RC",
         "backend": name,
@@ -55,6 +63,16 @@ async def one(name: str, work: Path, runs: int) -> None:
         "floor_ms": round(floor_ms, 4),
         "ratio": round(per_ms / floor_ms, 2),
         "ok": report.ok and report.checked == runs,
+    }
+    print(json.dumps(line), flush=True)
+    line = {
+        "workload": "MG",
+        "backend": name,
+        "n": runs,
+        "seconds": round(migrate_s, 4),
+        "runs_per_s": round(runs / migrate_s, 1),
+        "ok": moved.ok and moved.copied == runs,
+        "note": "migrate to a fresh store of the same kind, every log read back and checksummed",
     }
     print(json.dumps(line), flush=True)
 
