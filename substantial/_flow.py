@@ -8,6 +8,8 @@ schedule and any queue.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -42,10 +44,24 @@ class FlowControl:
             self.queues[queue.name] = queue
         #: Queues known to be stored with this process's limits.
         self._stored_queues: set[str] = set()
+        #: The check of a queue under way, which concurrent starts into it share.
+        self._storing: dict[str, asyncio.Future[None]] = {}
 
     async def _queue_ready(self, name: str) -> None:
         if name in self._stored_queues:
             return
+        # A burst of starts into a queue not yet checked: one check, not one per start.
+        pending = self._storing.get(name)
+        if pending is None or pending.get_loop() is not asyncio.get_running_loop():
+            pending = self._storing[name] = asyncio.ensure_future(self._store_queue(name))
+            pending.add_done_callback(functools.partial(self._stored, name))
+        await asyncio.shield(pending)
+
+    def _stored(self, name: str, check: asyncio.Future[None]) -> None:
+        if self._storing.get(name) is check:
+            del self._storing[name]  # done: the next start looks at _stored_queues, or retries
+
+    async def _store_queue(self, name: str) -> None:
         declared = self.queues.get(name)
         if declared is not None:
             await queues.ensure_queue(self.backend, declared)

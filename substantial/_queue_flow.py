@@ -20,6 +20,7 @@ import asyncio
 import collections
 import functools
 import heapq
+import math
 import time
 from typing import Any
 
@@ -37,10 +38,12 @@ QUEUE_WORKFLOW = "substantial.queue"
 MESSAGE = "substantial.queue.message"
 #: Most runs admitted by one step.
 BATCH = 256
+#: Seconds between two publications of a busy queue's figures.
+PUBLISH_EVERY = 1.0
 
 
-async def admit_runs(backend: Backend, queue: str, run_ids: list[str], at: float) -> dict[str, str]:
-    """Admit each run (``admit`` at position 1, then due now); tell which run and which are gone.
+async def admit_runs(backend: Backend, queue: str, run_ids: list[str], at: float) -> list[str]:
+    """Admit each run (``admit`` at position 1, then due now); return those that are gone.
 
     Idempotent: a run already admitted (this step ran before a crash) is
     still running; one whose position 1 holds anything else has ended
@@ -64,7 +67,7 @@ async def admit_runs(backend: Backend, queue: str, run_ids: list[str], at: float
 
     # Side by side: on a store with slow requests (S3) a batch costs one round trip, not many.
     outcomes = await asyncio.gather(*(admit(run_id) for run_id in run_ids))
-    return dict(zip(run_ids, outcomes, strict=True))
+    return [run_id for run_id, what in zip(run_ids, outcomes, strict=True) if what == "gone"]
 
 
 async def collapse(backend: Backend, old: str, new: str) -> bool:
@@ -205,6 +208,11 @@ class _State:
             retry = nb if retry is None else min(retry, nb)
         return chosen, retry
 
+    def has_room(self) -> bool:
+        """Tell whether a slot is free (rate and keys aside)."""
+        limit = self.config.get("concurrency")
+        return limit is None or len(self.running) < limit
+
     def stats(self) -> dict[str, Any]:
         # Entries keep their arrival order: the first one left is the oldest.
         oldest = next(iter(self.entries.values()))[5] if self.entries else None
@@ -232,8 +240,15 @@ def queue_workflow(backend: Backend) -> Workflow[None]:
         c.handle(MESSAGE, inbox.append)
         handled = 0
         published: dict[str, Any] | None = None
-        published_at = 0.0
+        published_at = -math.inf
+        woken = False
         while handled < max(2000, 4 * (len(s.entries) + len(s.running))):
+            if woken and s.has_room() and inbox[0].get("op") == "enqueue":
+                # Woken by the first new run of a delivery, with room for it: let the driver
+                # deliver the rest (a zero timer completes after them), so that one turn
+                # chooses among them all and a backlog is admitted in priority order.
+                await c.sleep(0)
+            woken = False
             now = c.now().timestamp()
             batch, inbox[:] = list(inbox), []
             handled += len(batch) + 1
@@ -255,18 +270,19 @@ def queue_workflow(backend: Backend) -> Workflow[None]:
             chosen, retry = s.choose(now)
             if chosen:
                 step = functools.partial(admit_runs, backend, name, chosen, now)
-                outcome = await c.save(step, name="admit")
-                for run_id, what in outcome.items():
-                    if what == "gone":
-                        s.done(run_id)
-            idle = not chosen and not inbox
+                for run_id in await c.save(step, name="admit"):
+                    s.done(run_id)  # ended while it waited: it holds no slot
             stats = s.stats()
-            # Published for people (queues list): fresh whenever the queue waits, at most
-            # once a second while it is busy, so a busy queue does not pay a write per turn.
-            if stats != published and (idle or now - published_at >= 1.0):
-                c.publish("queue", stats)
-                published, published_at = stats, now
-            if not idle:
+            # Published for people (queues list) at most once a second while the queue is
+            # busy, so a busy queue does not pay a write per turn; at once when it empties.
+            if stats != published:
+                if now - published_at >= PUBLISH_EVERY or not (s.entries or s.running):
+                    c.publish("queue", stats)
+                    published, published_at = stats, now
+                else:
+                    later = published_at + PUBLISH_EVERY
+                    retry = later if retry is None else min(retry, later)
+            if chosen or inbox:
                 continue
             if retry is None:
                 await c.ensure(lambda: bool(inbox))
@@ -276,6 +292,7 @@ def queue_workflow(backend: Backend) -> Workflow[None]:
                         await c.ensure(lambda: bool(inbox))
                 except TimeoutError:
                     pass
+            woken = bool(inbox) and isinstance(inbox[0], dict)
         # ``inbox`` itself, not a copy: compact() hands the handler what arrived just before
         # it snapshots, and the snapshot must carry those messages.
         await c.compact(state=s.saved(), pending=inbox)

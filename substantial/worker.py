@@ -151,6 +151,7 @@ class Worker:
     async def _poll_once(self) -> None:
         now = _clock.now()
         batch = max(64, 2 * self.concurrency) if self.concurrency < 512 else 1024
+        wanted: list[tuple[str, float]] = []
         for run_id, at in await self.backend.due(now, batch):
             live = self.runs.get(run_id)
             if live is not None:
@@ -158,27 +159,29 @@ class Worker:
                     live.known_at = at
                     if live.driver is not None:
                         live.driver.poke()
-                continue
-            if len(self.runs) >= self.concurrency:
+            elif len(self.runs) + len(wanted) >= self.concurrency:
                 break
-            if self._skip_until.get(run_id, 0.0) > now:
-                continue
-            try:
-                taken = await self.backend.try_lease(run_id, self.owner, self.lease_ttl)
-                if not taken:
-                    lease = await self.backend.get_lease(run_id)
-                    retry = lease.expires_at if lease is not None else now + 1.0
-                    self._skip_until[run_id] = min(retry, now + self.lease_ttl)
-                    continue
-            except BackendUnavailable:
-                raise
-            except BackendError as exc:
-                # One bad record must not stop the worker: set the run aside, serve the rest.
-                self._set_aside(run_id, exc)
-                continue
-            live = LiveRun(run_id, at)
-            self.runs[run_id] = live
-            live.task = asyncio.create_task(self._drive(live), name=f"substantial:{run_id}")
+            elif self._skip_until.get(run_id, 0.0) <= now:
+                wanted.append((run_id, at))
+        # Side by side: the leases of one poll share a commit (or overlap their round trips).
+        taken = await asyncio.gather(*(self._take(r) for r, _ in wanted), return_exceptions=True)
+        pairs = sorted(zip(wanted, taken, strict=True), key=lambda pair: pair[1] is not True)
+        for (run_id, at), outcome in pairs:  # the runs taken first: a raise strands no lease
+            if outcome is True:
+                live = self.runs[run_id] = LiveRun(run_id, at)
+                live.task = asyncio.create_task(self._drive(live), name=f"substantial:{run_id}")
+            elif isinstance(outcome, BackendError) and not isinstance(outcome, BackendUnavailable):
+                self._set_aside(run_id, outcome)  # one bad record must not stop the worker
+            elif isinstance(outcome, BaseException):
+                raise outcome  # an outage (or a bug) is the poll loop's to handle
+
+    async def _take(self, run_id: str) -> bool:
+        if await self.backend.try_lease(run_id, self.owner, self.lease_ttl):
+            return True
+        lease = await self.backend.get_lease(run_id)  # held elsewhere: skip it until it expires
+        now = _clock.now()
+        self._skip_until[run_id] = min(lease.expires_at if lease else now + 1, now + self.lease_ttl)
+        return False
 
     def _set_aside(self, run_id: str, exc: BaseException | str, seconds: float = 60.0) -> None:
         if run_id not in self._noted:
@@ -446,9 +449,9 @@ class Worker:
         """Bring metadata, children, parent and due index in step with an ended log."""
         info = live.info
         assert info is not None
-        await finish_run(self.backend, info, start, end)
-        if "queue" in start:
+        if "queue" in start:  # first: the end is durable, and a waiting run can have the slot
             await queues.released(self.backend, start, info.run_id)
+        await finish_run(self.backend, info, start, end)
         self.on_ended(info.run_id)
 
     # -- waiting, eviction and shutdown -------------------------------------------
