@@ -182,18 +182,22 @@ def file_accesses() -> Iterator[list[str]]:
         _touched = None
 
 
-async def test_due_reads_only_the_buckets_up_to_now(store: Path, file_accesses: list[str]) -> None:
+async def test_due_reads_only_the_buckets_up_to_the_next_key(
+    store: Path, file_accesses: list[str]
+) -> None:
     backend = FSBackend(store)
     now = time.time()
     for i in range(10_000):  # five thousand far-future hours
-        await backend.schedule(f"later{i}", now + 3600 * (2 + i // 2))
-    await backend.schedule("ready", now - 5)
+        await backend.set_due(f"later{i}", now + 3600 * (2 + i // 2))
+    await backend.set_due("ready", now - 5)
     file_accesses.clear()
-    assert [r for r, _ in await backend.due(now)] == ["ready"]
-    assert await backend.next_due_at() == pytest.approx(now - 5, abs=0.01)
-    buckets = [p for p in file_accesses if "/due/" in p]
-    assert buckets and all(int(Path(p).name) <= int(now // 3600) for p in buckets), buckets
-    assert not any("later" in p for p in file_accesses)
+    due = await backend.due(now)
+    assert due == [("ready", pytest.approx(now - 5, abs=0.01))]
+    # The next time comes from the first later bucket: its first key, and nothing after.
+    assert due.next_at == pytest.approx(now + 7200, abs=0.01)
+    buckets = {int(Path(p).name) for p in file_accesses if "/due/" in p}
+    assert buckets == {int(now // 3600), int((now + 7200) // 3600)}, buckets
+    assert not any("later" in p for p in file_accesses)  # a run's pointer is a link, not a file
     assert len(file_accesses) < 10, file_accesses
 
 

@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from substantial.backends import from_url
-from substantial.backends.base import RunInfo
+from substantial.backends.base import NewEvent, RunInfo
 from substantial.backends.postgres import SCHEMA_VERSION, PostgresBackend
 from substantial.errors import (
     BackendError,
@@ -242,12 +242,12 @@ async def test_prefixes_isolate_applications(postgres_server: PostgresServer) ->
     try:
         now = time.time()
         await a.create_run(info("same"), entry("a"), now - 1)
-        await a.post_event("same", "e", b"a")
-        await a.acquire_lease("same", "alice", 30)
+        await a.set_due("same", now - 1, event=NewEvent("e", b"a"))
+        await a.lease("same", "alice", 30)
         assert await b.read_log("same") == []
         assert await b.read_inbox("same") == []
         assert await b.due(now) == []
-        assert await b.get_lease("same") is None
+        assert await b.lease("same") is None
         assert await b.list_runs() == []
         await b.append("same", 0, entry("b"))
         assert [r for r, _ in await a.due(now)] == ["same"]

@@ -10,8 +10,8 @@
 * :func:`release_with_loop` - closing a client its user never closed, when
   its event loop shuts down.
 * The checks that make every backend answer bad input alike:
-  :func:`check_position`, :func:`check_time`, :func:`gap_error` and
-  :func:`ack_ids`.
+  :func:`check_position`, :func:`check_time`, :func:`check_due`,
+  :func:`check_ttl`, :func:`gap_error` and :func:`ack_ids`.
 """
 
 from __future__ import annotations
@@ -25,15 +25,17 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from substantial.backends._hostile import is_valid_id, listed, read_listed
 from substantial.backends._redact import redact_url
-from substantial.backends.base import Durability, RunInfo
+from substantial.backends.base import Durability, NewEvent, RunInfo, validate_id
 from substantial.errors import InvalidArgument
 
 __all__ = [
     "Page",
     "ack_ids",
+    "check_due",
     "check_durability",
     "check_position",
     "check_time",
+    "check_ttl",
     "filtered_runs",
     "gap_error",
     "lease_takable",
@@ -70,6 +72,30 @@ def check_time(at: object) -> float:
     if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
         raise InvalidArgument(f"time {at!r} is not a finite number of seconds since the epoch")
     return float(at)
+
+
+def check_ttl(ttl: object) -> float:
+    """Return ``ttl`` as a float if it is a finite number of seconds >= 0; raise if not."""
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 <= ttl < math.inf:
+        raise InvalidArgument(f"lease ttl {ttl!r} is not a finite number of seconds >= 0")
+    return float(ttl)
+
+
+def check_due(run_id: str, at: object, event: object) -> float | None:
+    """Check the arguments of ``set_due``; return ``at`` as a float, or None.
+
+    An event makes its run due: it comes with a time, never with None.
+    """
+    validate_id("run id", run_id)
+    if event is not None:
+        if not isinstance(event, NewEvent):
+            raise InvalidArgument(f"event {event!r} is not a NewEvent(event_id, data)")
+        validate_id("event id", event.event_id)
+        if at is None:
+            raise InvalidArgument(
+                f"an event for run {run_id!r} makes it due: give a time, not None"
+            )
+    return None if at is None else check_time(at)
 
 
 def ack_ids(event_ids: Sequence[object]) -> list[str]:
@@ -139,6 +165,8 @@ async def filtered_runs(
     limit: int,
     after: str | None,
     page_size: int,
+    ids: Sequence[str] | None = None,
+    fetch_ids: Callable[[list[str]], Awaitable[Page]] | None = None,
 ) -> list[RunInfo]:
     """Collect up to ``limit`` runs after ``after`` that pass the filters, paging with ``fetch``.
 
@@ -146,11 +174,27 @@ async def filtered_runs(
     ``cursor`` (None: from the first). A backend that can filter on its
     side may do so in ``fetch``; the filters are applied here again, since
     unreadable metadata lists as ``corrupt`` whatever the store's columns say.
+    With ``ids``, only those runs are read, with ``fetch_ids(sorted ids)``.
     """
     out: list[RunInfo] = []
+    if limit <= 0:
+        return out
+    if ids is not None:
+        if fetch_ids is None:
+            raise TypeError("filtered_runs with ids needs fetch_ids")
+        wanted = sorted({validate_id("run id", r) for r in ids})
+        wanted = [r for r in wanted if after is None or r > after]
+        pages = [(await fetch_ids(wanted))[0]] if wanted else []
+    else:
+        pages = []
     cursor = after
     while len(out) < limit:
-        items, more = await fetch(cursor, page_size)
+        if ids is not None:
+            if not pages:
+                break
+            items, more = pages.pop(), False
+        else:
+            items, more = await fetch(cursor, page_size)
         for run_id, data in items:
             if data is None:
                 continue

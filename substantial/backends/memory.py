@@ -16,22 +16,34 @@ from substantial.backends import _hostile
 from substantial.backends._common import (
     Page,
     ack_ids,
+    check_due,
     check_position,
-    check_time,
+    check_ttl,
     filtered_runs,
     gap_error,
     lease_takable,
 )
-from substantial.backends.base import Backend, Event, Lease, RunInfo, validate_id
+from substantial.backends._former import FormerContract
+from substantial.backends.base import (
+    Backend,
+    Capabilities,
+    DueRuns,
+    Event,
+    Lease,
+    NewEvent,
+    RunInfo,
+    validate_id,
+)
 from substantial.errors import PositionTaken
 
 __all__ = ["MemoryBackend"]
 
 
-class MemoryBackend(Backend):
+class MemoryBackend(FormerContract, Backend):
     """Keep everything in dictionaries of this process."""
 
     name = "memory"
+    capabilities = Capabilities(wake_ups=True, shared=False)
 
     def __init__(self) -> None:
         super().__init__()
@@ -64,44 +76,36 @@ class MemoryBackend(Backend):
         check_position(run_id, start, "log start")
         return list(self.logs.get(run_id, ())[start:])
 
-    async def post_event(self, run_id: str, event_id: str, data: bytes) -> bool:
-        """Add the event unless its id is already pending."""
-        validate_id("run id", run_id)
-        validate_id("event id", event_id)
+    def _post(self, run_id: str, event: NewEvent) -> bool:
         inbox = self.inboxes.setdefault(run_id, {})
-        if event_id in inbox:
+        if event.event_id in inbox:
             return False
-        inbox[event_id] = Event(event_id, bytes(data), time.time())
-        self.waker.notify()
+        inbox[event.event_id] = Event(event.event_id, bytes(event.data), time.time())
         return True
 
-    async def read_inbox(self, run_id: str) -> list[Event]:
-        """Return pending events in insertion (arrival) order."""
-        validate_id("run id", run_id)
-        return list(self.inboxes.get(run_id, {}).values())
-
-    async def ack_events(self, run_id: str, event_ids: Sequence[str]) -> None:
-        """Forget consumed events; ids not in the inbox, or malformed, are ignored."""
+    async def read_inbox(self, run_id: str, *, ack: Sequence[str] = ()) -> list[Event]:
+        """Forget the acknowledged events, then return the rest in arrival order."""
         validate_id("run id", run_id)
         inbox = self.inboxes.get(run_id)
-        if inbox:
-            for event_id in ack_ids(event_ids):
-                inbox.pop(event_id, None)
+        if not inbox:
+            return []
+        for event_id in ack_ids(ack):
+            inbox.pop(event_id, None)
+        return list(inbox.values())
 
-    async def schedule(self, run_id: str, at: float) -> None:
-        """Place the run in the sorted due list."""
-        validate_id("run id", run_id)
-        at = check_time(at)
+    async def set_due(
+        self, run_id: str, at: float | None, *, event: NewEvent | None = None
+    ) -> bool:
+        """Store the event, if any, then place the run in the sorted due list (or take it out)."""
+        at = check_due(run_id, at, event)
+        stored = self._post(run_id, event) if event is not None else False
         self._remove_due(run_id)
-        bisect.insort(self._due, (at, run_id))
-        self._due_at[run_id] = at
-        if at <= time.time():
-            self.waker.notify()
-
-    async def unschedule(self, run_id: str) -> None:
-        """Drop the run from the due list."""
-        validate_id("run id", run_id)
-        self._remove_due(run_id)
+        if at is not None:
+            bisect.insort(self._due, (at, run_id))
+            self._due_at[run_id] = at
+            if at <= time.time():
+                self.waker.notify()
+        return stored
 
     def _remove_due(self, run_id: str) -> None:
         old = self._due_at.pop(run_id, None)
@@ -109,18 +113,13 @@ class MemoryBackend(Backend):
             i = bisect.bisect_left(self._due, (old, run_id))
             del self._due[i]
 
-    async def due(self, now: float, limit: int = 100) -> list[tuple[str, float]]:
-        """Return the earliest due runs."""
+    async def due(self, now: float, limit: int = 100) -> DueRuns:
+        """Return the earliest due runs, and the time of the one after them."""
         self._drop_bad_due()
-        if limit <= 0:
-            return []
         end = bisect.bisect_right(self._due, (now, "\U0010ffff"))
-        return [(run_id, at) for at, run_id in self._due[: min(end, limit)]]
-
-    async def next_due_at(self) -> float | None:
-        """Return the earliest scheduled time."""
-        self._drop_bad_due()
-        return self._due[0][0] if self._due else None
+        count = max(0, min(end, limit))
+        following = self._due[count][0] if count < len(self._due) else None
+        return DueRuns([(run_id, at) for at, run_id in self._due[:count]], following)
 
     def _drop_bad_due(self) -> None:
         # Only code that bypasses schedule() can put these here; the other backends
@@ -143,30 +142,29 @@ class MemoryBackend(Backend):
                 bisect.insort(self._due, (now, run_id))
                 self._due_at[run_id] = now
 
-    async def acquire_lease(
-        self, run_id: str, owner: str, ttl: float, *, steal_from: str | None = None
-    ) -> bool:
-        """Take the lease if free, expired, ours or held by ``steal_from``."""
+    async def lease(
+        self,
+        run_id: str,
+        owner: str | None = None,
+        ttl: float = 0.0,
+        *,
+        take_from: str | None = None,
+    ) -> Lease | None:
+        """Read, or compare-and-set, the run's lease; return it as it stands after."""
         validate_id("run id", run_id)
+        ttl = check_ttl(ttl)
+        lease = self._lease(run_id)
+        if owner is None:
+            return lease
         now = time.time()
-        lease = self._lease(run_id)
         holder, expires_at = (lease.owner, lease.expires_at) if lease else (None, 0.0)
-        if lease_takable(holder, expires_at, owner, steal_from, now):
-            self.leases[run_id] = Lease(run_id, owner, now + ttl)
-            return True
-        return False
-
-    async def release_lease(self, run_id: str, owner: str) -> None:
-        """Drop our lease."""
-        validate_id("run id", run_id)
-        lease = self._lease(run_id)
-        if lease is not None and (lease.owner == owner or _hostile.is_unreadable(lease)):
-            del self.leases[run_id]
-
-    async def get_lease(self, run_id: str) -> Lease | None:
-        """Return the lease, if any; an unreadable one reads as expired, owner ``?``."""
-        validate_id("run id", run_id)
-        return self._lease(run_id)
+        if not lease_takable(holder, expires_at, owner, take_from, now):
+            return lease
+        if ttl <= 0:
+            self.leases.pop(run_id, None)
+            return None
+        self.leases[run_id] = Lease(run_id, owner, now + ttl)
+        return self.leases[run_id]
 
     def _lease(self, run_id: str) -> Lease | None:
         lease: Any = self.leases.get(run_id)
@@ -185,12 +183,6 @@ class MemoryBackend(Backend):
         validate_id("run id", info.run_id)
         self.runs[info.run_id] = info.to_bytes()
 
-    async def get_run(self, run_id: str) -> RunInfo | None:
-        """Load metadata."""
-        validate_id("run id", run_id)
-        data = self.runs.get(run_id)
-        return None if data is None else RunInfo.from_bytes(run_id, data)
-
     async def list_runs(
         self,
         *,
@@ -198,12 +190,16 @@ class MemoryBackend(Backend):
         workflow: str | None = None,
         limit: int = 100,
         after: str | None = None,
+        ids: Sequence[str] | None = None,
     ) -> list[RunInfo]:
         """Return runs in id order, filtered."""
 
         async def fetch(cursor: str | None, n: int) -> Page:
-            ids = sorted(r for r in self.runs if cursor is None or r > cursor)
-            return [(r, self.runs[r]) for r in ids], False
+            found = sorted(r for r in self.runs if cursor is None or r > cursor)
+            return [(r, self.runs[r]) for r in found], False
+
+        async def fetch_ids(wanted: list[str]) -> Page:
+            return [(r, self.runs.get(r)) for r in wanted], False
 
         return await filtered_runs(
             self,
@@ -213,4 +209,6 @@ class MemoryBackend(Backend):
             limit=limit,
             after=after,
             page_size=limit,
+            ids=ids,
+            fetch_ids=fetch_ids,
         )

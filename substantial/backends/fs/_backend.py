@@ -14,20 +14,25 @@ from substantial.backends import _hostile
 from substantial.backends._common import (
     Page,
     ack_ids,
+    check_due,
     check_durability,
     check_position,
-    check_time,
+    check_ttl,
     filtered_runs,
     gap_error,
     lease_takable,
     local_store_url,
 )
+from substantial.backends._former import FormerContract
 from substantial.backends._wake import WakeChannel
 from substantial.backends.base import (
     Backend,
+    Capabilities,
+    DueRuns,
     Durability,
     Event,
     Lease,
+    NewEvent,
     RunInfo,
     encode_json,
     validate_id,
@@ -49,7 +54,7 @@ def _exists(path: str) -> bool:
     return True
 
 
-class FSBackend(Backend):
+class FSBackend(FormerContract, Backend):
     """Store runs as files under one directory; safe for many processes of one machine.
 
     ``durability="process"`` (default) survives the writing process being
@@ -58,6 +63,7 @@ class FSBackend(Backend):
     """
 
     name = "fs"
+    capabilities = Capabilities(wake_ups=True)
 
     def __init__(self, path: str | os.PathLike[str], *, durability: Durability = "process") -> None:
         super().__init__()
@@ -125,44 +131,27 @@ class FSBackend(Backend):
 
     # -- the inbox --------------------------------------------------------
 
-    def _post(self, run_id: str, event_id: str, data: bytes) -> bool:
-        payload = b"%d\n" % arrival_ns() + data
+    def _post(self, run_id: str, event: NewEvent) -> bool:
+        payload = b"%d\n" % arrival_ns() + bytes(event.data)
         try:
-            self._files.publish(f"{self._runs}/{run_id}/inbox", event_id, payload)
+            self._files.publish(f"{self._runs}/{run_id}/inbox", event.event_id, payload)
         except FileExistsError:
             return False
         return True
 
-    async def post_event(self, run_id: str, event_id: str, data: bytes) -> bool:
-        """Add the event unless its id is pending, stamped with its arrival time."""
-        validate_id("run id", run_id)
-        validate_id("event id", event_id)
-        try:
-            stored = self._post(run_id, event_id, data)
-        except OSError as exc:
-            raise self._unavailable(exc, f"post event {event_id!r} to run {run_id!r}") from exc
-        if stored:
-            self._wake.broadcast()
-        return stored
-
-    async def send_event(self, run_id: str, event_id: str, data: bytes) -> bool:
-        """Post an event and make the run due now, waking waiters once."""
-        validate_id("run id", run_id)
-        validate_id("event id", event_id)
-        try:
-            stored = self._post(run_id, event_id, data)
-            self._index.set(run_id, key_us(time.time()))
-        except OSError as exc:
-            raise self._unavailable(exc, f"send event {event_id!r} to run {run_id!r}") from exc
-        self._wake.broadcast()
-        return stored
-
-    async def read_inbox(self, run_id: str) -> list[Event]:
-        """Return pending events sorted by (arrival time, event id)."""
+    async def read_inbox(self, run_id: str, *, ack: Sequence[str] = ()) -> list[Event]:
+        """Delete the acknowledged events' files, then return the rest by (arrival, id)."""
         validate_id("run id", run_id)
         inbox = f"{self._runs}/{run_id}/inbox"
+        acked = ack_ids(ack)
         found: list[tuple[int, str, bytes]] = []
         try:
+            for event_id in acked:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{inbox}/{event_id}")
+            if self._fsync and acked:
+                with contextlib.suppress(FileNotFoundError):
+                    sync_dir(inbox)
             try:
                 names = os.listdir(inbox)
             except FileNotFoundError:
@@ -183,59 +172,35 @@ class FSBackend(Backend):
         found.sort()
         return [Event(name, data, ns / 1e9) for ns, name, data in found]
 
-    async def ack_events(self, run_id: str, event_ids: Sequence[str]) -> None:
-        """Delete the events' files; missing ones and malformed ids are ignored."""
-        validate_id("run id", run_id)
-        inbox = f"{self._runs}/{run_id}/inbox"
-        ids = ack_ids(event_ids)
-        try:
-            for event_id in ids:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(f"{inbox}/{event_id}")
-            if self._fsync and ids:
-                with contextlib.suppress(FileNotFoundError):
-                    sync_dir(inbox)
-        except OSError as exc:
-            raise self._unavailable(exc, f"acknowledge events of run {run_id!r}") from exc
-
     # -- the due index ----------------------------------------------------
 
-    async def schedule(self, run_id: str, at: float) -> None:
-        """Point the run at a new due key, then remove its old key."""
-        validate_id("run id", run_id)
-        at_us = key_us(check_time(at))
+    async def set_due(
+        self, run_id: str, at: float | None, *, event: NewEvent | None = None
+    ) -> bool:
+        """Publish the event, if any; then point the run at a new due key (or remove it)."""
+        at = check_due(run_id, at, event)
         try:
+            stored = self._post(run_id, event) if event is not None else False
+            if at is None:
+                self._index.clear(run_id)
+                return stored
+            at_us = key_us(at)
             self._index.set(run_id, at_us)
         except OSError as exc:
-            raise self._unavailable(exc, f"schedule run {run_id!r}") from exc
+            raise self._unavailable(exc, f"set the due time of run {run_id!r}") from exc
         if at_us <= key_us(time.time()):
             self._wake.broadcast()
+        return stored
 
-    async def unschedule(self, run_id: str) -> None:
-        """Remove the run's pointer and due key."""
-        validate_id("run id", run_id)
-        try:
-            self._index.clear(run_id)
-        except OSError as exc:
-            raise self._unavailable(exc, f"unschedule run {run_id!r}") from exc
-
-    async def due(self, now: float, limit: int = 100) -> list[tuple[str, float]]:
-        """List the buckets up to now and return their current keys in time order."""
+    async def due(self, now: float, limit: int = 100) -> DueRuns:
+        """List the buckets up to now (and on to the next live key) in time order."""
         self._wake.listen()
         self.waker.clear()  # this read covers every signal sent so far
-        if limit <= 0:
-            return []
         try:
-            return self._index.due(now, limit, following=False)[0]
+            runs, following = self._index.due(now, max(0, limit))
         except OSError as exc:
             raise self._unavailable(exc, "read the due index") from exc
-
-    async def next_due_at(self) -> float | None:
-        """Return the earliest current key, reading only up to the first bucket that has one."""
-        try:
-            return self._index.due(time.time(), 0)[1]
-        except OSError as exc:
-            raise self._unavailable(exc, "read the due index") from exc
+        return DueRuns(runs, following)
 
     # -- leases -----------------------------------------------------------
 
@@ -254,44 +219,37 @@ class FSBackend(Backend):
             return _hostile.unreadable_lease(run_id)
         return lease
 
-    async def acquire_lease(
-        self, run_id: str, owner: str, ttl: float, *, steal_from: str | None = None
-    ) -> bool:
-        """Compare-and-set the lease file under the run's lock."""
+    async def lease(
+        self,
+        run_id: str,
+        owner: str | None = None,
+        ttl: float = 0.0,
+        *,
+        take_from: str | None = None,
+    ) -> Lease | None:
+        """Read, or compare-and-set under the run's lock, the lease file."""
         validate_id("run id", run_id)
+        ttl = check_ttl(ttl)
+        run_dir = f"{self._runs}/{run_id}"
         try:
-            with self._files.locked(f"{self._runs}/{run_id}"):
+            lease = self._read_lease(run_id)
+            if owner is None or (lease is None and ttl <= 0):
+                return lease  # do not create the run's directory for a lock to read
+            with self._files.locked(run_dir):
                 now = time.time()
                 lease = self._read_lease(run_id)
                 holder, expires_at = (lease.owner, lease.expires_at) if lease else (None, 0.0)
-                if not lease_takable(holder, expires_at, owner, steal_from, now):
-                    return False
+                if not lease_takable(holder, expires_at, owner, take_from, now):
+                    return lease
+                if ttl <= 0:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f"{run_dir}/lease")
+                    return None
                 data = encode_json({"owner": owner, "expires_at": now + ttl})
-                self._files.replace(f"{self._runs}/{run_id}", "lease", data)
-                return True
+                self._files.replace(run_dir, "lease", data)
+                return Lease(run_id, owner, now + ttl)
         except OSError as exc:
             raise self._unavailable(exc, f"take the lease of run {run_id!r}") from exc
-
-    async def release_lease(self, run_id: str, owner: str) -> None:
-        """Delete the lease file if ``owner`` holds it."""
-        validate_id("run id", run_id)
-        try:
-            if self._read_lease(run_id) is None:
-                return  # nothing to release: do not create the run's directory for a lock
-            with self._files.locked(f"{self._runs}/{run_id}"):
-                lease = self._read_lease(run_id)
-                if lease is not None and (lease.owner == owner or _hostile.is_unreadable(lease)):
-                    os.unlink(f"{self._runs}/{run_id}/lease")
-        except OSError as exc:
-            raise self._unavailable(exc, f"release the lease of run {run_id!r}") from exc
-
-    async def get_lease(self, run_id: str) -> Lease | None:
-        """Read the lease file."""
-        validate_id("run id", run_id)
-        try:
-            return self._read_lease(run_id)
-        except OSError as exc:
-            raise self._unavailable(exc, f"read the lease of run {run_id!r}") from exc
 
     # -- run metadata -----------------------------------------------------
 
@@ -303,21 +261,6 @@ class FSBackend(Backend):
         except OSError as exc:
             raise self._unavailable(exc, f"store metadata of run {info.run_id!r}") from exc
 
-    def _get_run(self, run_id: str) -> RunInfo | None:
-        try:
-            data = read_file(f"{self._runs}/{run_id}/meta.json")
-        except FileNotFoundError:
-            return None
-        return RunInfo.from_bytes(run_id, data)
-
-    async def get_run(self, run_id: str) -> RunInfo | None:
-        """Read meta.json."""
-        validate_id("run id", run_id)
-        try:
-            return self._get_run(run_id)
-        except OSError as exc:
-            raise self._unavailable(exc, f"read metadata of run {run_id!r}") from exc
-
     async def list_runs(
         self,
         *,
@@ -325,30 +268,40 @@ class FSBackend(Backend):
         workflow: str | None = None,
         limit: int = 100,
         after: str | None = None,
+        ids: Sequence[str] | None = None,
     ) -> list[RunInfo]:
         """List run directories in id order and read the metadata of each."""
-        try:
+
+        def meta(run_id: str) -> bytes | None:
             try:
-                run_ids = sorted(os.listdir(self._runs))
+                return read_file(f"{self._runs}/{run_id}/meta.json")
             except FileNotFoundError:
-                return []
-        except OSError as exc:
-            raise self._unavailable(exc, "list runs") from exc
+                return None  # a run with only events, or a half start
+            except OSError as exc:
+                raise self._unavailable(exc, f"read metadata of run {run_id!r}") from exc
+
+        listing: list[str] | None = None
 
         async def fetch(cursor: str | None, n: int) -> Page:
-            page: list[tuple[str, bytes | None]] = []
-            for run_id in run_ids:
-                if cursor is not None and run_id <= cursor:
-                    continue
+            nonlocal listing
+            if listing is None:
                 try:
-                    page.append((run_id, read_file(f"{self._runs}/{run_id}/meta.json")))
+                    listing = sorted(os.listdir(self._runs))
                 except FileNotFoundError:
-                    page.append((run_id, None))  # a run with only events, or a half start
+                    listing = []
                 except OSError as exc:
                     raise self._unavailable(exc, "list runs") from exc
+            page: list[tuple[str, bytes | None]] = []
+            for run_id in listing:
+                if cursor is not None and run_id <= cursor:
+                    continue
+                page.append((run_id, meta(run_id)))
                 if len(page) >= n:
                     return page, True
             return page, False
+
+        async def fetch_ids(wanted: list[str]) -> Page:
+            return [(r, meta(r)) for r in wanted], False
 
         return await filtered_runs(
             self,
@@ -358,6 +311,8 @@ class FSBackend(Backend):
             limit=limit,
             after=after,
             page_size=limit,
+            ids=ids,
+            fetch_ids=fetch_ids,
         )
 
     # -- lifecycle and wake-ups -------------------------------------------

@@ -15,14 +15,25 @@ from substantial.backends import _hostile
 from substantial.backends._common import (
     Page,
     ack_ids,
+    check_due,
     check_position,
-    check_time,
+    check_ttl,
     filtered_runs,
     gap_error,
     release_with_loop,
 )
+from substantial.backends._former import FormerContract
 from substantial.backends._redact import redact_url
-from substantial.backends.base import Backend, Event, Lease, RunInfo, validate_id
+from substantial.backends.base import (
+    Backend,
+    Capabilities,
+    DueRuns,
+    Event,
+    Lease,
+    NewEvent,
+    RunInfo,
+    validate_id,
+)
 from substantial.backends.postgres._batch import AppendBatcher, Key
 from substantial.backends.postgres._errors import (
     is_connection_error,
@@ -46,7 +57,7 @@ Conn = Any  # asyncpg.Connection: asyncpg ships no type information
 _LISTEN_WAIT = 2.0
 
 
-class PostgresBackend(Backend):
+class PostgresBackend(FormerContract, Backend):
     """Store runs in PostgreSQL tables named ``<prefix>_*``; many machines share one database.
 
     Statements run on a pool of at most ``pool_size`` connections. A
@@ -60,6 +71,7 @@ class PostgresBackend(Backend):
     """
 
     name = "postgres"
+    capabilities = Capabilities(wake_ups=True, group_commit=True, server_time=True)
 
     def __init__(
         self,
@@ -255,77 +267,51 @@ class PostgresBackend(Backend):
 
     # -- the inbox --------------------------------------------------------
 
-    async def post_event(self, run_id: str, event_id: str, data: bytes) -> bool:
-        """Insert the event unless (run, event id) is there; notify in the same statement."""
+    async def read_inbox(self, run_id: str, *, ack: Sequence[str] = ()) -> list[Event]:
+        """Delete the acknowledged events and select the rest in ``seq`` order: one statement."""
         validate_id("run id", run_id)
-        validate_id("event id", event_id)
-        args = (run_id, event_id, bytes(data), time.time(), self._sql.channel)
-        row = await self._run("post_event", lambda c: c.fetchrow(self._sql["post"], *args))
-        return bool(row[0])
-
-    async def send_event(self, run_id: str, event_id: str, data: bytes) -> bool:
-        """Insert the event, make the run due now and notify, in one statement."""
-        validate_id("run id", run_id)
-        validate_id("event id", event_id)
-        args = (run_id, event_id, bytes(data), time.time(), self._sql.channel)
-        row = await self._run("send_event", lambda c: c.fetchrow(self._sql["send"], *args))
-        return bool(row[0])
-
-    async def read_inbox(self, run_id: str) -> list[Event]:
-        """Select pending events in ``seq`` (arrival) order."""
-        validate_id("run id", run_id)
-        rows = await self._run(
-            f"read the inbox of run {run_id!r}",
-            lambda c: c.fetch(self._sql["read_inbox"], run_id),
-        )
+        ids = ack_ids(ack)
+        sql = self._sql["ack_read" if ids else "read_inbox"]
+        args: tuple[Any, ...] = (run_id, ids) if ids else (run_id,)
+        rows = await self._run(f"read the inbox of run {run_id!r}", lambda c: c.fetch(sql, *args))
         return [Event(event_id, bytes(data), posted_at) for event_id, data, posted_at in rows]
-
-    async def ack_events(self, run_id: str, event_ids: Sequence[str]) -> None:
-        """Delete the events in one statement; unknown and malformed ids are ignored."""
-        validate_id("run id", run_id)
-        ids = ack_ids(event_ids)
-        if ids:
-            await self._run("ack_events", lambda c: c.execute(self._sql["ack"], run_id, ids))
 
     # -- the due index ----------------------------------------------------
 
-    async def schedule(self, run_id: str, at: float) -> None:
-        """Upsert the run's ``due`` row and notify the time, in one statement."""
-        validate_id("run id", run_id)
-        args = (run_id, check_time(at), self._sql.channel)
-        await self._run("schedule", lambda c: c.execute(self._sql["schedule"], *args))
+    async def set_due(
+        self, run_id: str, at: float | None, *, event: NewEvent | None = None
+    ) -> bool:
+        """Insert the event, if any, upsert (or delete) the ``due`` row, notify: one statement."""
+        at = check_due(run_id, at, event)
+        channel = self._sql.channel
+        if event is not None:
+            assert at is not None  # check_due refuses an event without a time
+            args = (run_id, event.event_id, bytes(event.data), time.time(), at, channel)
+            row = await self._run("set_due", lambda c: c.fetchrow(self._sql["send_at"], *args))
+            return bool(row[0])
+        if at is None:
+            await self._run("set_due", lambda c: c.execute(self._sql["unschedule"], run_id))
+        else:
+            sql, due_args = self._sql["schedule"], (run_id, at, channel)
+            await self._run("set_due", lambda c: c.execute(sql, *due_args))
+        return False
 
-    async def unschedule(self, run_id: str) -> None:
-        """Delete the run's ``due`` row."""
-        validate_id("run id", run_id)
-        await self._run("unschedule", lambda c: c.execute(self._sql["unschedule"], run_id))
-
-    async def due(self, now: float, limit: int = 100) -> list[tuple[str, float]]:
-        """Walk the ``(at, run_id)`` index up to ``now``."""
+    async def due(self, now: float, limit: int = 100) -> DueRuns:
+        """Walk the ``(at, run_id)`` index: the runs due by ``now``, and the one after them."""
         await self._start_listening()
         self.waker.clear()  # this read covers every signal sent so far
-        rows = await self._run(
-            "read the due index",
-            lambda c: c.fetch(self._sql["due"], float(now), max(0, limit)),
-        )
-        out = [(run_id, at) for run_id, at in rows if _hostile.good_due(run_id, at)]
-        if len(out) < len(rows):
-            await self._repair_due([tuple(r) for r in rows if not _hostile.good_due(*r)])
-        return out
-
-    async def next_due_at(self) -> float | None:
-        """Read the first entry of the ``at`` index (NaN sorts after every number)."""
+        limit = max(0, limit)
         for _ in range(16):
             rows = await self._run(
-                "read the due index", lambda c: c.fetch(self._sql["due_head"], 16)
+                "read the due index", lambda c: c.fetch(self._sql["due_head"], limit + 1)
             )
             bad = [tuple(r) for r in rows if not _hostile.good_due(*r)]
-            good = [float(at) for run_id, at in rows if _hostile.good_due(run_id, at)]
-            if bad:
-                await self._repair_due(bad)
-            if good or len(rows) < 16:
-                return good[0] if good else None
-        return None
+            if not bad:
+                break
+            await self._repair_due(bad)
+        runs = [(run_id, float(at)) for run_id, at in rows[:limit] if at <= now]
+        rest = rows[len(runs) :]
+        return DueRuns(runs, float(rest[0][1]) if rest else None)
 
     async def _repair_due(self, rows: list[tuple[Any, ...]]) -> None:
         """Remove due rows no worker can act on; a good run id with a bad time is due now."""
@@ -346,36 +332,39 @@ class PostgresBackend(Backend):
 
     # -- leases -----------------------------------------------------------
 
-    async def acquire_lease(
-        self, run_id: str, owner: str, ttl: float, *, steal_from: str | None = None
-    ) -> bool:
-        """Upsert the lease row only where the current lease allows it, on the server's clock."""
+    async def lease(
+        self,
+        run_id: str,
+        owner: str | None = None,
+        ttl: float = 0.0,
+        *,
+        take_from: str | None = None,
+    ) -> Lease | None:
+        """Read the lease row, or upsert (or delete) it where allowed, on the server's clock."""
         validate_id("run id", run_id)
-        args = (run_id, owner, float(ttl), steal_from)
-        # Retrying is safe: a first try that took the lease makes the retry a renewal.
-        row = await self._run("acquire_lease", lambda c: c.fetchrow(self._sql["acquire"], *args))
-        taken, old_owner, old_expiry = row
-        if taken and old_owner is not None:
-            self._check_lease(run_id, old_owner, old_expiry, "replaced it")
-        return bool(taken)
-
-    async def release_lease(self, run_id: str, owner: str) -> None:
-        """Delete the lease row if ``owner`` holds it."""
-        validate_id("run id", run_id)
-        await self._run("release_lease", lambda c: c.execute(self._sql["release"], run_id, owner))
-
-    async def get_lease(self, run_id: str) -> Lease | None:
-        """Select the lease row."""
-        validate_id("run id", run_id)
-        row = await self._run(
-            f"read the lease of run {run_id!r}",
-            lambda c: c.fetchrow(self._sql["get_lease"], run_id),
+        ttl = check_ttl(ttl)
+        if owner is None:
+            found = await self._run(
+                f"read the lease of run {run_id!r}",
+                lambda c: c.fetchrow(self._sql["get_lease"], run_id),
+            )
+            return None if found is None else self._check_lease(run_id, found[0], found[1])
+        sql = self._sql["acquire" if ttl > 0 else "give_up"]
+        args: tuple[Any, ...] = (
+            (run_id, owner, ttl, take_from) if ttl > 0 else (run_id, owner, take_from)
         )
-        if row is None:
-            return None
-        return self._check_lease(run_id, row[0], row[1], "reading it as expired")
+        # Retrying is safe: a first try that took the lease makes the retry a renewal.
+        row = await self._run("lease", lambda c: c.fetchrow(sql, *args))
+        done, old_owner, old_expiry = row
+        if not done:
+            return None if old_owner is None else self._check_lease(run_id, old_owner, old_expiry)
+        if old_owner is not None:
+            self._check_lease(run_id, old_owner, old_expiry, "replaced it")
+        return Lease(run_id, owner, float(done)) if ttl > 0 else None
 
-    def _check_lease(self, run_id: str, owner: Any, expires_at: Any, action: str) -> Lease:
+    def _check_lease(
+        self, run_id: str, owner: Any, expires_at: Any, action: str = "reading it as expired"
+    ) -> Lease:
         lease = _hostile.lease_or_none(run_id, owner, expires_at)
         if lease is None:
             detail = f"owner {owner!r}, expires at {expires_at!r}"
@@ -391,15 +380,6 @@ class PostgresBackend(Backend):
         args = (info.run_id, info.workflow, info.status, info.to_bytes())
         await self._run("put_run", lambda c: c.execute(self._sql["put_run"], *args))
 
-    async def get_run(self, run_id: str) -> RunInfo | None:
-        """Select the run's row."""
-        validate_id("run id", run_id)
-        data = await self._run(
-            f"read metadata of run {run_id!r}",
-            lambda c: c.fetchval(self._sql["get_run"], run_id),
-        )
-        return None if data is None else RunInfo.from_bytes(run_id, bytes(data))
-
     async def list_runs(
         self,
         *,
@@ -407,6 +387,7 @@ class PostgresBackend(Backend):
         workflow: str | None = None,
         limit: int = 100,
         after: str | None = None,
+        ids: Sequence[str] | None = None,
     ) -> list[RunInfo]:
         """Select runs in id order through the matching index; unreadable ones list as corrupt."""
         # Unreadable metadata lists as "corrupt", which no status column holds: read all.
@@ -419,6 +400,12 @@ class PostgresBackend(Backend):
             rows = await self._run("list runs", lambda c: c.fetch(sql, *args))
             return [(run_id, bytes(data)) for run_id, data in rows], len(rows) >= n
 
+        async def fetch_ids(wanted: list[str]) -> Page:
+            sql = self._sql["get_runs"]
+            rows = await self._run("read run metadata", lambda c: c.fetch(sql, wanted))
+            found = {run_id: bytes(data) for run_id, data in rows}
+            return [(r, found.get(r)) for r in wanted], False
+
         return await filtered_runs(
             self,
             fetch,
@@ -427,6 +414,8 @@ class PostgresBackend(Backend):
             limit=limit,
             after=after,
             page_size=max(limit, 100) if status == "corrupt" else limit,
+            ids=ids,
+            fetch_ids=fetch_ids,
         )
 
     async def create_run(self, info: RunInfo, entry: bytes, due_at: float) -> bool:

@@ -131,37 +131,34 @@ class Statements:
                 f"SELECT position, entry FROM {log} WHERE run_id = $1::text "
                 "AND position >= $2::bigint ORDER BY position"
             ),
-            # $1 run, $2 event id, $3 data, $4 now, $5 channel
-            "post": (
-                f"WITH ev AS (INSERT INTO {inbox} (run_id, event_id, data, posted_at) "
-                "VALUES ($1::text, $2::text, $3::bytea, $4::float8) "
-                "ON CONFLICT DO NOTHING RETURNING 1) "
-                "SELECT EXISTS (SELECT 1 FROM ev), "
-                "(SELECT pg_notify($5::text, $4::float8::text) FROM ev)"
-            ),
-            "send": (
-                f"WITH ev AS (INSERT INTO {inbox} (run_id, event_id, data, posted_at) "
-                "VALUES ($1::text, $2::text, $3::bytea, $4::float8) "
-                "ON CONFLICT DO NOTHING RETURNING 1), "
-                f"d AS (INSERT INTO {due} (run_id, at) VALUES ($1::text, $4::float8) "
-                f"{upsert_due}) "
-                "SELECT EXISTS (SELECT 1 FROM ev), pg_notify($5::text, $4::float8::text)"
-            ),
             "read_inbox": (
                 f"SELECT event_id, data, posted_at FROM {inbox} WHERE run_id = $1::text "
                 "ORDER BY seq"
             ),
-            "ack": f"DELETE FROM {inbox} WHERE run_id = $1::text AND event_id = ANY($2::text[])",
+            # Acknowledge and read in one statement: the SELECT sees the rows as they were
+            # before the DELETE, so it leaves the acknowledged ones out itself.
+            "ack_read": (
+                f"WITH del AS (DELETE FROM {inbox} WHERE run_id = $1::text "
+                "AND event_id = ANY($2::text[])) "
+                f"SELECT event_id, data, posted_at FROM {inbox} WHERE run_id = $1::text "
+                "AND NOT (event_id = ANY($2::text[])) ORDER BY seq"
+            ),
+            # $1 run, $2 event id, $3 data, $4 now, $5 due at, $6 channel
+            "send_at": (
+                f"WITH ev AS (INSERT INTO {inbox} (run_id, event_id, data, posted_at) "
+                "VALUES ($1::text, $2::text, $3::bytea, $4::float8) "
+                "ON CONFLICT DO NOTHING RETURNING 1), "
+                f"d AS (INSERT INTO {due} (run_id, at) VALUES ($1::text, $5::float8) "
+                f"{upsert_due}) "
+                "SELECT EXISTS (SELECT 1 FROM ev), pg_notify($6::text, $5::float8::text)"
+            ),
             # $1 run, $2 at, $3 channel
             "schedule": (
                 f"WITH d AS (INSERT INTO {due} (run_id, at) VALUES ($1::text, $2::float8) "
                 f"{upsert_due}) SELECT pg_notify($3::text, $2::float8::text)"
             ),
             "unschedule": f"DELETE FROM {due} WHERE run_id = $1::text",
-            "due": (
-                f"SELECT run_id, at FROM {due} WHERE at <= $1::float8 "
-                "ORDER BY at, run_id LIMIT $2::int"
-            ),
+            # The head of the index; the caller keeps those due by now (NaN sorts last).
             "due_head": f"SELECT run_id, at FROM {due} ORDER BY at, run_id LIMIT $1::int",
             # Entries no worker can act on: $1 valid ids with a bad time (due now, $3),
             # $2 bad ids (removed).
@@ -178,20 +175,26 @@ class Statements:
                 "ON CONFLICT (run_id) DO UPDATE "
                 "SET owner = excluded.owner, expires_at = excluded.expires_at "
                 f"WHERE l.expires_at <= {_NOW} OR l.owner = $2::text OR l.owner = $4::text "
-                f"OR {_UNREADABLE} RETURNING 1) "
-                "SELECT EXISTS (SELECT 1 FROM up), "
+                f"OR {_UNREADABLE} RETURNING l.expires_at) "
+                "SELECT (SELECT expires_at FROM up), "
                 "(SELECT owner FROM old), (SELECT expires_at FROM old)"
             ),
-            "release": (
-                f"DELETE FROM {leases} AS l WHERE run_id = $1::text "
-                f"AND (owner = $2::text OR {_UNREADABLE})"
+            # Giving the lease up (a take with no time left): where a take would succeed.
+            # $1 run, $2 owner, $3 take_from. Returns the row that was there.
+            "give_up": (
+                f"WITH old AS (SELECT owner, expires_at FROM {leases} WHERE run_id = $1::text), "
+                f"gone AS (DELETE FROM {leases} AS l WHERE run_id = $1::text "
+                f"AND (l.expires_at <= {_NOW} OR l.owner = $2::text OR l.owner = $3::text "
+                f"OR {_UNREADABLE}) RETURNING 1) "
+                "SELECT EXISTS (SELECT 1 FROM gone), "
+                "(SELECT owner FROM old), (SELECT expires_at FROM old)"
             ),
             "get_lease": f"SELECT owner, expires_at FROM {leases} WHERE run_id = $1::text",
             "put_run": (
                 f"INSERT INTO {runs} (run_id, workflow, status, info) "
                 f"VALUES ($1::text, $2::text, $3::text, $4::bytea) {upsert_run}"
             ),
-            "get_run": f"SELECT info FROM {runs} WHERE run_id = $1::text",
+            "get_runs": f"SELECT run_id, info FROM {runs} WHERE run_id = ANY($1::text[])",
             # One statement, so all or nothing: the entry at 0, then only if it was
             # ours the metadata and the schedule. $1 run, $2 entry, $3 workflow,
             # $4 status, $5 info, $6 due at, $7 channel.

@@ -17,18 +17,29 @@ from substantial.backends import _hostile
 from substantial.backends._common import (
     Page,
     ack_ids,
+    check_due,
     check_position,
-    check_time,
+    check_ttl,
     filtered_runs,
     gap_error,
 )
+from substantial.backends._former import FormerContract
 from substantial.backends._redact import redact_url
-from substantial.backends.base import Backend, Event, Lease, RunInfo, validate_id
+from substantial.backends.base import (
+    Backend,
+    Capabilities,
+    DueRuns,
+    Event,
+    Lease,
+    NewEvent,
+    RunInfo,
+    validate_id,
+)
 from substantial.backends.redis._connect import describe_client, open_client
 from substantial.backends.redis._errors import Client, Health, log
 from substantial.backends.redis._listen import Listener
 from substantial.backends.redis._scripts import SCRIPTS
-from substantial.errors import BackendError, CorruptRecord, InvalidArgument, PositionTaken
+from substantial.errors import BackendError, InvalidArgument, PositionTaken
 
 __all__ = ["SHARDS", "RedisBackend", "shard_of"]
 
@@ -44,10 +55,11 @@ def shard_of(run_id: str) -> int:
     return zlib.crc32(run_id.encode()) % SHARDS
 
 
-class RedisBackend(Backend):
+class RedisBackend(FormerContract, Backend):
     """Store runs in Redis; works on a single server and on Redis Cluster."""
 
     name = "redis"
+    capabilities = Capabilities(wake_ups=True, server_time=True)
 
     def __init__(
         self,
@@ -190,125 +202,88 @@ class RedisBackend(Backend):
 
     # -- the inbox --------------------------------------------------------
 
-    async def post_event(self, run_id: str, event_id: str, data: bytes) -> bool:
-        """Add the event to the run's inbox stream unless its id is there, then signal."""
+    async def read_inbox(self, run_id: str, *, ack: Sequence[str] = ()) -> list[Event]:
+        """Delete the acknowledged events (Lua, atomic), then return the rest in stream order."""
         keys = self._inbox_keys(run_id)
-        validate_id("event id", event_id)
-        async with self._health.io("post_event"):
-            stored, _ = await self._in_order(
-                self._eval("post", keys, [event_id, bytes(data)]), self._publish(time.time())
-            )
-        return bool(stored)
-
-    async def send_event(self, run_id: str, event_id: str, data: bytes) -> bool:
-        """Post the event, make the run due now and signal, in one round trip."""
-        keys = self._inbox_keys(run_id)
-        validate_id("event id", event_id)
-        now = time.time()
-        async with self._health.io("send_event"):
-            stored, _, _ = await self._in_order(
-                self._eval("post", keys, [event_id, bytes(data)]),
-                ("ZADD", self._due_keys[shard_of(run_id)], repr(now), run_id),
-                self._publish(now),
-            )
-        return bool(stored)
-
-    async def read_inbox(self, run_id: str) -> list[Event]:
-        """Return pending events in stream (arrival) order."""
-        key = self._key(run_id, "inbox")
+        ids = ack_ids(ack)
         async with self._health.io("read_inbox"):
-            items = cast(list[tuple[bytes, dict[bytes, bytes]]], await self._client.xrange(key))
+            if ids:
+                found = await self._script("ack_read", keys, ids)
+                items = [(sid, dict(zip(f[::2], f[1::2], strict=True))) for sid, f in found]
+            else:
+                items = cast(
+                    list[tuple[bytes, dict[bytes, bytes]]], await self._client.xrange(keys[0])
+                )
         # A stream id is "<server ms>-<seq>": its time is the arrival time.
         return [
             Event(fields[b"id"].decode(), fields[b"data"], int(sid.split(b"-")[0]) / 1000)
             for sid, fields in items
         ]
 
-    async def ack_events(self, run_id: str, event_ids: Sequence[str]) -> None:
-        """Delete consumed events from the stream and the id index (Lua, atomic).
-
-        Ids not in the inbox, and malformed ones, are ignored.
-        """
-        keys = self._inbox_keys(run_id)
-        ids = ack_ids(event_ids)
-        if not ids:
-            return
-        async with self._health.io("ack_events"):
-            await self._script("ack", keys, ids)
-
     def _inbox_keys(self, run_id: str) -> list[str]:
         return [self._key(run_id, "inbox"), self._key(run_id, "events")]
 
     # -- the due index ----------------------------------------------------
 
-    async def schedule(self, run_id: str, at: float) -> None:
-        """Set the run's score in its due shard, then publish the time on the wake channel."""
-        validate_id("run id", run_id)
-        at = check_time(at)
-        async with self._health.io("schedule"):
-            await self._in_order(
-                ("ZADD", self._due_keys[shard_of(run_id)], repr(float(at)), run_id),
-                self._publish(at),
-            )
+    async def set_due(
+        self, run_id: str, at: float | None, *, event: NewEvent | None = None
+    ) -> bool:
+        """Post the event, set (or remove) the run's score and signal, in one round trip."""
+        at = check_due(run_id, at, event)
+        commands: list[tuple[Any, ...]] = []
+        if event is not None:
+            args = [event.event_id, bytes(event.data)]
+            commands.append(self._eval("post", self._inbox_keys(run_id), args))
+        shard = self._due_keys[shard_of(run_id)]
+        if at is None:
+            commands.append(("ZREM", shard, run_id))
+        else:
+            commands += [("ZADD", shard, repr(at), run_id), self._publish(at)]
+        async with self._health.io("set_due"):
+            replies = await self._in_order(*commands)
+        return event is not None and bool(replies[0])
 
-    async def unschedule(self, run_id: str) -> None:
-        """Remove the run from its due shard."""
-        validate_id("run id", run_id)
-        async with self._health.io("unschedule"):
-            await self._client.zrem(self._due_keys[shard_of(run_id)], run_id)
-
-    async def due(self, now: float, limit: int = 100) -> list[tuple[str, float]]:
+    async def due(self, now: float, limit: int = 100) -> DueRuns:
         """Merge the heads of every due shard: ZRANGEBYSCORE -inf..now LIMIT ``limit``, each."""
         self._listener.start()
         self.waker.clear()  # this read covers every signal sent so far
-        if limit <= 0:
-            return []
+        limit = max(0, limit)
         high = repr(float(now))
         async with self._health.io("due"):
             if self._cluster:
-                pipe = self._client.pipeline(transaction=False)
-                for key in self._due_keys:
-                    pipe.zrangebyscore(key, "-inf", high, start=0, num=limit, withscores=True)
-                shards: list[list[tuple[bytes, float]]] = await pipe.execute()
-                found = [(at, run_id) for shard in shards for run_id, at in shard]
+                found, following = await self._due_on_cluster(high, limit)
             else:
-                flat = await self._script("due", self._due_keys, [high, limit])
-                found = [(float(flat[i + 1]), flat[i]) for i in range(0, len(flat), 2)]
+                due, after = await self._script("due", self._due_keys, [high, limit])
+                found = [(float(due[i + 1]), due[i]) for i in range(0, len(due), 2)]
+                following = [(float(after[i + 1]), after[i]) for i in range(0, len(after), 2)]
         found.sort()
-        out: list[tuple[str, float]] = []
+        runs: list[tuple[str, float]] = []
         bad: list[tuple[bytes, float]] = []
         for at, member in found[:limit]:
             run_id = _member_id(member)
             if run_id is None or not _hostile.valid_time(at):
                 bad.append((member, at))
             else:
-                out.append((run_id, at))
+                runs.append((run_id, at))
+        later = [(at, m) for at, m in [*found[limit:], *following] if m not in dict(bad)]
         await self._drop_bad_due(bad)
-        return out
+        good = [at for at, m in later if _member_id(m) and _hostile.valid_time(at)]
+        return DueRuns(runs, min(good, default=None))
 
-    async def next_due_at(self) -> float | None:
-        """Return the smallest head score over the due shards, dropping bad heads on the way."""
-        heads: list[tuple[float, bytes]] = []
-        good: list[float] = []
-        for _ in range(16):
-            async with self._health.io("next_due_at"):
-                if not self._cluster:
-                    head = await self._script("head", self._due_keys, [])
-                    heads = [(float(head[1]), head[0])] if head else []
-                else:
-                    pipe = self._client.pipeline(transaction=False)
-                    for key in self._due_keys:
-                        pipe.zrange(key, 0, 0, withscores=True)
-                    shards: list[list[tuple[bytes, float]]] = await pipe.execute()
-                    heads = [(at, member) for shard in shards for member, at in shard]
-            good = [at for at, m in heads if _member_id(m) and _hostile.valid_time(at)]
-            if len(good) == len(heads):
-                break
-            # Another shard's second entry may come before the next good head: read again.
-            await self._drop_bad_due(
-                [(m, at) for at, m in heads if not (_member_id(m) and _hostile.valid_time(at))]
-            )
-        return min(good, default=None)
+    async def _due_on_cluster(
+        self, high: str, limit: int
+    ) -> tuple[list[tuple[float, bytes]], list[tuple[float, bytes]]]:
+        """Read the due shards of a cluster: two pipelines, one command per shard each."""
+        pipe = self._client.pipeline(transaction=False)
+        for key in self._due_keys:
+            pipe.zrangebyscore(key, "-inf", high, start=0, num=limit, withscores=True)
+        shards: list[list[tuple[bytes, float]]] = await pipe.execute()
+        pipe = self._client.pipeline(transaction=False)
+        for key, shard in zip(self._due_keys, shards, strict=True):
+            pipe.zrange(key, len(shard), len(shard), withscores=True)
+        heads: list[list[tuple[bytes, float]]] = await pipe.execute()
+        found = [(at, m) for shard in shards for m, at in shard]
+        return found, [(at, m) for head in heads for m, at in head]
 
     async def _drop_bad_due(self, bad: Sequence[tuple[bytes, float]]) -> None:
         """Remove due entries no worker can act on; a good run id with a bad time is due now."""
@@ -332,52 +307,29 @@ class RedisBackend(Backend):
 
     # -- leases -----------------------------------------------------------
 
-    async def acquire_lease(
-        self, run_id: str, owner: str, ttl: float, *, steal_from: str | None = None
-    ) -> bool:
-        """Take or renew the lease in one Lua script, timed by the server's clock."""
+    async def lease(
+        self,
+        run_id: str,
+        owner: str | None = None,
+        ttl: float = 0.0,
+        *,
+        take_from: str | None = None,
+    ) -> Lease | None:
+        """Read, or compare-and-set in one Lua script, the lease, timed by the server's clock."""
         key = self._key(run_id, "lease")
-        args: list[Any] = [owner, repr(float(ttl))]
-        if steal_from is not None:
-            args.append(steal_from)
-        async with self._health.io("acquire_lease"):
-            took = await self._script("acquire", [key], args)
-        if took == 2:
-            self._unreadable_lease(run_id, "replaced it")
-        return bool(took)
-
-    async def release_lease(self, run_id: str, owner: str) -> None:
-        """Delete the lease if ``owner`` holds it, or if it is unreadable (Lua, atomic)."""
-        key = self._key(run_id, "lease")
-        async with self._health.io("release_lease"):
-            if await self._script("release", [key], [owner]) == 2:
-                self._unreadable_lease(run_id, "removed it")
-
-    async def get_lease(self, run_id: str) -> Lease | None:
-        """Read the lease hash; an unreadable one reads as expired, owner ``?``."""
-        key = self._key(run_id, "lease")
-        fields: list[bytes | None] | None
-        async with self._health.io("get_lease"):
-            try:
-                fields = cast(
-                    list[bytes | None], await self._client.hmget(key, ["owner", "expires_at"])
-                )
-            except rx.ResponseError as exc:
-                if not str(exc).startswith("WRONGTYPE"):
-                    raise
-                fields = None  # not a hash
-        if fields == [None, None]:
-            return None
-        lease = None
-        if fields is not None:
-            owner, expires_at = fields
-            lease = _hostile.lease_or_none(
-                run_id, owner and owner.decode(errors="replace"), _number(expires_at)
-            )
-        if lease is None:
+        ttl = check_ttl(ttl)
+        args = [owner or "", repr(ttl), take_from or ""]
+        async with self._health.io("lease"):
+            reply = await self._script("lease", [key], args)
+        code, *rest = [part.decode(errors="replace") for part in reply]
+        if code == "bad":
             self._unreadable_lease(run_id, "reading it as expired")
             return _hostile.unreadable_lease(run_id)
-        return lease
+        if code == "set-over-bad":
+            self._unreadable_lease(run_id, "replaced it")
+        if not rest:
+            return None
+        return Lease(run_id, rest[0], float(rest[1]))
 
     def _unreadable_lease(self, run_id: str, action: str) -> None:
         _hostile.warn_once(self, "lease", run_id, "not an owner and a finite expiry", action)
@@ -397,18 +349,6 @@ class RedisBackend(Backend):
                 ("SET", key, info.to_bytes()),
             )
 
-    async def get_run(self, run_id: str) -> RunInfo | None:
-        """GET the run's metadata."""
-        key = self._key(run_id, "meta")
-        async with self._health.io("get_run"):
-            try:
-                data = cast(bytes | None, await self._client.get(key))
-            except rx.ResponseError as exc:
-                if not str(exc).startswith("WRONGTYPE"):
-                    raise
-                raise CorruptRecord(run_id, "meta", "the key is not a string") from None
-        return None if data is None else RunInfo.from_bytes(run_id, data)
-
     async def list_runs(
         self,
         *,
@@ -416,11 +356,15 @@ class RedisBackend(Backend):
         workflow: str | None = None,
         limit: int = 100,
         after: str | None = None,
+        ids: Sequence[str] | None = None,
     ) -> list[RunInfo]:
         """Page through the runs shards in id order (ZRANGE BYLEX), filtering on metadata."""
 
         async def fetch(cursor: str | None, n: int) -> Page:
-            ids = await self._next_run_ids(cursor, n)
+            found = await self._next_run_ids(cursor, n)
+            return (await fetch_ids(found))[0], len(found) >= n
+
+        async def fetch_ids(ids: list[str]) -> Page:
             if not ids:
                 return [], False
             async with self._health.io("list_runs"):
@@ -435,7 +379,7 @@ class RedisBackend(Backend):
                 if isinstance(data, rx.ResponseError):
                     data = RunInfo.unreadable(run_id, f"metadata cannot be read: {data}")
                 page.append((run_id, data))
-            return page, len(ids) >= n
+            return page, False
 
         return await filtered_runs(
             self,
@@ -445,6 +389,8 @@ class RedisBackend(Backend):
             limit=limit,
             after=after,
             page_size=max(limit, 100) if status or workflow else limit,
+            ids=ids,
+            fetch_ids=fetch_ids,
         )
 
     async def _next_run_ids(self, after: str | None, count: int) -> list[str]:

@@ -35,8 +35,9 @@ redis.call('HSET', KEYS[2], ARGV[1], sid)
 return 1
 """
 
-# KEYS: inbox stream, event-id hash. ARGV: event ids.
-_ACK = """
+# KEYS: inbox stream, event-id hash. ARGV: event ids to delete. Returns the rest
+# of the stream (XRANGE), so acknowledging and reading cost one round trip.
+_ACK_READ = """
 for _, id in ipairs(ARGV) do
   local sid = redis.call('HGET', KEYS[2], id)
   if sid then
@@ -44,8 +45,11 @@ for _, id in ipairs(ARGV) do
     redis.call('HDEL', KEYS[2], id)
   end
 end
-if redis.call('XLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
-return 0
+if redis.call('XLEN', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[1])
+  return {}
+end
+return redis.call('XRANGE', KEYS[1], '-', '+')
 """
 
 # Reads the lease at KEYS[1]: nil if absent, false if unreadable (not a hash, no
@@ -65,75 +69,59 @@ local function lease()
 end
 """
 
-# KEYS: lease hash. ARGV: owner, ttl seconds[, steal_from]. Expiry is on the
-# server's clock, so workers with skewed clocks agree on it. Returns 0 (held
-# elsewhere), 1 (taken), 2 (taken over an unreadable lease, which is expired).
-_ACQUIRE = (
+# KEYS: lease hash. ARGV: owner ('' to only read), ttl seconds, take_from ('' for
+# nobody). Expiry is on the server's clock, so workers with skewed clocks agree on
+# it. Returns {'none'} or {'bad'} (read only: no lease, an unreadable one), {'held',
+# owner, expiry} (left as it is), or {'set' | 'set-over-bad'[, owner, expiry]}
+# (taken or renewed; given up when the ttl is 0, replacing an unreadable one).
+_LEASE_OP = (
     _LEASE
     + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local owner, exp = lease()
-local took = 1
-if owner == false then
-  took = 2
-  redis.call('DEL', KEYS[1])
-elseif owner and exp > now and owner ~= ARGV[1] and owner ~= ARGV[3] then
-  return 0
+if ARGV[1] == '' then
+  if owner == nil then return {'none'} end
+  if owner == false then return {'bad'} end
+  return {'held', owner, string.format('%.6f', exp)}
 end
-redis.call('HSET', KEYS[1], 'owner', ARGV[1],
-           'expires_at', string.format('%.6f', now + tonumber(ARGV[2])))
-return took
-"""
-)
-
-# KEYS: lease hash. ARGV: owner. Removes an unreadable lease whoever asks (returns 2).
-_RELEASE = (
-    _LEASE
-    + """
-local owner = lease()
-if owner == false then
-  redis.call('DEL', KEYS[1])
-  return 2
+if owner and exp > now and owner ~= ARGV[1] and owner ~= ARGV[3] then
+  return {'held', owner, string.format('%.6f', exp)}
 end
-if owner == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
+local code = 'set'
+if owner == false then code = 'set-over-bad' end
+redis.call('DEL', KEYS[1])
+local ttl = tonumber(ARGV[2])
+if ttl <= 0 then return {code} end
+local expires = string.format('%.6f', now + ttl)
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'expires_at', expires)
+return {code, ARGV[1], expires}
 """
 )
 
 # Single server only (the keys are in different slots): the due shards' heads
-# in one round trip; a cluster gets one command per shard in a pipeline.
-# KEYS: due shards. ARGV: now, limit. Returns member, score, member, score, ...
+# in one round trip; a cluster gets the same commands per shard in pipelines.
+# KEYS: due shards. ARGV: now, limit. Returns {due, next}: members and scores due
+# by now (at most limit per shard), and per shard the entry right after those.
 _DUE = """
-local out = {}
+local due, following = {}, {}
 for _, key in ipairs(KEYS) do
   local items = redis.call('ZRANGEBYSCORE', key, '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[2])
-  for i = 1, #items do out[#out + 1] = items[i] end
-end
-return out
-"""
-
-# Single server only, as _DUE. KEYS: due shards. Returns the member and the
-# smallest score as Redis formatted it (exact), or an empty list.
-_HEAD = """
-local best, out = nil, {}
-for _, key in ipairs(KEYS) do
-  local head = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-  if head[2] and (best == nil or tonumber(head[2]) < best) then
-    best, out = tonumber(head[2]), head
+  for i = 1, #items do due[#due + 1] = items[i] end
+  local n = #items / 2
+  local after = redis.call('ZRANGE', key, n, n, 'WITHSCORES')
+  if after[2] then
+    following[#following + 1] = after[1]
+    following[#following + 1] = after[2]
   end
 end
-return out
+return {due, following}
 """
 
 SCRIPTS = {
     "append": _APPEND,
     "post": _POST,
-    "ack": _ACK,
-    "acquire": _ACQUIRE,
-    "release": _RELEASE,
+    "ack_read": _ACK_READ,
+    "lease": _LEASE_OP,
     "due": _DUE,
-    "head": _HEAD,
 }

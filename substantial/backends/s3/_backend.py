@@ -13,13 +13,24 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from substantial.backends._common import (
     Page,
     ack_ids,
+    check_due,
     check_position,
-    check_time,
+    check_ttl,
     filtered_runs,
     gap_error,
 )
+from substantial.backends._former import FormerContract
 from substantial.backends._redact import redact_url
-from substantial.backends.base import Backend, Event, Lease, RunInfo, validate_id
+from substantial.backends.base import (
+    Backend,
+    Capabilities,
+    DueRuns,
+    Event,
+    Lease,
+    NewEvent,
+    RunInfo,
+    validate_id,
+)
 from substantial.backends.s3._due import DueIndex
 from substantial.backends.s3._leases import Leases
 from substantial.backends.s3._objects import ObjectStore
@@ -58,7 +69,7 @@ def _float_param(name: str, value: str) -> float:
         raise InvalidArgument(f"{name}={value!r}: use a number of seconds") from None
 
 
-class S3Backend(Backend):
+class S3Backend(FormerContract, Backend):
     """Store runs in an S3-compatible bucket, coordinating through conditional writes.
 
     Endpoint, region and credentials come from the standard AWS chain
@@ -74,6 +85,7 @@ class S3Backend(Backend):
     """
 
     name = "s3"
+    capabilities = Capabilities()
 
     def __init__(
         self,
@@ -292,25 +304,28 @@ class S3Backend(Backend):
 
     # -- the inbox --------------------------------------------------------
 
-    async def post_event(self, run_id: str, event_id: str, data: bytes) -> bool:
+    async def _post(self, run_id: str, event: NewEvent) -> bool:
         """Create the event's object with If-None-Match: *, stamped with its arrival time."""
-        validate_id("run id", run_id)
-        validate_id("event id", event_id)
-        stamp = _arrival_stamp()
         stored = await self._objects.put_if(
-            f"{self._inbox_prefix(run_id)}{event_id}",
-            bytes(data),
-            metadata={"posted-at": repr(stamp)},
+            f"{self._inbox_prefix(run_id)}{event.event_id}",
+            bytes(event.data),
+            metadata={"posted-at": repr(_arrival_stamp())},
         )
-        # No wake-up here: send_event() schedules the run next, and that wakes workers
-        # once the run is due (waking them now would cost each a LIST for nothing).
         return stored is not None
 
-    async def read_inbox(self, run_id: str) -> list[Event]:
-        """List the run's inbox, fetch the events and order them by arrival stamp."""
+    async def read_inbox(self, run_id: str, *, ack: Sequence[str] = ()) -> list[Event]:
+        """Delete the acknowledged events' objects while listing the inbox; fetch the rest.
+
+        The deletes and the LIST run at once, so acknowledging costs no round
+        trip of its own; the listing may still show a key being deleted, and
+        those are left out. DELETE requests are free on AWS.
+        """
         validate_id("run id", run_id)
         prefix = self._inbox_prefix(run_id)
-        items = await self._objects.list_all(prefix)
+        acked = set(ack_ids(ack))
+        deletes = self._objects.gather(self._objects.delete(f"{prefix}{e}") for e in acked)
+        _, items = await asyncio.gather(deletes, self._objects.list_all(prefix))
+        items = [item for item in items if item.key[len(prefix) :] not in acked]
         objects = await self._objects.gather(self._objects.get(item.key) for item in items)
         events: list[Event] = []
         for item, obj in zip(items, objects, strict=True):
@@ -324,55 +339,42 @@ class S3Backend(Backend):
         events.sort(key=lambda e: (e.posted_at, e.event_id))
         return events
 
-    async def ack_events(self, run_id: str, event_ids: Sequence[str]) -> None:
-        """Delete the events' objects (DELETE requests are free on AWS)."""
-        validate_id("run id", run_id)
-        prefix = self._inbox_prefix(run_id)
-        ids = ack_ids(event_ids)
-        await self._objects.gather(self._objects.delete(f"{prefix}{e}") for e in ids)
-
     # -- the due index ----------------------------------------------------
 
-    async def schedule(self, run_id: str, at: float) -> None:
-        """Put a new due key, move the run's pointer to it (CAS), then delete the old key."""
-        validate_id("run id", run_id)
-        await self._due.schedule(run_id, check_time(at))
+    async def set_due(
+        self, run_id: str, at: float | None, *, event: NewEvent | None = None
+    ) -> bool:
+        """Create the event's object, if any; then move the run's due pointer (or remove it).
 
-    async def unschedule(self, run_id: str) -> None:
-        """Delete the run's pointer and the due key it names."""
-        validate_id("run id", run_id)
-        await self._due.unschedule(run_id)
+        No wake-up for the event itself: the due key wakes this process's
+        workers once the run is due (a wake-up before would cost each a LIST
+        for nothing).
+        """
+        at = check_due(run_id, at, event)
+        stored = await self._post(run_id, event) if event is not None else False
+        if at is None:
+            await self._due.unschedule(run_id)
+        else:
+            await self._due.schedule(run_id, at)
+        return stored
 
-    async def due(self, now: float, limit: int = 100) -> list[tuple[str, float]]:
+    async def due(self, now: float, limit: int = 100) -> DueRuns:
         """List the due index up to ``now`` and keep the keys their run's pointer names."""
         return await self._due.due(now, limit)
 
-    async def next_due_at(self) -> float | None:
-        """Return the time of the first due key its run's pointer names."""
-        return await self._due.next_due_at()
-
     # -- leases -----------------------------------------------------------
 
-    async def acquire_lease(
-        self, run_id: str, owner: str, ttl: float, *, steal_from: str | None = None
-    ) -> bool:
-        """Take the lease by CAS on the lease object's ETag.
-
-        A renewal by the holder costs one PUT (the ETag is remembered); a take
-        costs a GET and a PUT.
-        """
+    async def lease(
+        self,
+        run_id: str,
+        owner: str | None = None,
+        ttl: float = 0.0,
+        *,
+        take_from: str | None = None,
+    ) -> Lease | None:
+        """Read the lease object, or compare-and-swap it on its ETag."""
         validate_id("run id", run_id)
-        return await self._leases.acquire(run_id, owner, ttl, steal_from)
-
-    async def release_lease(self, run_id: str, owner: str) -> None:
-        """CAS the lease to a released state if ``owner`` holds it."""
-        validate_id("run id", run_id)
-        await self._leases.release(run_id, owner)
-
-    async def get_lease(self, run_id: str) -> Lease | None:
-        """Read the lease object; a released one reads as None."""
-        validate_id("run id", run_id)
-        return await self._leases.get(run_id)
+        return await self._leases.op(run_id, owner, check_ttl(ttl), take_from)
 
     # -- run metadata -----------------------------------------------------
 
@@ -381,12 +383,6 @@ class S3Backend(Backend):
         validate_id("run id", info.run_id)
         await self._objects.put(self._meta_key(info.run_id), info.to_bytes())
 
-    async def get_run(self, run_id: str) -> RunInfo | None:
-        """Read the run's metadata object."""
-        validate_id("run id", run_id)
-        obj = await self._objects.get(self._meta_key(run_id))
-        return None if obj is None else RunInfo.from_bytes(run_id, obj.body)
-
     async def list_runs(
         self,
         *,
@@ -394,6 +390,7 @@ class S3Backend(Backend):
         workflow: str | None = None,
         limit: int = 100,
         after: str | None = None,
+        ids: Sequence[str] | None = None,
     ) -> list[RunInfo]:
         """List ``meta/`` in key (run id) order and read each run's metadata.
 
@@ -414,6 +411,11 @@ class S3Backend(Backend):
             ]
             return page, truncated
 
+        async def fetch_ids(wanted: list[str]) -> Page:
+            found = await self._objects.gather(self._objects.get(f"{prefix}{r}") for r in wanted)
+            pairs = zip(wanted, found, strict=True)
+            return [(r, None if obj is None else obj.body) for r, obj in pairs], False
+
         return await filtered_runs(
             self,
             fetch,
@@ -422,6 +424,8 @@ class S3Backend(Backend):
             limit=limit,
             after=after,
             page_size=1000 if status or workflow else max(1, min(1000, limit)),
+            ids=ids,
+            fetch_ids=fetch_ids,
         )
 
     # -- shared helpers, specialised ----------------------------------------

@@ -20,7 +20,7 @@ import orjson
 
 from substantial.backends import _hostile
 from substantial.backends._common import reraise_lost_cancel
-from substantial.backends.base import Waker
+from substantial.backends.base import DueRuns, Waker
 from substantial.backends.s3._objects import Listed, ObjectStore, new_wid
 from substantial.errors import BackendUnavailable
 
@@ -38,8 +38,6 @@ ORPHAN_GRACE = 60.0
 VALID_TTL = 30.0
 #: How far before the last due() call a poll looks for keys that landed late.
 PEEK_LOOKBACK = 60.0
-#: How long next_due_at() may answer from the listing of the last due() call.
-HEAD_TTL = 1.0
 
 
 # Due indexes of this process by store, so a client that makes work due wakes a worker
@@ -80,7 +78,7 @@ class DueIndex:
         self._prefix = objects.key_prefix
         self._due_prefix = f"{self._prefix}due/"
         self._store_id = f"{objects.server_id}|{self._prefix}"
-        # Due keys that cannot be parsed, to delete at the next due() or next_due_at().
+        # Due keys that cannot be parsed, to delete at the next due().
         self._junk: set[str] = set()
         # Due keys checked against their run's pointer: key -> (exact time, checked at).
         self._valid: dict[str, tuple[float, float]] = {}
@@ -90,9 +88,6 @@ class DueIndex:
         self._checked: tuple[int, float] = (0, 0.0)
         self.poll_interval = min_poll
         self.due_hint: float | None = None
-        # What the last due() listing showed of the index's head, for next_due_at():
-        # (taken at, server time, earliest valid time, first future key, saw the end).
-        self._head: tuple[float, float, float | None, _DueKey | None, bool] | None = None
         _LOCAL.setdefault(self._store_id, weakref.WeakSet()).add(self)
 
     def pointer_key(self, run_id: str) -> str:
@@ -108,7 +103,7 @@ class DueIndex:
             or not _hostile.is_valid_id(parts[1])
         ):
             # Not a key any worker can act on: skip it rather than fail every worker,
-            # and have the next due() or next_due_at() delete it.
+            # and have the next due() delete it.
             self._junk.add(item.key)
             return None
         return _DueKey(item.key, name, int(parts[0]), parts[1], item.last_modified)
@@ -180,7 +175,6 @@ class DueIndex:
 
     async def unschedule(self, run_id: str) -> None:
         """Delete the run's pointer and the due key it names."""
-        self._forget_heads()
         old = await self.read_pointer(run_id)
         if old is None:
             return
@@ -232,15 +226,22 @@ class DueIndex:
             self._valid = {k: v for k, v in self._valid.items() if now_mono - v[1] < VALID_TTL}
         return valid
 
-    async def due(self, now: float, limit: int = 100) -> list[tuple[str, float]]:
-        """List the due index up to ``now`` and keep the keys their run's pointer names."""
+    async def due(self, now: float, limit: int = 100) -> DueRuns:
+        """List the due index up to ``now`` and keep the keys their run's pointer names.
+
+        The listing goes on to the first key past those returned, for
+        ``next_at``: usually on the same page, so it costs nothing more.
+        """
         now_us = _us(now)
+        limit = max(0, limit)
         out: list[tuple[str, float]] = []
         returned: set[str] = set()
         start_after: str | None = None
         first_page = True
-        self._head = None
-        while len(out) < limit:
+        following: float | None = None
+        future: _DueKey | None = None
+        exhausted = False
+        while True:
             items, truncated, server_now = await self._objects.list_page(
                 self._due_prefix, start_after=start_after, max_keys=min(1000, limit + 16)
             )
@@ -256,57 +257,34 @@ class DueIndex:
                 if at is not None and at <= now and len(out) < limit:
                     out.append((k.run_id, at))
                     returned.add(k.key)
+                elif at is not None and following is None:
+                    following = at
             if len(ready) < len(keys):
                 future = keys[len(ready)]
                 self.due_hint = future.at_us / 1_000_000
-                self._remember_head(out, future, server_now, seen_end=True)
                 break
             if not truncated or not items:
-                self._remember_head(out, None, server_now, seen_end=not truncated)
+                exhausted = True
                 break
             start_after = items[-1].key
+            if len(out) >= limit:
+                break
         self._returned = returned
+        if following is None and not exhausted:
+            following = await self._first_valid(future, start_after, server_now)
         if self._junk:
             await self._drop_junk()
-        return out
+        return DueRuns(out, following)
 
-    def _remember_head(
-        self,
-        out: list[tuple[str, float]],
-        future: _DueKey | None,
-        server_now: float,
-        *,
-        seen_end: bool,
-    ) -> None:
-        first = out[0][1] if out else None
-        self._head = (time.monotonic(), server_now, first, future, seen_end)
-
-    async def next_due_at(self) -> float | None:
-        """Return the time of the first due key its run's pointer names."""
-        found = await self._next_due_at()
-        if self._junk:
-            await self._drop_junk()
-        return found
-
-    async def _next_due_at(self) -> float | None:
-        """Return the time of the first due key its run's pointer names.
-
-        Right after due() (within HEAD_TTL, with no schedule change made in
-        this process since), that call's listing answers: a worker asks both
-        in a row, and a LIST costs as much as a PUT.
-        """
-        head, self._head = self._head, None
-        if head is not None and time.monotonic() - head[0] < HEAD_TTL:
-            _, server_now, first_valid, future, seen_end = head
-            if first_valid is not None:
-                return first_valid
-            if future is None and seen_end:
-                return None
-            if future is not None:
-                valid = await self._validate([future], server_now)
-                if future.key in valid:
-                    return valid[future.key]
-        start_after: str | None = None
+    async def _first_valid(
+        self, candidate: _DueKey | None, start_after: str | None, server_now: float
+    ) -> float | None:
+        """Return the time of the first live key from ``candidate`` (or after ``start_after``)."""
+        if candidate is not None:
+            valid = await self._validate([candidate], server_now)
+            if candidate.key in valid:
+                return valid[candidate.key]
+            start_after = candidate.key
         while True:
             items, truncated, server_now = await self._objects.list_page(
                 self._due_prefix, start_after=start_after, max_keys=64
@@ -329,12 +307,7 @@ class DueIndex:
         for backend in self._local_peers():
             backend.waker.notify()
 
-    def _forget_heads(self) -> None:
-        for backend in self._local_peers():
-            backend._head = None
-
     def _note_local_schedule(self, at: float) -> None:
-        self._forget_heads()
         if at <= time.time():
             self._notify_local()
             return

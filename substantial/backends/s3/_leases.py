@@ -84,54 +84,49 @@ class Leases:
         self._remember(run_id, _LeaseState(etag, owner, expires_at))
         return True
 
-    async def acquire(self, run_id: str, owner: str, ttl: float, steal_from: str | None) -> bool:
-        """Take the lease by CAS on the lease object's ETag.
+    async def op(
+        self, run_id: str, owner: str | None, ttl: float, take_from: str | None
+    ) -> Lease | None:
+        """Read the lease, or CAS it on the lease object's ETag; return it as it stands after.
 
         A renewal by the holder costs one PUT (the ETag is remembered); a take
-        costs a GET and a PUT.
+        costs a GET and a PUT. Giving it up (``ttl`` 0) writes a released
+        lease, never a deletion: the object stays a compare-and-swap target.
         """
+        if owner is None:
+            return _public(run_id, await self.read(run_id))
         now = time.time()
+        new_owner, expires_at = (owner, now + ttl) if ttl > 0 else (None, 0.0)
+        after = Lease(run_id, owner, expires_at) if ttl > 0 else None
         known = self._leases.get(run_id)
         if (
             known is not None
-            and lease_takable(known.owner, known.expires_at, owner, steal_from, now)
-            and await self.write(run_id, owner, now + ttl, known.etag)
+            and lease_takable(known.owner, known.expires_at, owner, take_from, now)
+            and await self.write(run_id, new_owner, expires_at, known.etag)
         ):
-            self._took(known.owner, owner)
-            return True
+            self._took(known.owner, new_owner)
+            return after
         current = await self.read(run_id)
+        if current is None and new_owner is None:
+            return None  # nothing to give up
         if current is not None and not lease_takable(
-            current.owner, current.expires_at, owner, steal_from, time.time()
+            current.owner, current.expires_at, owner, take_from, time.time()
         ):
-            return False
-        etag = current.etag if current is not None else None
-        if await self.write(run_id, owner, now + ttl, etag):
-            self._took(current.owner if current else None, owner)
-            return True
-        return False
+            return _public(run_id, current)
+        if await self.write(run_id, new_owner, expires_at, current.etag if current else None):
+            self._took(current.owner if current else None, new_owner)
+            return after
+        return _public(run_id, await self.read(run_id))  # another client changed it first
 
-    def _took(self, previous: str | None, owner: str) -> None:
-        if previous != owner:
+    def _took(self, previous: str | None, owner: str | None) -> None:
+        if owner is not None and previous != owner:
             self._on_take()
 
-    async def release(self, run_id: str, owner: str) -> None:
-        """CAS the lease to a released state if ``owner`` holds it."""
-        known = self._leases.get(run_id)
-        if (
-            known is not None
-            and known.owner == owner
-            and await self.write(run_id, None, 0.0, known.etag)
-        ):
-            return
-        current = await self.read(run_id)
-        if current is not None and (current.owner == owner or current.unreadable):
-            await self.write(run_id, None, 0.0, current.etag)
 
-    async def get(self, run_id: str) -> Lease | None:
-        """Read the lease object; a released one reads as None."""
-        state = await self.read(run_id)
-        if state is not None and state.unreadable:
-            return _hostile.unreadable_lease(run_id)
-        if state is None or state.owner is None:
-            return None
-        return Lease(run_id, state.owner, state.expires_at)
+def _public(run_id: str, state: _LeaseState | None) -> Lease | None:
+    """Return the lease a stored state shows: none when released, expired if unreadable."""
+    if state is not None and state.unreadable:
+        return _hostile.unreadable_lease(run_id)
+    if state is None or state.owner is None:
+        return None
+    return Lease(run_id, state.owner, state.expires_at)

@@ -13,15 +13,27 @@ from substantial.backends import _hostile
 from substantial.backends._common import (
     Page,
     ack_ids,
+    check_due,
     check_durability,
     check_position,
-    check_time,
+    check_ttl,
     filtered_runs,
     gap_error,
     local_store_url,
 )
+from substantial.backends._former import FormerContract
 from substantial.backends._wake import WakeChannel
-from substantial.backends.base import Backend, Durability, Event, Lease, RunInfo, validate_id
+from substantial.backends.base import (
+    Backend,
+    Capabilities,
+    DueRuns,
+    Durability,
+    Event,
+    Lease,
+    NewEvent,
+    RunInfo,
+    validate_id,
+)
 from substantial.backends.sqlite._batch import GroupCommit
 from substantial.backends.sqlite._schema import (
     ACQUIRE,
@@ -41,7 +53,7 @@ __all__ = ["SQLiteBackend"]
 T = TypeVar("T")
 
 
-class SQLiteBackend(Backend):
+class SQLiteBackend(FormerContract, Backend):
     """Store runs in one SQLite database file; safe for many processes of one machine.
 
     ``durability="process"`` (default) uses ``synchronous=NORMAL``: a commit
@@ -51,6 +63,7 @@ class SQLiteBackend(Backend):
     """
 
     name = "sqlite"
+    capabilities = Capabilities(wake_ups=True, group_commit=True)
 
     def __init__(
         self,
@@ -185,107 +198,66 @@ class SQLiteBackend(Backend):
 
     # -- the inbox --------------------------------------------------------
 
-    async def post_event(self, run_id: str, event_id: str, data: bytes) -> bool:
-        """Insert the event unless (run, event id) is already there."""
+    async def read_inbox(self, run_id: str, *, ack: Sequence[str] = ()) -> list[Event]:
+        """Delete the acknowledged events, then select the rest in ``seq`` (arrival) order."""
         validate_id("run id", run_id)
-        validate_id("event id", event_id)
-        data = bytes(data)
+        rows = [(run_id, e) for e in ack_ids(ack)]
+        if rows:
 
-        def write(db: sqlite3.Connection) -> bool:
-            stored = db.execute(POST, (run_id, event_id, data, time.time())).rowcount == 1
-            self._batch.wake_after_commit |= stored
-            return stored
+            def write(db: sqlite3.Connection) -> None:
+                db.executemany("DELETE FROM inbox WHERE run_id = ? AND event_id = ?", rows)
 
-        return await self._write(write, single=True)
-
-    async def send_event(self, run_id: str, event_id: str, data: bytes) -> bool:
-        """Insert the event and make the run due now, in one transaction."""
-        validate_id("run id", run_id)
-        validate_id("event id", event_id)
-        data = bytes(data)
-
-        def write(db: sqlite3.Connection) -> bool:
-            now = time.time()
-            stored = db.execute(POST, (run_id, event_id, data, now)).rowcount == 1
-            db.execute(SCHEDULE, (run_id, now))
-            self._batch.wake_after_commit = True
-            return stored
-
-        return await self._write(write)
-
-    async def read_inbox(self, run_id: str) -> list[Event]:
-        """Select pending events in ``seq`` (arrival) order."""
-        validate_id("run id", run_id)
-        rows = self._read(
+            await self._write(write)
+        found = self._read(
             "SELECT event_id, data, posted_at FROM inbox WHERE run_id = ? ORDER BY seq",
             (run_id,),
             f"read the inbox of run {run_id!r}",
         )
-        return [Event(event_id, data, posted_at) for event_id, data, posted_at in rows]
-
-    async def ack_events(self, run_id: str, event_ids: Sequence[str]) -> None:
-        """Delete the events; unknown and malformed ids are ignored."""
-        validate_id("run id", run_id)
-        rows = [(run_id, e) for e in ack_ids(event_ids)]
-        if not rows:
-            return
-
-        def write(db: sqlite3.Connection) -> None:
-            db.executemany("DELETE FROM inbox WHERE run_id = ? AND event_id = ?", rows)
-
-        await self._write(write)
+        return [Event(event_id, data, posted_at) for event_id, data, posted_at in found]
 
     # -- the due index ----------------------------------------------------
 
-    async def schedule(self, run_id: str, at: float) -> None:
-        """Upsert the run's row in the ``due`` table."""
-        validate_id("run id", run_id)
-        at = check_time(at)
+    async def set_due(
+        self, run_id: str, at: float | None, *, event: NewEvent | None = None
+    ) -> bool:
+        """Insert the event, if any, and upsert (or delete) the run's ``due`` row: one commit."""
+        at = check_due(run_id, at, event)
+        data = None if event is None else bytes(event.data)
 
-        def write(db: sqlite3.Connection) -> None:
-            db.execute(SCHEDULE, (run_id, at))
-            self._wake_if_due(at)
+        def write(db: sqlite3.Connection) -> bool:
+            now = time.time()
+            stored = False
+            if event is not None:
+                args = (run_id, event.event_id, data, now)
+                stored = db.execute(POST, args).rowcount == 1
+            if at is None:
+                db.execute("DELETE FROM due WHERE run_id = ?", (run_id,))
+            else:
+                db.execute(SCHEDULE, (run_id, at))
+                self._wake_if_due(at)
+            return stored
 
-        await self._write(write, single=True)
+        return await self._write(write, single=event is None)
 
-    async def unschedule(self, run_id: str) -> None:
-        """Delete the run's row from the ``due`` table."""
-        validate_id("run id", run_id)
-
-        def write(db: sqlite3.Connection) -> None:
-            db.execute("DELETE FROM due WHERE run_id = ?", (run_id,))
-
-        await self._write(write, single=True)
-
-    async def due(self, now: float, limit: int = 100) -> list[tuple[str, float]]:
-        """Walk the ``(at, run_id)`` index up to ``now``."""
+    async def due(self, now: float, limit: int = 100) -> DueRuns:
+        """Walk the ``(at, run_id)`` index: the runs due by ``now``, and the one after them."""
         self._wake.listen()
         self.waker.clear()  # this read covers every signal sent so far
-        if limit <= 0:
-            return []  # SQLite reads a negative LIMIT as "no limit"
-        rows = self._read(
-            "SELECT run_id, at FROM due WHERE at <= ? ORDER BY at, run_id LIMIT ?",
-            (now, limit),
-            "read the due index",
-        )
-        out = [(run_id, at) for run_id, at in rows if _hostile.good_due(run_id, at)]
-        if len(out) < len(rows):
-            await self._drop_bad_due([row for row in rows if not _hostile.good_due(*row)])
-        return out
-
-    async def next_due_at(self) -> float | None:
-        """Read the first entry of the ``at`` index (text sorts after every number)."""
+        limit = max(0, limit)
         for _ in range(16):
+            # Text sorts after every number in SQLite: a bad time never hides a good one.
             rows = self._read(
-                "SELECT run_id, at FROM due ORDER BY at, run_id LIMIT 16", (), "read the due index"
+                "SELECT run_id, at FROM due ORDER BY at, run_id LIMIT ?",
+                (limit + 1,),
+                "read the due index",
             )
             bad = [row for row in rows if not _hostile.good_due(*row)]
-            good = [float(at) for run_id, at in rows if _hostile.good_due(run_id, at)]
-            if bad:
-                await self._drop_bad_due(bad)
-            if good or len(rows) < 16:
-                return good[0] if good else None
-        return None
+            if not bad:
+                break
+            await self._drop_bad_due(bad)
+        runs = [(run_id, float(at)) for run_id, at in rows[:limit] if at <= now]
+        rest = rows[len(runs) :]
+        return DueRuns(runs, float(rest[0][1]) if rest else None)
 
     async def _drop_bad_due(self, rows: list[Any]) -> None:
         """Remove due rows no worker can act on; a good run id with a bad time is due now."""
@@ -308,37 +280,35 @@ class SQLiteBackend(Backend):
 
     # -- leases -----------------------------------------------------------
 
-    async def acquire_lease(
-        self, run_id: str, owner: str, ttl: float, *, steal_from: str | None = None
-    ) -> bool:
-        """Upsert the lease row only where the current lease allows it."""
+    async def lease(
+        self,
+        run_id: str,
+        owner: str | None = None,
+        ttl: float = 0.0,
+        *,
+        take_from: str | None = None,
+    ) -> Lease | None:
+        """Read the lease row, or upsert (or delete) it only where the current lease allows."""
         validate_id("run id", run_id)
+        ttl = check_ttl(ttl)
+        if owner is None:
+            found = self._read(GET_LEASE, (run_id,), f"read the lease of run {run_id!r}")
+            return self._check_lease(run_id, found[0], "reading it as expired") if found else None
 
-        def write(db: sqlite3.Connection) -> bool:
+        def write(db: sqlite3.Connection) -> Lease | None:
             now = time.time()
-            # Read first only to warn: an unreadable lease is replaced by the upsert.
             old = db.execute(GET_LEASE, (run_id,)).fetchone()
-            cur = db.execute(ACQUIRE, (run_id, owner, now + ttl, now, steal_from))
-            if old is not None and cur.rowcount == 1:
-                self._check_lease(run_id, old, "replaced it")
-            return cur.rowcount == 1
+            if ttl > 0:
+                cur = db.execute(ACQUIRE, (run_id, owner, now + ttl, now, take_from))
+            else:
+                cur = db.execute(RELEASE, (run_id, owner, now, take_from))
+            if cur.rowcount != 1:
+                return None if old is None else self._check_lease(run_id, old, "left it")
+            if old is not None:
+                self._check_lease(run_id, old, "replaced it")  # warns if it was unreadable
+            return Lease(run_id, owner, now + ttl) if ttl > 0 else None
 
-        return await self._write(write, single=True)
-
-    async def release_lease(self, run_id: str, owner: str) -> None:
-        """Delete the lease row if ``owner`` holds it."""
-        validate_id("run id", run_id)
-
-        def write(db: sqlite3.Connection) -> None:
-            db.execute(RELEASE, (run_id, owner))
-
-        await self._write(write, single=True)
-
-    async def get_lease(self, run_id: str) -> Lease | None:
-        """Select the lease row."""
-        validate_id("run id", run_id)
-        rows = self._read(GET_LEASE, (run_id,), f"read the lease of run {run_id!r}")
-        return self._check_lease(run_id, rows[0], "reading it as expired") if rows else None
+        return await self._write(write)
 
     def _check_lease(self, run_id: str, row: tuple[Any, Any], action: str) -> Lease:
         lease = _hostile.lease_or_none(run_id, *row)
@@ -378,6 +348,7 @@ class SQLiteBackend(Backend):
         workflow: str | None = None,
         limit: int = 100,
         after: str | None = None,
+        ids: Sequence[str] | None = None,
     ) -> list[RunInfo]:
         """Select runs in id order through the matching index."""
         sql = "SELECT run_id, info FROM runs WHERE run_id > ?"
@@ -395,6 +366,15 @@ class SQLiteBackend(Backend):
             rows = self._read(sql, [cursor or "", *filters, n], "list runs")
             return rows, len(rows) >= n
 
+        async def fetch_ids(wanted: list[str]) -> Page:
+            found: dict[str, bytes] = {}
+            for i in range(0, len(wanted), 500):  # within SQLite's limit of parameters
+                chunk = wanted[i : i + 500]
+                marks = ", ".join("?" * len(chunk))
+                sql = f"SELECT run_id, info FROM runs WHERE run_id IN ({marks})"
+                found.update(self._read(sql, chunk, "read run metadata"))
+            return [(r, found.get(r)) for r in wanted], False
+
         return await filtered_runs(
             self,
             fetch,
@@ -403,6 +383,8 @@ class SQLiteBackend(Backend):
             limit=limit,
             after=after,
             page_size=max(limit, 100) if status == "corrupt" else limit,
+            ids=ids,
+            fetch_ids=fetch_ids,
         )
 
     async def create_run(self, info: RunInfo, entry: bytes, due_at: float) -> bool:

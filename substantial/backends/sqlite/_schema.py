@@ -88,7 +88,11 @@ INSERT INTO leases (run_id, owner, expires_at) VALUES (?1, ?2, ?3)
 ON CONFLICT (run_id) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at
 WHERE leases.expires_at <= ?4 OR leases.owner = ?2 OR leases.owner = ?5 OR {_UNREADABLE}
 """
-RELEASE = f"DELETE FROM leases WHERE run_id = ?1 AND (leases.owner = ?2 OR {_UNREADABLE})"
+# Giving the lease up (a take with no time left): where a take would succeed.
+RELEASE = (
+    "DELETE FROM leases WHERE run_id = ?1 AND (leases.expires_at <= ?3 OR leases.owner = ?2 "
+    f"OR leases.owner = ?4 OR {_UNREADABLE})"
+)
 
 
 def setup(db: sqlite3.Connection, path: Path, durability: Durability, timeout: float) -> None:
