@@ -176,7 +176,7 @@ class _State:
         chosen: list[str] = []
         retry: float | None = None
         while self.heap and len(chosen) < BATCH:
-            if limit is not None and len(self.running) + len(chosen) >= limit:
+            if limit is not None and len(self.running) >= limit:  # chosen ones included
                 break
             if rate and len(self.admitted) >= int(rate[0]):
                 free_at = self.admitted[0] + window

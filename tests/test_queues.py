@@ -88,6 +88,28 @@ async def test_priority_first_then_fifo_within_a_priority(tmp_path: Path, monkey
     assert [n for _t, n in sorted(zip(admits, range(8), strict=True))] == order[1:]
 
 
+async def test_a_backlog_is_admitted_in_priority_order(tmp_path: Path, monkeypatch: Any) -> None:
+    """Runs queued while no worker runs reach the queue in one delivery: one turn ranks them."""
+    trace = tmp_path / "trace.txt"
+    monkeypatch.setenv("SUBSTANTIAL_TEST_TRACE", str(trace))
+    conductor = in_memory(Queue("two", concurrency=2))
+    priorities = [0, 1, 3, 2, 3, 0, 1, 2, 0, 3]
+    runs = [
+        await conductor.start(held, {"n": i, "pause": 0.0}, queue="two", priority=p)
+        for i, p in enumerate(priorities)
+    ]
+    agent = conductor.run()
+    try:
+        await asyncio.gather(*(r.result(timeout=20) for r in runs))
+    finally:
+        agent.cancel()
+        await agent
+    admits = [await admitted_at(conductor, r.run_id) for r in runs]
+    ranked = sorted(range(len(runs)), key=lambda i: (-priorities[i], i))
+    assert [admits[i] for i in ranked] == sorted(admits), "admitted out of priority order"
+    assert admits[ranked[0]] == admits[ranked[1]] < admits[ranked[2]], "two at once, then more"
+
+
 async def test_dedup_debounce_and_delay(tmp_path: Path, monkeypatch: Any) -> None:
     trace = tmp_path / "trace.txt"
     monkeypatch.setenv("SUBSTANTIAL_TEST_TRACE", str(trace))
