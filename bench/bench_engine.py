@@ -386,6 +386,7 @@ async def w5(name: str, work: Path, floor: float) -> None:
     empty, rss_empty = await one_more()
     # Runs parked on timers a day away: in the due index, not due.
     now = time.time()
+    from substantial._runs import store_run
     from substantial.backends.base import RunInfo
     from substantial.worker import encode_start
 
@@ -393,7 +394,8 @@ async def w5(name: str, work: Path, floor: float) -> None:
     for first in range(0, waiting, batch):
         await asyncio.gather(
             *(
-                client.backend.create_run(
+                store_run(
+                    client.backend,
                     RunInfo(f"parked-{i}", "ten_steps", "active", now, now),
                     encode_start(f"parked-{i}", "ten_steps", None, {}, now),
                     now + 86_400 + i,

@@ -70,9 +70,10 @@ async def replay_golden(golden: bytes, wf: Workflow[Any]) -> object:
     backend = MemoryBackend()
     now = time.time()
     info = RunInfo("golden", start["workflow"], "active", now, now, version=start["version"])
-    await backend.create_run(info, encode_entry(entries[0]), now)
-    for position, entry in enumerate(entries[1:], start=1):
+    for position, entry in enumerate(entries):
         await backend.append("golden", position, encode_entry(entry))
+    await backend.put_run(info)
+    await backend.set_due("golden", now)
     conductor = Conductor(backend)
     conductor.register(wf)
     agent = conductor.run()

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from substantial.backends.base import Backend, Event, Lease, RunInfo
+from substantial.backends.base import Backend, DueRuns, Event, Lease, NewEvent, RunInfo
 from substantial.codecs import Codec, CodecError, seal, unseal
 from substantial.errors import CorruptRecord
 
@@ -58,6 +58,7 @@ class CodecBackend(Backend):
         self.inner = inner
         self.codec = codec
         self.waker = inner.waker
+        self.capabilities = inner.capabilities
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -116,80 +117,43 @@ class CodecBackend(Backend):
                 out.append(entry)  # the engine reports it, with the run and position
         return out
 
-    async def create_run(self, info: RunInfo, entry: bytes, due_at: float) -> bool:
-        """Create with the start record's arguments sealed."""
-        sealed = _records(self._seal, entry)
-        return await self.inner.create_run(self._info_in(info), sealed, due_at)
+    # -- inbox and due index ------------------------------------------------
 
-    # -- inbox --------------------------------------------------------------
-
-    async def post_event(self, run_id: str, event_id: str, data: bytes) -> bool:
-        """Post with the event's value sealed."""
-        return await self.inner.post_event(run_id, event_id, self._event_in(data))
-
-    async def send_event(self, run_id: str, event_id: str, data: bytes) -> bool:
-        """Send with the event's value sealed."""
-        return await self.inner.send_event(run_id, event_id, self._event_in(data))
-
-    async def read_inbox(self, run_id: str) -> list[Event]:
-        """Read events with their values opened."""
+    async def read_inbox(self, run_id: str, *, ack: Sequence[str] = ()) -> list[Event]:
+        """Acknowledge as the store does; read events with their values opened."""
         try:
-            return [self._event_out(e) for e in await self.inner.read_inbox(run_id)]
+            return [self._event_out(e) for e in await self.inner.read_inbox(run_id, ack=ack)]
         except CodecError as exc:
             raise CorruptRecord(run_id, "inbox", str(exc)) from exc
 
-    async def ack_events(self, run_id: str, event_ids: Sequence[str]) -> None:
-        """Acknowledge, as the store does."""
-        await self.inner.ack_events(run_id, event_ids)
+    async def set_due(
+        self, run_id: str, at: float | None, *, event: NewEvent | None = None
+    ) -> bool:
+        """Set the due time as the store does, with the event's value sealed."""
+        if event is not None:
+            event = NewEvent(event.event_id, self._event_in(event.data))
+        return await self.inner.set_due(run_id, at, event=event)
 
-    # -- due index and leases: no values ----------------------------------
-
-    async def schedule(self, run_id: str, at: float) -> None:
-        """Schedule, as the store does."""
-        await self.inner.schedule(run_id, at)
-
-    async def unschedule(self, run_id: str) -> None:
-        """Unschedule, as the store does."""
-        await self.inner.unschedule(run_id)
-
-    async def due(self, now: float, limit: int = 100) -> list[tuple[str, float]]:
+    async def due(self, now: float, limit: int = 100) -> DueRuns:
         """List due runs, as the store does."""
         return await self.inner.due(now, limit)
 
-    async def next_due_at(self) -> float | None:
-        """Return the next due time, as the store does."""
-        return await self.inner.next_due_at()
-
-    async def acquire_lease(
-        self, run_id: str, owner: str, ttl: float, *, steal_from: str | None = None
-    ) -> bool:
-        """Take or renew a lease, as the store does."""
-        return await self.inner.acquire_lease(run_id, owner, ttl, steal_from=steal_from)
-
-    async def try_lease(self, run_id: str, owner: str, ttl: float) -> bool:
-        """Take a lease, as the store does."""
-        return await self.inner.try_lease(run_id, owner, ttl)
-
-    async def release_lease(self, run_id: str, owner: str) -> None:
-        """Release a lease, as the store does."""
-        await self.inner.release_lease(run_id, owner)
-
-    async def get_lease(self, run_id: str) -> Lease | None:
-        """Read a lease, as the store does."""
-        return await self.inner.get_lease(run_id)
+    async def lease(
+        self,
+        run_id: str,
+        owner: str | None = None,
+        ttl: float = 0.0,
+        *,
+        take_from: str | None = None,
+    ) -> Lease | None:
+        """Read or take a lease, as the store does."""
+        return await self.inner.lease(run_id, owner, ttl, take_from=take_from)
 
     # -- metadata -----------------------------------------------------------
 
     async def put_run(self, info: RunInfo) -> None:
         """Store metadata with the result and published values sealed."""
         await self.inner.put_run(self._info_in(info))
-
-    async def get_run(self, run_id: str) -> RunInfo | None:
-        """Read metadata with its values opened."""
-        try:
-            return self._info_out(await self.inner.get_run(run_id))
-        except CodecError as exc:
-            raise CorruptRecord(run_id, "metadata", str(exc)) from exc
 
     async def list_runs(
         self,
@@ -198,10 +162,11 @@ class CodecBackend(Backend):
         workflow: str | None = None,
         limit: int = 100,
         after: str | None = None,
+        ids: Sequence[str] | None = None,
     ) -> list[RunInfo]:
         """List metadata with values opened."""
         found = await self.inner.list_runs(
-            status=status, workflow=workflow, limit=limit, after=after
+            status=status, workflow=workflow, limit=limit, after=after, ids=ids
         )
         out: list[RunInfo] = []
         for info in found:

@@ -18,6 +18,7 @@ import time
 import uuid
 from typing import Any
 
+from substantial._runs import store_run
 from substantial.backends.base import Backend, RunInfo, validate_id
 from substantial.errors import InvalidArgument, PositionTaken, RunConflict, RunNotFound
 from substantial.records import Record, decode_entry, encode_entry
@@ -169,7 +170,7 @@ async def fork_run(
     start["from"] = {"op": op, "run_id": run_id, "position": at, "by": by}
     start.pop("deadline", None)
     info = RunInfo(new_id, str(start["workflow"]), "active", now, now, version=start.get("version"))
-    if not await backend.create_run(info, encode_entry([start]), now):
+    if not await store_run(backend, info, encode_entry([start]), now):
         raise RunConflict(f"run {new_id!r} already exists: pick another id")
     by_position: dict[int, list[Record]] = {}
     for position, r in kept[1:]:

@@ -1,18 +1,21 @@
-"""Creating runs: the start entry, its metadata and its due entry, in one place.
+"""The policy above the Backend contract: how runs begin, and who may take a run's lease.
 
 The Conductor starts runs, the worker starts children and successors; all go
-through :func:`create_run`, so every run begins the same way.
+through :func:`create_run` (:func:`store_run` for a prepared record), so
+every run begins the same way. Workers take leases through
+:func:`take_lease`, which also takes over from a dead process of this host.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from substantial.backends.base import Backend, RunInfo
-from substantial.errors import CorruptRecord, RunConflict
+from substantial.backends.base import Backend, Lease, RunInfo, host_owner_is_dead, validate_id
+from substantial.errors import CorruptRecord, PositionTaken, RunConflict
 from substantial.records import StartRecord, decode_entry, encode_entry
 
-__all__ = ["create_run", "existing_start"]
+__all__ = ["create_run", "existing_start", "same_start", "store_run", "take_lease"]
 
 
 async def create_run(backend: Backend, start: StartRecord) -> bool:
@@ -27,7 +30,43 @@ async def create_run(backend: Backend, start: StartRecord) -> bool:
         parent=start.get("parent"),
         deadline=start.get("deadline"),
     )
-    return await backend.create_run(info, encode_entry([dict(start)]), start["at"])
+    return await store_run(backend, info, encode_entry([dict(start)]), start["at"])
+
+
+async def store_run(backend: Backend, info: RunInfo, entry: bytes, due_at: float) -> bool:
+    """Write a new run's first entry, metadata and due time; False if the run existed.
+
+    The entry at position 0 is the fence: of two starts with one run id, one
+    wins. Metadata and due time follow together. A start that died half-way
+    is completed by a retry with the same id: metadata missing, or an active
+    run whose due entry may be missing (nothing recorded after its start).
+    """
+    validate_id("run id", info.run_id)
+    try:
+        await backend.append(info.run_id, 0, entry)
+    except PositionTaken:
+        existing = await backend.get_run(info.run_id)
+        if existing is None:
+            await asyncio.gather(backend.put_run(info), backend.set_due(info.run_id, due_at))
+        elif existing.status == "active" and not await backend.read_log(info.run_id, 1):
+            # Nothing has run, and with no due entry nothing would: at worst a wake-up.
+            await backend.set_due(info.run_id, due_at)
+        return False
+    await asyncio.gather(backend.put_run(info), backend.set_due(info.run_id, due_at))
+    return True
+
+
+async def take_lease(backend: Backend, run_id: str, owner: str, ttl: float) -> Lease | None:
+    """Take (or renew) the run's lease for ``owner``; return the lease as it stands after.
+
+    A lease held by a process of this host that no longer runs is taken
+    over at once instead of waiting for it to expire. The caller holds the
+    run if the returned lease's owner is ``owner``.
+    """
+    lease = await backend.lease(run_id, owner, ttl)
+    if lease is not None and lease.owner != owner and host_owner_is_dead(lease.owner):
+        lease = await backend.lease(run_id, owner, ttl, take_from=lease.owner)
+    return lease
 
 
 async def existing_start(backend: Backend, run_id: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from substantial._runs import store_run
 from substantial.backends.base import TERMINAL_STATUSES, Backend, RunInfo
 from substantial.errors import InvalidArgument, RunConflict
 from substantial.records import decode_entry, encode_entry
@@ -109,7 +110,7 @@ async def _store(backend: Backend, run: ExportedRun, have: int = 0) -> None:
     info = run.info
     if not have:
         started = info.with_status("active") if info.status != "active" else info
-        if not await backend.create_run(started, entries[0], time.time()):
+        if not await store_run(backend, started, entries[0], time.time()):
             raise RunConflict(f"run {run.run_id!r} already exists in {backend.describe()}")
         have = 1
     for position, entry in enumerate(entries[have:], have):

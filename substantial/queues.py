@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from substantial._outcome import finish_run
 from substantial._queue_flow import MESSAGE, QUEUE_WORKFLOW
-from substantial._runs import create_run
+from substantial._runs import create_run, store_run
 from substantial.backends.base import Backend, RunInfo, validate_id
 from substantial.errors import InvalidArgument, PositionTaken
 from substantial.records import (
@@ -200,7 +200,7 @@ async def start_queued(
         deadline=record.get("deadline"),
         note=f"waiting in queue {queue!r}",
     )
-    created = await backend.create_run(info, encode_entry([dict(record)]), PARKED)
+    created = await store_run(backend, info, encode_entry([dict(record)]), PARKED)
     wait = max(delay, debounce)
     body: dict[str, Any] = {
         "op": "enqueue",

@@ -27,39 +27,6 @@ GARBAGE = b"\x00{not json"
 WRONG_TYPES = b'{"owner": 5, "expires_at": "soon", "run_id": 7, "status": 3, "protocol": []}'
 
 
-#: The seed README's pattern, run as a script with a backend URL: make a backend, run a
-#: worker, stop it, return from asyncio.run; close nothing. It must print only "42".
-NEVER_CLOSED = """
-import asyncio
-import sys
-
-from substantial import Conductor, Context, workflow
-from substantial.backends import from_url
-
-
-def double(n: int) -> int:
-    return 2 * n
-
-
-@workflow()
-async def example(c: Context, by: int = 1) -> int:
-    return await c.save(lambda: double(by))
-
-
-async def main() -> None:
-    conductor = Conductor(from_url(sys.argv[1]))
-    conductor.register(example)
-    agent = conductor.run()
-    run = await conductor.start(example, {"by": 21})
-    print(await run.result(timeout=60))
-    agent.cancel()
-    await agent
-
-
-asyncio.run(main())
-"""
-
-
 def damaged(form: Damage) -> bytes:
     return GARBAGE if form == "garbage" else WRONG_TYPES
 

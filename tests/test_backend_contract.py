@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from substantial._runs import store_run, take_lease
 from substantial.backends.base import Backend, RunInfo, make_owner
 from substantial.errors import CorruptRecord
 from substantial.records import decode_entry, encode_entry
@@ -61,6 +62,9 @@ async def test_a_corrupt_entry_is_reported_and_the_rest_stays_readable(
     assert decode_entry("c", 1, log[1])[0]["value"] == 1
 
 
+# -- the policy above the contract (substantial/_runs.py), on every backend ----------
+
+
 async def test_the_lease_of_a_dead_process_on_this_host_is_taken_over(backend: Backend) -> None:
     proc = subprocess.run(
         [
@@ -74,26 +78,34 @@ async def test_the_lease_of_a_dead_process_on_this_host_is_taken_over(backend: B
         cwd=ROOT,
     )
     dead_owner = proc.stdout.strip()
-    assert await backend.acquire_lease("r", dead_owner, 3600)
+    held = await backend.lease("r", dead_owner, 3600)
+    assert held is not None and held.owner == dead_owner
     me = make_owner()
-    assert not await backend.acquire_lease("r", me, 30)
-    assert await backend.try_lease("r", me, 30)
+    assert await backend.lease("r", me, 30) == held  # the store alone: still held
+    taken = await take_lease(backend, "r", me, 30)
+    assert taken is not None and taken.owner == me
     # A live owner on this host is never taken over.
-    assert not await backend.try_lease("r", make_owner(), 30)
+    other = await take_lease(backend, "r", make_owner(), 30)
+    assert other is not None and other.owner == me
 
 
-async def test_create_run_is_idempotent(backend: Backend) -> None:
+async def test_store_run_is_idempotent(backend: Backend) -> None:
     first = info("once")
-    assert await backend.create_run(first, entry("start"), time.time()) is True
-    assert await backend.create_run(info("once"), entry("again"), time.time()) is False
+    assert await store_run(backend, first, entry("start"), time.time()) is True
+    assert await store_run(backend, info("once"), entry("again"), time.time()) is False
     (stored,) = await backend.read_log("once")
     assert decode_entry("once", 0, stored)[0]["value"] == "start"
     assert await backend.get_run("once") == first
     assert [r for r, _ in await backend.due(time.time())] == ["once"]
 
 
-async def test_create_run_completes_a_half_done_start(backend: Backend) -> None:
+async def test_store_run_completes_a_half_done_start(backend: Backend) -> None:
     await backend.append("half", 0, entry("start"))  # crashed before metadata
-    assert await backend.create_run(info("half"), entry("start"), time.time()) is False
+    assert await store_run(backend, info("half"), entry("start"), time.time()) is False
     assert await backend.get_run("half") is not None
     assert [r for r, _ in await backend.due(time.time())] == ["half"]
+    # Crashed after the metadata, before the due entry: the retry schedules it again.
+    await backend.append("nodue", 0, entry("start"))
+    await backend.put_run(info("nodue"))
+    assert await store_run(backend, info("nodue"), entry("start"), time.time()) is False
+    assert "nodue" in [r for r, _ in await backend.due(time.time())]

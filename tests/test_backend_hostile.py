@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from substantial._runs import take_lease
 from substantial.backends import from_url, redact_url
 from substantial.backends.base import PROTOCOL_VERSION, Backend, Lease, RunInfo, validate_id
 from substantial.backends.redis import RedisBackend, shard_of
@@ -91,8 +92,9 @@ async def test_an_unreadable_lease_reads_as_expired_and_release_removes_it(
     assert await backend.get_lease("r") == Lease("r", "?", 0.0)
     assert await backend.get_lease("r") == Lease("r", "?", 0.0)
     assert len(warnings_about(caplog, "lease", "r")) == 1  # once per run, not per read
-    # The worker's fallback path: a failed take looks at the lease; here the take succeeds.
-    assert await backend.try_lease("r", "me", 30) is True
+    # The worker's path (take_lease): a take that fails looks at the lease; here it succeeds.
+    taken = await take_lease(backend, "r", "me", 30)
+    assert taken is not None and taken.owner == "me"
     await damage(harness, "corrupt_lease", "r", form)
     await backend.release_lease("r", "someone-else")
     assert await backend.get_lease("r") is None
@@ -303,7 +305,8 @@ async def test_redis_lease_expiry_ignores_a_client_clock_an_hour_ahead(
         monkeypatch.setattr(time, "time", lambda: real_time() + 3600)
         # From this process's clock the honest lease ended 59 minutes ago: still held.
         assert await skewed.acquire_lease("r", "skewed", 30) is False
-        assert await skewed.try_lease("r", "skewed", 30) is False
+        taken = await take_lease(skewed, "r", "skewed", 30)
+        assert taken is not None and taken.owner == "honest"
         lease = await skewed.get_lease("r")
         assert lease is not None and lease.owner == "honest"
         monkeypatch.undo()

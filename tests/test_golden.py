@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from substantial import Conductor, Context, NonDeterminismError, workflow
+from substantial._runs import store_run
 from substantial.backends.base import RunInfo
 from substantial.backends.memory import MemoryBackend
 from substantial.records import encode_entry
@@ -214,7 +215,8 @@ async def test_nondeterminism_cannot_be_swallowed_by_the_workflow() -> None:
 async def test_a_protocol_1_log_is_refused_clearly_and_left_alone() -> None:
     entries = orjson.loads((GOLDEN / "order-v1.json").read_bytes())
     backend = MemoryBackend()
-    await backend.create_run(
+    await store_run(
+        backend,
         RunInfo("old", "order", "active", 1.0, 1.0, version="1", protocol=1),
         encode_entry(entries[0]),
         0.0,

@@ -13,6 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from substantial._runs import store_run
 from substantial.backends import from_url
 from substantial.backends.base import NewEvent, RunInfo
 from substantial.backends.postgres import SCHEMA_VERSION, PostgresBackend
@@ -241,7 +242,7 @@ async def test_prefixes_isolate_applications(postgres_server: PostgresServer) ->
     b = PostgresBackend.from_url(postgres_server.url() + "?prefix=app_b")
     try:
         now = time.time()
-        await a.create_run(info("same"), entry("a"), now - 1)
+        await store_run(a, info("same"), entry("a"), now - 1)
         await a.set_due("same", now - 1, event=NewEvent("e", b"a"))
         await a.lease("same", "alice", 30)
         assert await b.read_log("same") == []

@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio
 from redis.crc import key_slot
 
+from substantial._runs import store_run
 from substantial.backends.base import RunInfo
 from substantial.backends.redis import SHARDS, RedisBackend, shard_of
 from substantial.errors import BackendError, BackendUnavailable, InvalidArgument, PositionTaken
@@ -46,7 +47,7 @@ async def listening(backend: RedisBackend) -> None:
 
 
 async def use_every_primitive(b: RedisBackend, run_id: str) -> None:
-    await b.create_run(info(run_id), entry("start"), time.time())
+    await store_run(b, info(run_id), entry("start"), time.time())
     await b.append(run_id, 1, entry(1))
     await b.send_event(run_id, "e1", b"1")
     await b.post_event(run_id, "e2", b"2")

@@ -23,8 +23,8 @@ from tests.redis_server import RedisClusterServers, RedisServerMissing
 # Collected again in this module, where `harness` means the cluster.
 from tests.test_backend_contract import (  # noqa: F401
     test_a_corrupt_entry_is_reported_and_the_rest_stays_readable,
-    test_create_run_completes_a_half_done_start,
-    test_create_run_is_idempotent,
+    test_store_run_completes_a_half_done_start,
+    test_store_run_is_idempotent,
     test_the_lease_of_a_dead_process_on_this_host_is_taken_over,
 )
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from substantial import Conductor, Context, workflow
+from substantial._runs import store_run
 from substantial.backends import from_url
 from substantial.checker import check_store
 from substantial.portable import checksum, export_runs, import_runs, migrate, read_exported
@@ -161,7 +162,7 @@ async def test_migrate_copies_every_run_verified_and_resumes_after_an_interrupti
     # An earlier migration died half-way through order-1: only its first entry is there.
     first = [line async for line in export_runs(source, ["order-1"])]
     partial = next(iter(read_exported(first)))
-    await target.create_run(partial.info, partial.entries()[0], 0.0)
+    await store_run(target, partial.info, partial.entries()[0], 0.0)
     report = await migrate(source, target)
     assert (report.copied, report.present, report.differ) == (6, 0, [])
     for run_id in ("order-0", "order-1", "order-4", "other-0"):

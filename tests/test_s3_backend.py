@@ -16,14 +16,15 @@ import pytest
 
 import substantial.backends.s3._due as s3due
 import substantial.backends.s3._objects as s3objects
+from substantial._runs import store_run
 from substantial.backends import from_url
 from substantial.backends.base import RunInfo
 from substantial.backends.s3 import S3Backend
 from substantial.backends.s3._objects import ObjectStore
 from substantial.errors import BackendError, BackendUnavailable, InvalidArgument, PositionTaken
 from substantial.records import decode_entry, encode_entry
+from substantial.testing._support import NEVER_CLOSED
 from tests.backend_s3 import S3Harness
-from tests.harness import NEVER_CLOSED
 from tests.s3_server import S3Server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -595,7 +596,7 @@ async def test_list_runs_orders_ids_like_python_on_any_server(h: S3Harness) -> N
 
 async def test_layout_is_as_documented(h: S3Harness) -> None:
     b = open_s3(h)
-    await b.create_run(info("r"), entry("start"), time.time())
+    await store_run(b, info("r"), entry("start"), time.time())
     await b.post_event("r", "ev", b"1")
     await b.acquire_lease("r", "me", 30)
     keys = raw_keys(h)
@@ -623,7 +624,7 @@ async def test_requests_per_operation(h: S3Harness) -> None:
         return dict(b.requests - before)
 
     now = time.time()
-    assert await cost(b.create_run(info("r"), entry(0), now)) == {"PutObject": 4, "GetObject": 1}
+    assert await cost(store_run(b, info("r"), entry(0), now)) == {"PutObject": 4, "GetObject": 1}
     assert await cost(b.append("r", 1, entry(1))) == {"PutObject": 1}
     assert await cost(b.send_event("r", "e2", b"2")) == {
         "PutObject": 3,

@@ -12,6 +12,7 @@ import pytest
 from substantial import Conductor, Context, InvalidArgument, Queue, WorkflowFailed, workflow
 from substantial._queue_flow import MESSAGE
 from substantial._queue_members import queued_run_ids
+from substantial._runs import store_run
 from substantial.backends.base import RunInfo
 from substantial.backends.memory import MemoryBackend
 from substantial.records import encode_entry, start_record
@@ -260,7 +261,7 @@ async def test_a_compacted_queue_still_names_its_runs() -> None:
     backend = MemoryBackend()
     start = start_record("queue:q", "substantial.queue", None, {"name": "q", "config": {}}, T0)
     info = RunInfo("queue:q", "substantial.queue", "active", T0, T0)
-    assert await backend.create_run(info, encode_entry([dict(start)]), T0)
+    assert await store_run(backend, info, encode_entry([dict(start)]), T0)
 
     def enqueue(run_id: str) -> dict[str, Any]:
         message = {"op": "enqueue", "run_id": run_id}

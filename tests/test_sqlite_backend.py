@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from substantial._runs import store_run
 from substantial.backends import from_url
 from substantial.backends.base import RunInfo
 from substantial.backends.sqlite import SQLiteBackend
@@ -121,7 +122,7 @@ async def test_create_run_and_send_event_are_one_transaction_each(
 ) -> None:
     await backend.read_log("warm-up")
     statements = trace(backend)
-    assert await backend.create_run(info("r"), entry("start"), time.time())
+    assert await store_run(backend, info("r"), entry("start"), time.time())
     assert transactions(statements) == 1
     assert await backend.send_event("r", "e", b"1")
     assert transactions(statements) == 2

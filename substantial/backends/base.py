@@ -1,21 +1,29 @@
-"""The Backend contract: the few storage primitives everything else is built on.
+"""The Backend contract: the eight methods a store writes, and nothing else.
 
-A backend stores opaque bytes. It knows nothing about workflows; replay,
-scheduling policy, lease renewal and compaction live above it. Every
-backend passes the same conformance suite (``tests/test_backend_contract.py``).
+A backend stores opaque bytes and knows nothing about workflows. Replay,
+run creation, lease renewal and owner liveness, the due-index policy and
+compaction are written once above it (``substantial/_runs.py``, the worker).
+Every backend passes the conformance suite shipped in
+:mod:`substantial.testing.contract`; docs/PROTOCOL.md gives each one's layout.
 
-Guarantees every implementation gives:
+============  ===============================================================
+Method        Guarantee
+============  ===============================================================
+append        create-if-absent at one position: the fence
+read_log      entries from a position to the first free one
+read_inbox    acknowledge recorded events, return the rest in arrival order
+set_due       (store an event, and) set or clear the run's due time
+due           runs due by now, earliest first, and when the next one is
+lease         read, or compare-and-set, the run's lease
+put_run       replace the run's metadata atomically
+list_runs     metadata by id order, filtered, paged, or by ids
+============  ===============================================================
 
-* ``append`` is create-if-absent: of many concurrent writers at one position
-  exactly one succeeds and the others get :class:`PositionTaken`. No reader
-  ever observes a partially written entry, even after a crash mid-write.
-* ``post_event`` stores an event once per ``event_id``; the inbox is read in
-  arrival order.
-* ``due`` answers from a time-ordered index without scanning every run.
-* Lease operations are atomic compare-and-set on (owner, expiry). Leases only
-  avoid wasted work: correctness comes from ``append``'s fencing.
-
-See docs/PROTOCOL.md for the layout each backend uses.
+Every method may raise :class:`BackendUnavailable` when the store cannot
+be reached; a write that raises it either did not happen or can be retried
+as it is. Bad input raises :class:`InvalidArgument` alike on every backend
+(``backends/_common.py`` holds the checks). Optional capabilities are
+declared in :attr:`Backend.capabilities`, never guessed.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from __future__ import annotations
 import abc
 import time
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import final
 
 from substantial.backends._owner import host_owner_is_dead, make_owner
 from substantial.backends._types import (
@@ -44,7 +52,7 @@ from substantial.backends._types import (
     error_info,
     validate_id,
 )
-from substantial.errors import PositionTaken
+from substantial.errors import CorruptRecord, InvalidArgument, ProtocolMismatch
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -70,102 +78,88 @@ __all__ = [
 
 
 class Backend(abc.ABC):
-    """Storage for run logs, inboxes, the due index, leases and run metadata.
-
-    All methods are coroutines and may raise :class:`BackendUnavailable`
-    when the store cannot be reached; writes that raise it either did not
-    happen or can be retried as they are.
-    """
+    """Storage for run logs, inboxes, the due index, leases and run metadata."""
 
     #: Short name used in URLs, logs and benchmarks.
     name: str = "abstract"
     #: What this backend offers beyond the contract (see :class:`Capabilities`).
-    capabilities: ClassVar[Capabilities] = Capabilities()
+    capabilities: Capabilities = Capabilities()
 
     def __init__(self) -> None:
+        #: In-process wake-up signal; backends with cross-process ones feed it too.
         self.waker = Waker()
 
-    # -- the log ----------------------------------------------------------
+    # -- the contract -------------------------------------------------------
 
     @abc.abstractmethod
     async def append(self, run_id: str, position: int, entry: bytes) -> None:
         """Store ``entry`` at ``position`` of the run's log if that position is free.
 
-        An entry is one atomic unit holding one or more records. Raises
-        :class:`PositionTaken` if the position already holds an entry; the
-        stored entry is left untouched. Concurrent callers at one position:
-        exactly one succeeds.
+        Atomic create-if-absent: of concurrent appends at one position exactly
+        one succeeds, the others raise :class:`PositionTaken` and the stored
+        entry stays as it is. A reader never sees part of an entry, even after
+        a crash mid-write. A position past the first free one raises
+        :class:`InvalidArgument` (a gap); entries are never removed.
         """
 
     @abc.abstractmethod
     async def read_log(self, run_id: str, start: int = 0) -> list[bytes]:
-        """Return the entries at ``start``, ``start+1``, ... up to the first free position."""
+        """Return the entries at ``start``, ``start + 1``, ... up to the first free position.
 
-    # -- the inbox --------------------------------------------------------
-
-    @abc.abstractmethod
-    async def post_event(self, run_id: str, event_id: str, data: bytes) -> bool:
-        """Add an event to the run's inbox unless ``event_id`` is already there.
-
-        Returns True if stored now, False if an event with that id was
-        already in the inbox (the stored one is kept).
+        An unknown run has an empty log.
         """
 
     @abc.abstractmethod
-    async def read_inbox(self, run_id: str) -> list[Event]:
-        """Return the run's pending events in arrival order."""
+    async def read_inbox(self, run_id: str, *, ack: Sequence[str] = ()) -> list[Event]:
+        """Remove the events named in ``ack``, then return the pending ones in arrival order.
+
+        Arrival order keeps each sender's order. Acknowledging is cleanup:
+        ids not in the inbox, and malformed ones, are ignored. An id once
+        removed may be posted again (the log's record of it deduplicates).
+        """
 
     @abc.abstractmethod
-    async def ack_events(self, run_id: str, event_ids: Sequence[str]) -> None:
-        """Remove events from the inbox once the log has recorded them; unknown ids are ignored."""
-
-    # -- the due index ----------------------------------------------------
-
-    @abc.abstractmethod
-    async def schedule(self, run_id: str, at: float) -> None:
-        """Set the time (epoch seconds) at which the run is next due, replacing any earlier one."""
-
-    @abc.abstractmethod
-    async def unschedule(self, run_id: str) -> None:
-        """Remove the run from the due index (it waits for an event, or it ended)."""
-
-    @abc.abstractmethod
-    async def due(self, now: float, limit: int = 100) -> list[tuple[str, float]]:
-        """Return up to ``limit`` ``(run_id, at)`` with ``at <= now``, earliest first."""
-
-    @abc.abstractmethod
-    async def next_due_at(self) -> float | None:
-        """Return the earliest scheduled time in the index, or None if it is empty."""
-
-    # -- leases -----------------------------------------------------------
-
-    @abc.abstractmethod
-    async def acquire_lease(
-        self, run_id: str, owner: str, ttl: float, *, steal_from: str | None = None
+    async def set_due(
+        self, run_id: str, at: float | None, *, event: NewEvent | None = None
     ) -> bool:
-        """Take the run's lease for ``ttl`` seconds.
+        """Make the run due at ``at`` (epoch seconds), replacing its due time; None: not due.
 
-        Succeeds if no lease exists, it has expired, it is already held by
-        ``owner`` (a renewal), or it is held by ``steal_from``. Atomic.
+        With ``event``, first store it in the run's inbox unless an event
+        with its id is pending (the stored one is kept); then set the time,
+        which an event requires. Return whether the event was stored now.
+        Backends with transactions do both in one; others store the event
+        first, so a crash in between leaves an event a later wake-up finds.
         """
 
     @abc.abstractmethod
-    async def release_lease(self, run_id: str, owner: str) -> None:
-        """Drop the lease if ``owner`` holds it; otherwise do nothing."""
+    async def due(self, now: float, limit: int = 100) -> DueRuns:
+        """Return up to ``limit`` runs due by ``now``, earliest first, and ``next_at``.
+
+        Answered from a time-ordered index, never by scanning every run;
+        ``next_at`` is the due time of the first run not returned.
+        """
 
     @abc.abstractmethod
-    async def get_lease(self, run_id: str) -> Lease | None:
-        """Return the current lease, expired or not, or None."""
+    async def lease(
+        self,
+        run_id: str,
+        owner: str | None = None,
+        ttl: float = 0.0,
+        *,
+        take_from: str | None = None,
+    ) -> Lease | None:
+        """Read the run's lease, or compare-and-set it; return the lease as it stands after.
 
-    # -- run metadata -----------------------------------------------------
+        ``owner`` None only reads. Otherwise, atomically: if the lease is free,
+        expired, held by ``owner`` or by ``take_from``, it becomes ``owner``'s
+        until ``ttl`` seconds from now (removed when ``ttl`` is 0); if not, it
+        is left as it is and returned. An unreadable lease reads as expired
+        (owner ``?``). Leases only save work: fencing is ``append``'s.
+        """
 
     @abc.abstractmethod
     async def put_run(self, info: RunInfo) -> None:
-        """Create or replace the run's metadata (atomically: readers see old or new)."""
-
-    @abc.abstractmethod
-    async def get_run(self, run_id: str) -> RunInfo | None:
-        """Return the run's metadata, or None if there is no such run."""
+        """Create or replace the run's metadata; readers see the old record or the new one."""
 
     @abc.abstractmethod
     async def list_runs(
@@ -175,64 +169,95 @@ class Backend(abc.ABC):
         workflow: str | None = None,
         limit: int = 100,
         after: str | None = None,
+        ids: Sequence[str] | None = None,
     ) -> list[RunInfo]:
-        """Return runs ordered by run id, after the id ``after``, filtered by status/workflow."""
+        """Return up to ``limit`` runs with ids above ``after``, in id order, filtered.
 
-    # -- lifecycle and wake-ups -------------------------------------------
+        With ``ids``, only those runs (unknown ones are left out). Metadata
+        that cannot be read lists with status ``corrupt`` instead of failing
+        the listing.
+        """
+
+    # -- lifecycle: override what the store has -------------------------------
 
     async def wait_for_work(self, timeout: float) -> bool:
         """Sleep until something may have become due, or ``timeout`` seconds pass.
 
-        Backends with a cross-process signal feed it into ``self.waker``;
-        the fallback is a plain timed sleep (polling).
+        Backends with a cross-process signal feed it into ``self.waker`` and
+        declare ``capabilities.wake_ups``; the fallback is polling.
         """
         return await self.waker.wait(timeout)
 
     async def close(self) -> None:  # noqa: B027 - optional hook, not abstract
-        """Release connections and files; the backend is unusable afterwards."""
-
-    # -- shared helpers built on the primitives ---------------------------
-
-    async def create_run(self, info: RunInfo, entry: bytes, due_at: float) -> bool:
-        """Write a new run's first entry, metadata and schedule; False if it existed.
-
-        The first entry at position 0 is the fence: of two starts with one
-        run id, one wins. A start that crashed half-way is completed by a
-        retry with the same id. Backends with transactions override this to
-        do all three at once.
-        """
-        validate_id("run id", info.run_id)
-        try:
-            await self.append(info.run_id, 0, entry)
-        except PositionTaken:
-            existing = await self.get_run(info.run_id)
-            if existing is None:
-                await self.put_run(info)
-                await self.schedule(info.run_id, due_at)
-            elif existing.status == "active" and not await self.read_log(info.run_id, 1):
-                # A start that died between metadata and schedule: nothing has run, and
-                # with no due entry nothing would. Scheduling it again is at worst a wake-up.
-                await self.schedule(info.run_id, due_at)
-            return False
-        await self.put_run(info)
-        await self.schedule(info.run_id, due_at)
-        return True
-
-    async def send_event(self, run_id: str, event_id: str, data: bytes) -> bool:
-        """Post an event and make the run due now, so a worker picks it up."""
-        stored = await self.post_event(run_id, event_id, data)
-        await self.schedule(run_id, time.time())
-        return stored
-
-    async def try_lease(self, run_id: str, owner: str, ttl: float) -> bool:
-        """Take the lease, or take it over from a dead process on this host."""
-        if await self.acquire_lease(run_id, owner, ttl):
-            return True
-        lease = await self.get_lease(run_id)
-        if lease is not None and lease.owner != owner and host_owner_is_dead(lease.owner):
-            return await self.acquire_lease(run_id, owner, ttl, steal_from=lease.owner)
-        return False
+        """Release connections and files; closing again does nothing."""
 
     def describe(self) -> str:
         """Return a short human-readable description, e.g. for the CLI."""
         return self.name
+
+    # -- built on the contract: a backend never writes these ------------------
+
+    @final
+    async def get_run(self, run_id: str) -> RunInfo | None:
+        """Return the run's metadata, or None; raise CorruptRecord if it cannot be read."""
+        validate_id("run id", run_id)
+        found = await self.list_runs(ids=[run_id], limit=1)
+        if not found:
+            return None
+        info = found[0]
+        if info.status == "corrupt":
+            error = info.error or {"type": "CorruptRecord", "message": "unreadable"}
+            if error["type"] == "ProtocolMismatch":
+                raise ProtocolMismatch(error["message"])
+            raise CorruptRecord(run_id, "meta", error["message"])
+        return info
+
+    @final
+    async def send_event(self, run_id: str, event_id: str, data: bytes) -> bool:
+        """Store an event in the run's inbox and make the run due now."""
+        return await self.set_due(run_id, time.time(), event=NewEvent(event_id, data))
+
+    @final
+    async def post_event(self, run_id: str, event_id: str, data: bytes) -> bool:
+        """Store an event in the run's inbox (an event makes its run due: as send_event)."""
+        return await self.send_event(run_id, event_id, data)
+
+    @final
+    async def ack_events(self, run_id: str, event_ids: Sequence[str]) -> None:
+        """Remove recorded events from the inbox; unknown and malformed ids are ignored."""
+        await self.read_inbox(run_id, ack=event_ids)
+
+    @final
+    async def schedule(self, run_id: str, at: float) -> None:
+        """Make the run due at ``at`` (unschedule() takes it out of the index)."""
+        if at is None:
+            raise InvalidArgument("time None is not a finite number of seconds since the epoch")
+        await self.set_due(run_id, at)
+
+    @final
+    async def unschedule(self, run_id: str) -> None:
+        """Take the run out of the due index."""
+        await self.set_due(run_id, None)
+
+    @final
+    async def next_due_at(self) -> float | None:
+        """Return the earliest due time in the index, or None."""
+        return (await self.due(time.time(), 0)).next_at
+
+    @final
+    async def get_lease(self, run_id: str) -> Lease | None:
+        """Return the run's lease, expired or not, or None."""
+        return await self.lease(run_id)
+
+    @final
+    async def acquire_lease(
+        self, run_id: str, owner: str, ttl: float, *, steal_from: str | None = None
+    ) -> bool:
+        """Take or renew the lease; return whether ``owner`` holds it now."""
+        lease = await self.lease(run_id, owner, ttl, take_from=steal_from)
+        return lease is not None and lease.owner == owner
+
+    @final
+    async def release_lease(self, run_id: str, owner: str) -> None:
+        """Give the lease up if ``owner`` holds it (an expired or unreadable one goes too)."""
+        await self.lease(run_id, owner, 0)

@@ -23,7 +23,6 @@ from substantial.backends._common import (
     gap_error,
     lease_takable,
 )
-from substantial.backends._former import FormerContract
 from substantial.backends.base import (
     Backend,
     Capabilities,
@@ -39,7 +38,7 @@ from substantial.errors import PositionTaken
 __all__ = ["MemoryBackend"]
 
 
-class MemoryBackend(FormerContract, Backend):
+class MemoryBackend(Backend):
     """Keep everything in dictionaries of this process."""
 
     name = "memory"

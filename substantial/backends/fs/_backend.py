@@ -23,7 +23,6 @@ from substantial.backends._common import (
     lease_takable,
     local_store_url,
 )
-from substantial.backends._former import FormerContract
 from substantial.backends._wake import WakeChannel
 from substantial.backends.base import (
     Backend,
@@ -54,7 +53,7 @@ def _exists(path: str) -> bool:
     return True
 
 
-class FSBackend(FormerContract, Backend):
+class FSBackend(Backend):
     """Store runs as files under one directory; safe for many processes of one machine.
 
     ``durability="process"`` (default) survives the writing process being

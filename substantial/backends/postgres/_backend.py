@@ -22,7 +22,6 @@ from substantial.backends._common import (
     gap_error,
     release_with_loop,
 )
-from substantial.backends._former import FormerContract
 from substantial.backends._redact import redact_url
 from substantial.backends.base import (
     Backend,
@@ -57,7 +56,7 @@ Conn = Any  # asyncpg.Connection: asyncpg ships no type information
 _LISTEN_WAIT = 2.0
 
 
-class PostgresBackend(FormerContract, Backend):
+class PostgresBackend(Backend):
     """Store runs in PostgreSQL tables named ``<prefix>_*``; many machines share one database.
 
     Statements run on a pool of at most ``pool_size`` connections. A
@@ -417,22 +416,6 @@ class PostgresBackend(FormerContract, Backend):
             ids=ids,
             fetch_ids=fetch_ids,
         )
-
-    async def create_run(self, info: RunInfo, entry: bytes, due_at: float) -> bool:
-        """Write the first entry, metadata and schedule in one statement; False if it existed."""
-        validate_id("run id", info.run_id)
-        meta = (info.workflow, info.status, info.to_bytes())
-        channel = self._sql.channel
-
-        async def create(conn: Conn) -> bool:
-            args = (info.run_id, bytes(entry), *meta, float(due_at), channel)
-            row = await conn.fetchrow(self._sql["create"], *args)
-            if row[0]:
-                return True
-            await conn.execute(self._sql["complete"], info.run_id, *meta, float(due_at), channel)
-            return False
-
-        return await self._run("create_run", create)
 
     # -- lifecycle and wake-ups -------------------------------------------
 

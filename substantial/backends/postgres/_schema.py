@@ -195,31 +195,6 @@ class Statements:
                 f"VALUES ($1::text, $2::text, $3::text, $4::bytea) {upsert_run}"
             ),
             "get_runs": f"SELECT run_id, info FROM {runs} WHERE run_id = ANY($1::text[])",
-            # One statement, so all or nothing: the entry at 0, then only if it was
-            # ours the metadata and the schedule. $1 run, $2 entry, $3 workflow,
-            # $4 status, $5 info, $6 due at, $7 channel.
-            "create": (
-                f"WITH ins AS (INSERT INTO {log} (run_id, position, entry) "
-                "VALUES ($1::text, 0, $2::bytea) ON CONFLICT DO NOTHING RETURNING 1), "
-                f"r AS (INSERT INTO {runs} (run_id, workflow, status, info) "
-                "SELECT $1::text, $3::text, $4::text, $5::bytea "
-                f"WHERE EXISTS (SELECT 1 FROM ins) {upsert_run}), "
-                f"d AS (INSERT INTO {due} (run_id, at) SELECT $1::text, $6::float8 "
-                f"WHERE EXISTS (SELECT 1 FROM ins) {upsert_due}) "
-                "SELECT EXISTS (SELECT 1 FROM ins), "
-                "(SELECT pg_notify($7::text, $6::float8::text) FROM ins)"
-            ),
-            # A later statement than "create", so it sees the start that beat ours:
-            # fill in the metadata and schedule a start that crashed half-way left
-            # out (possible only on stores without transactions, or a bare append).
-            "complete": (
-                f"WITH r AS (INSERT INTO {runs} (run_id, workflow, status, info) "
-                "VALUES ($1::text, $2::text, $3::text, $4::bytea) "
-                "ON CONFLICT (run_id) DO NOTHING RETURNING 1), "
-                f"d AS (INSERT INTO {due} (run_id, at) SELECT $1::text, $5::float8 "
-                f"WHERE EXISTS (SELECT 1 FROM r) {upsert_due}) "
-                "SELECT (SELECT pg_notify($6::text, $5::float8::text) FROM r)"
-            ),
         }
 
     def table(self, name: str) -> str:

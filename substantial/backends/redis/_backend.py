@@ -23,7 +23,6 @@ from substantial.backends._common import (
     filtered_runs,
     gap_error,
 )
-from substantial.backends._former import FormerContract
 from substantial.backends._redact import redact_url
 from substantial.backends.base import (
     Backend,
@@ -55,7 +54,7 @@ def shard_of(run_id: str) -> int:
     return zlib.crc32(run_id.encode()) % SHARDS
 
 
-class RedisBackend(FormerContract, Backend):
+class RedisBackend(Backend):
     """Store runs in Redis; works on a single server and on Redis Cluster."""
 
     name = "redis"

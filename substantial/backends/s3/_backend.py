@@ -19,7 +19,6 @@ from substantial.backends._common import (
     filtered_runs,
     gap_error,
 )
-from substantial.backends._former import FormerContract
 from substantial.backends._redact import redact_url
 from substantial.backends.base import (
     Backend,
@@ -69,7 +68,7 @@ def _float_param(name: str, value: str) -> float:
         raise InvalidArgument(f"{name}={value!r}: use a number of seconds") from None
 
 
-class S3Backend(FormerContract, Backend):
+class S3Backend(Backend):
     """Store runs in an S3-compatible bucket, coordinating through conditional writes.
 
     Endpoint, region and credentials come from the standard AWS chain
@@ -292,7 +291,7 @@ class S3Backend(FormerContract, Backend):
                 break  # a gap: the log ends before it
             keys.append(item.key)
             expected += 1
-        bodies = await self._objects.gather(self._objects.get(k) for k in keys)
+        bodies = await self._objects.map(self._objects.get, keys)
         out = head
         for obj in bodies:
             if obj is None:
@@ -323,10 +322,10 @@ class S3Backend(FormerContract, Backend):
         validate_id("run id", run_id)
         prefix = self._inbox_prefix(run_id)
         acked = set(ack_ids(ack))
-        deletes = self._objects.gather(self._objects.delete(f"{prefix}{e}") for e in acked)
+        deletes = self._objects.map(self._objects.delete, [f"{prefix}{e}" for e in acked])
         _, items = await asyncio.gather(deletes, self._objects.list_all(prefix))
         items = [item for item in items if item.key[len(prefix) :] not in acked]
-        objects = await self._objects.gather(self._objects.get(item.key) for item in items)
+        objects = await self._objects.map(self._objects.get, [item.key for item in items])
         events: list[Event] = []
         for item, obj in zip(items, objects, strict=True):
             if obj is None:
@@ -404,7 +403,7 @@ class S3Backend(FormerContract, Backend):
             items, truncated, _ = await self._objects.list_page(
                 prefix, start_after=start_after, max_keys=n
             )
-            found = await self._objects.gather(self._objects.get(item.key) for item in items)
+            found = await self._objects.map(self._objects.get, [item.key for item in items])
             page = [
                 (item.key[len(prefix) :], None if obj is None else obj.body)
                 for item, obj in zip(items, found, strict=True)
@@ -412,7 +411,7 @@ class S3Backend(FormerContract, Backend):
             return page, truncated
 
         async def fetch_ids(wanted: list[str]) -> Page:
-            found = await self._objects.gather(self._objects.get(f"{prefix}{r}") for r in wanted)
+            found = await self._objects.map(self._objects.get, [f"{prefix}{r}" for r in wanted])
             pairs = zip(wanted, found, strict=True)
             return [(r, None if obj is None else obj.body) for r, obj in pairs], False
 
@@ -427,20 +426,6 @@ class S3Backend(FormerContract, Backend):
             ids=ids,
             fetch_ids=fetch_ids,
         )
-
-    # -- shared helpers, specialised ----------------------------------------
-
-    async def create_run(self, info: RunInfo, entry: bytes, due_at: float) -> bool:
-        """Write the first entry (the fence), then metadata and schedule in parallel."""
-        validate_id("run id", info.run_id)
-        try:
-            await self.append(info.run_id, 0, entry)
-        except PositionTaken:
-            if await self.get_run(info.run_id) is None:
-                await asyncio.gather(self.put_run(info), self.schedule(info.run_id, due_at))
-            return False
-        await asyncio.gather(self.put_run(info), self.schedule(info.run_id, due_at))
-        return True
 
     # -- lifecycle and wake-ups ----------------------------------------------
 

@@ -206,7 +206,7 @@ class DueIndex:
             pointers = dict(
                 zip(
                     run_ids,
-                    await self._objects.gather(self.read_pointer(r) for r in run_ids),
+                    await self._objects.map(self.read_pointer, run_ids),
                     strict=True,
                 )
             )
@@ -221,7 +221,7 @@ class DueIndex:
                     if server_now - c.last_modified > ORPHAN_GRACE:
                         orphans.append(c.key)
             if orphans:
-                await self._objects.gather(self._objects.delete(k) for k in orphans)
+                await self._objects.map(self._objects.delete, orphans)
         if len(self._valid) > 100_000:
             self._valid = {k: v for k, v in self._valid.items() if now_mono - v[1] < VALID_TTL}
         return valid

@@ -46,6 +46,7 @@ __all__ = ["Listed", "Object", "ObjectStore", "Rejected", "new_wid"]
 
 
 T = TypeVar("T")
+X = TypeVar("X")
 
 # Endpoints and buckets whose conditional writes this process has seen refuse to overwrite.
 _VERIFIED: set[str] = set()
@@ -235,17 +236,22 @@ class ObjectStore:
             "is up and reachable. The operation can be retried as it is."
         ) from last
 
-    async def gather(self, items: Iterable[Awaitable[T]]) -> list[T]:
-        # Bounded, so a long log or a big due page does not open hundreds of connections.
+    async def map(self, fn: Callable[[X], Awaitable[T]], items: Iterable[X]) -> list[T]:
+        """Return ``[await fn(item) ...]``, running at most ``max_concurrency`` at once.
+
+        Bounded, so a long log or a big due page does not open hundreds of
+        connections. Each call is made only when its turn comes: a cancel
+        leaves no coroutine that was made and never awaited.
+        """
         if self._sem is None:
             self._sem = asyncio.Semaphore(self._limit)
         sem = self._sem
 
-        async def one(aw: Awaitable[T]) -> T:
+        async def one(item: X) -> T:
             async with sem:
-                return await aw
+                return await fn(item)
 
-        return list(await asyncio.gather(*(one(aw) for aw in items)))
+        return list(await asyncio.gather(*(one(item) for item in items)))
 
     # -- object primitives -------------------------------------------------
 

@@ -21,7 +21,6 @@ from substantial.backends._common import (
     gap_error,
     local_store_url,
 )
-from substantial.backends._former import FormerContract
 from substantial.backends._wake import WakeChannel
 from substantial.backends.base import (
     Backend,
@@ -53,7 +52,7 @@ __all__ = ["SQLiteBackend"]
 T = TypeVar("T")
 
 
-class SQLiteBackend(FormerContract, Backend):
+class SQLiteBackend(Backend):
     """Store runs in one SQLite database file; safe for many processes of one machine.
 
     ``durability="process"`` (default) uses ``synchronous=NORMAL``: a commit
@@ -333,14 +332,6 @@ class SQLiteBackend(FormerContract, Backend):
 
         await self._write(write, single=True)
 
-    async def get_run(self, run_id: str) -> RunInfo | None:
-        """Select the run's row."""
-        validate_id("run id", run_id)
-        rows = self._read(
-            "SELECT info FROM runs WHERE run_id = ?", (run_id,), f"read metadata of run {run_id!r}"
-        )
-        return RunInfo.from_bytes(run_id, rows[0][0]) if rows else None
-
     async def list_runs(
         self,
         *,
@@ -386,29 +377,6 @@ class SQLiteBackend(FormerContract, Backend):
             ids=ids,
             fetch_ids=fetch_ids,
         )
-
-    async def create_run(self, info: RunInfo, entry: bytes, due_at: float) -> bool:
-        """Write the first entry, metadata and schedule in one transaction."""
-        validate_id("run id", info.run_id)
-        run_id = info.run_id
-        row = self._run_row(info)
-        entry = bytes(entry)
-
-        def write(db: sqlite3.Connection) -> bool:
-            created = db.execute(APPEND, (run_id, 0, entry)).rowcount == 1
-            # A start that crashed between its writes (other backends) left a
-            # log without metadata: complete it, as the base class does.
-            if (
-                not created
-                and db.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-            ):
-                return False
-            db.execute(PUT_RUN, row)
-            db.execute(SCHEDULE, (run_id, due_at))
-            self._wake_if_due(due_at)
-            return created
-
-        return await self._write(write)
 
     # -- lifecycle and wake-ups -------------------------------------------
 
