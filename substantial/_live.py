@@ -27,7 +27,7 @@ from substantial._durations import MAX_SECONDS
 from substantial._steps import Pace, Steps
 from substantial.backends.base import Backend
 from substantial.errors import BackendUnavailable, InvalidArgument, PositionTaken
-from substantial.records import Record, encode_entry, error_of
+from substantial.records import Record, decode_entry, encode_entry, error_of
 from substantial.replay import ACTIVATIONS, Command, Evicted, Execution, Fenced, describe
 
 __all__ = ["Driver", "Effects"]
@@ -88,6 +88,7 @@ class Driver:
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
         self._bad_events: set[str] = set()
+        self._inbox_pause = WRITE_RETRY_FIRST / 2
         self.last_active = time.monotonic()
         #: When the run next needs a worker, as it was when it left this one.
         self.handback_at: float | None = None
@@ -257,7 +258,12 @@ class Driver:
         x.pending = []
         if x.to_ack:
             acked, x.to_ack = x.to_ack, []
-            await self.backend.ack_events(x.run_id, acked)
+            try:
+                await self.backend.ack_events(x.run_id, acked)
+            except BackendUnavailable:
+                if extra:  # the end: the run stays due, and is finished anew
+                    raise
+                x.to_ack[:0] = acked  # cleanup only: done with the next write
         if x.publish_dirty:
             x.publish_dirty = False
             await self.effects.publish(x)
@@ -269,13 +275,16 @@ class Driver:
         up would replay it and run again, at once, every step whose completion is not
         written yet; so the completions stay here and the write is retried with capped
         exponential backoff and jitter, until it lands, the lease is lost or the worker
-        stops. Retrying is safe: if an earlier try did land, this one finds the position
-        taken and the run is replayed from the log, which holds it.
+        stops. A try whose reply was lost may have landed: each retry first reads the
+        position back, and goes on if it holds this entry (were the run given up instead,
+        its steps still running would be cut off and run again).
         """
         x = self.x
         pause, failures = WRITE_RETRY_FIRST, 0
         while True:
             try:
+                if failures and await self._holds(entry):
+                    break
                 await self.backend.append(x.run_id, x.position, entry)
             except PositionTaken as exc:
                 raise Fenced(str(exc)) from exc
@@ -298,13 +307,21 @@ class Driver:
                         await self._stopping.wait()
                 pause = min(pause * 2, WRITE_RETRY_MAX)
             else:
-                if failures:
-                    logger.warning(
-                        "run %s: its log is written again, after %d failed attempt(s)",
-                        x.run_id,
-                        failures,
-                    )
-                return
+                break
+        if failures:
+            logger.warning(
+                "run %s: its log is written again, after %d failed attempt(s)",
+                x.run_id,
+                failures,
+            )
+
+    async def _holds(self, entry: bytes) -> bool:
+        """Tell whether the run's next position already holds ``entry`` (by its records)."""
+        x = self.x
+        held = await self.backend.read_log(x.run_id, x.position)
+        return bool(held) and decode_entry(x.run_id, x.position, held[0]) == decode_entry(
+            x.run_id, x.position, entry
+        )
 
     def _refuse_endless_timers(self) -> bool:
         """Fail the run if the workflow armed an asyncio timer with no storable due time.
@@ -349,7 +366,16 @@ class Driver:
     async def _read_events(self) -> list[Record]:
         x = self.x
         out: list[Record] = []
-        for event in await self.backend.read_inbox(x.run_id):
+        try:
+            inbox = await self.backend.read_inbox(x.run_id)
+        except BackendUnavailable:
+            # Read again after a pause; giving the run up would run its steps in flight again.
+            self._inbox_pause = min(2 * self._inbox_pause, WRITE_RETRY_MAX)
+            loop = asyncio.get_running_loop()
+            loop.call_later(self._inbox_pause * random.uniform(0.5, 1.0), self.poke)
+            return out
+        self._inbox_pause = WRITE_RETRY_FIRST / 2
+        for event in inbox:
             if event.event_id in x.seen_ids:
                 x.to_ack.append(event.event_id)  # recorded before a crash, never acked
                 continue
@@ -447,10 +473,30 @@ class Driver:
             delay, lambda: self._post({"k": "timeout", "t": self.x.now()})
         )
 
+    async def _outlast(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """Await the idempotent ``call()`` again, with backoff, while the store is unavailable.
+
+        An outage is no failure of a child's start or a send, to be recorded; on a stop
+        the task ends and the run's next worker issues the command again.
+        """
+        pause = WRITE_RETRY_FIRST
+        while True:
+            try:
+                return await call()
+            except BackendUnavailable:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(pause * random.uniform(0.5, 1.0)):
+                        await self._stopping.wait()
+                if self._stopping.is_set():
+                    raise asyncio.CancelledError() from None
+                pause = min(pause * 2, WRITE_RETRY_MAX)
+
     async def _run_child(self, command: Command) -> None:
         record: Record = {"k": "child", "c": command.c, "name": command.name}
         try:
-            record["run_id"] = await self.effects.start_child(self.x, command)
+            record["run_id"] = await self._outlast(
+                lambda: self.effects.start_child(self.x, command)
+            )
         except Exception as exc:
             record["run_id"] = str(command.spec.run_id)
             record["error"] = error_of(exc)
@@ -461,7 +507,7 @@ class Driver:
         run_id, event_id, name, value = command.spec
         record: Record = {"k": "sent", "c": command.c}
         try:
-            await self.effects.send(run_id, event_id, name, value)
+            await self._outlast(lambda: self.effects.send(run_id, event_id, name, value))
         except Exception as exc:
             record["error"] = error_of(exc)
         record["t"] = self.x.now()

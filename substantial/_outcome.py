@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+from collections.abc import Container
 from dataclasses import dataclass
 from typing import Any
 
+from substantial import _clock
 from substantial.backends.base import TERMINAL_STATUSES, Backend, RunInfo, error_info
 from substantial.errors import BackendError, SerializationError, WorkflowTimeout
 from substantial.records import Record, encode_value, error_of
@@ -117,12 +119,15 @@ def _event_id(prefix: str, run_id: str) -> str:
     return eid if len(eid) <= 200 else f"{prefix}.{hashlib.sha256(run_id.encode()).hexdigest()}"
 
 
-async def finish_run(backend: Backend, info: RunInfo, start: Record, end: Record) -> None:
+async def finish_run(
+    backend: Backend, info: RunInfo, start: Record, end: Record, seen: Container[str] = ()
+) -> None:
     """Bring metadata, children, parent and the due index in step with an ended log.
 
     Idempotent: a worker that finds an ended log whose metadata is behind
     (the previous one died half-way) runs it again, and nothing is done twice
-    that matters (events are posted with fixed ids).
+    that matters (events are posted with fixed ids). ``seen``: the ids of the
+    events the log holds, acknowledged if they are in the inbox again.
     """
     status = end["status"]
     output: Any = None
@@ -151,9 +156,23 @@ async def finish_run(backend: Backend, info: RunInfo, start: Record, end: Record
             reported["error"] = end["error"]
         body = encode_value({"name": CHILD_EVENT, "value": reported})
         await backend.send_event(parent, _event_id("child-ended", info.run_id), body)
-    await backend.unschedule(info.run_id)
-    if status == "continued":
-        # A sender that saw this run active may have posted after the forwarding; now that
-        # the status says "continued", senders forward themselves.
-        for event in await backend.read_inbox(info.run_id):
-            await backend.send_event(end["next"], event.event_id, event.data)
+    try:
+        await backend.unschedule(info.run_id)
+        # Read after leaving the due index: an event posted later makes the run due again,
+        # and whoever takes it comes here too.
+        if status == "continued":
+            # A sender that saw this run active may have posted after the forwarding; now
+            # that the status says "continued", senders forward themselves.
+            for event in await backend.read_inbox(info.run_id):
+                await backend.send_event(end["next"], event.event_id, event.data)
+        elif seen:
+            # A child that died after reporting its end reports again when finished anew.
+            inbox = await backend.read_inbox(info.run_id)
+            stale = [event.event_id for event in inbox if event.event_id in seen]
+            if stale:
+                await backend.ack_events(info.run_id, stale)
+    except BackendError:
+        # The unschedule may have landed (its reply lost): keep the run due, to finish anew.
+        with contextlib.suppress(BackendError):
+            await backend.schedule(info.run_id, _clock.now())
+        raise

@@ -22,10 +22,11 @@ from typing import Any
 from substantial import _clock, queues, telemetry
 from substantial._durations import seconds
 from substantial._effects import RunEffects
+from substantial._handback import hand_back
 from substantial._live import Driver
 from substantial._outcome import Outcome, end_of, finish_run, snapshot_of
 from substantial._repair import effective
-from substantial._runs import create_run, take_lease
+from substantial._runs import create_run
 from substantial._steps import Pace
 from substantial.backends.base import PROTOCOL_VERSION, Backend, RunInfo, make_owner
 from substantial.context import Context
@@ -101,7 +102,6 @@ class Worker:
         inline_below = seconds(inline_below, "inline_below=")
         self.runs: dict[str, LiveRun] = {}
         self._skip_until: dict[str, float] = {}
-        self._next_due: float | None = None
         self._noted: set[str] = set()
         #: Consecutive failed tries per run, for its backoff; cleared by a try that works.
         self._failures: dict[str, int] = {}
@@ -153,9 +153,7 @@ class Worker:
         now = _clock.now()
         batch = max(64, 2 * self.concurrency) if self.concurrency < 512 else 1024
         wanted: list[tuple[str, float]] = []
-        due = await self.backend.due(now, batch)
-        self._next_due = due.next_at
-        for run_id, at in due:
+        for run_id, at in await self.backend.due(now, batch):
             live = self.runs.get(run_id)
             if live is not None:
                 if at != live.known_at:
@@ -179,10 +177,10 @@ class Worker:
                 raise outcome  # an outage (or a bug) is the poll loop's to handle
 
     async def _take(self, run_id: str) -> bool:
-        lease = await take_lease(self.backend, run_id, self.owner, self.lease_ttl)
-        if lease is not None and lease.owner == self.owner:
+        if await self.backend.try_lease(run_id, self.owner, self.lease_ttl):
             return True
-        now = _clock.now()  # held elsewhere: skip it until it expires
+        lease = await self.backend.get_lease(run_id)  # held elsewhere: skip it until it expires
+        now = _clock.now()
         self._skip_until[run_id] = min(lease.expires_at if lease else now + 1, now + self.lease_ttl)
         return False
 
@@ -193,7 +191,7 @@ class Worker:
         self._skip_until[run_id] = _clock.now() + seconds
 
     async def _next_wait(self) -> float:
-        nxt = self._next_due  # from the last poll's due(): the run after those it returned
+        nxt = await self.backend.next_due_at()
         now = _clock.now()
         wait = self.poll_interval
         if nxt is not None and nxt > now:
@@ -337,7 +335,7 @@ class Worker:
             stale = [e.event_id for e in inbox if e.event_id in recorded]
             if stale:
                 await self.backend.ack_events(run_id, stale)
-            await self._finish(live, start, records[-1][1])
+            await self._finish(live, start, records[-1][1], recorded)
             return
         if "queue" in start and not await queues.admitted(self.backend, run_id, records):
             return  # waiting for its queue to admit it
@@ -404,7 +402,7 @@ class Worker:
                     telemetry.run_ended(start["workflow"], end["status"])
                 if outcome.successor is not None:
                     await self._continue(x, start, outcome.successor, end)
-                await self._finish(live, start, end)
+                await self._finish(live, start, end, x.seen_ids)
                 return
             snapshot = snapshot_of(x, start, {**kwargs, **outcome.compact})
             await driver.flush(snapshot)
@@ -448,13 +446,13 @@ class Worker:
             if event.event_id not in x.seen_ids:
                 await self.backend.send_event(next_id, event.event_id, event.data)
 
-    async def _finish(self, live: LiveRun, start: Record, end: Record) -> None:
+    async def _finish(self, live: LiveRun, start: Record, end: Record, seen: Any = ()) -> None:
         """Bring metadata, children, parent and due index in step with an ended log."""
         info = live.info
         assert info is not None
         if "queue" in start:  # first: the end is durable, and a waiting run can have the slot
             await queues.released(self.backend, start, info.run_id)
-        await finish_run(self.backend, info, start, end)
+        await finish_run(self.backend, info, start, end, seen)
         self.on_ended(info.run_id)
 
     # -- waiting, eviction and shutdown -------------------------------------------
@@ -464,18 +462,7 @@ class Worker:
         until = driver.handback_at
         if driver.deadline is not None and not x.timed_out:
             until = driver.deadline if until is None else min(until, driver.deadline)
-        if until is None and await self.backend.read_inbox(run_id):
-            # An event already waits: keep the run due rather than unschedule it and
-            # re-schedule after, which a crash in between would leave out of the index.
-            until = 0.0
-        if until is not None:
-            await self.backend.schedule(run_id, until)
-        else:
-            await self.backend.unschedule(run_id)
-        # An event posted between our last inbox read and this write must not wait for the
-        # timer (or, with no timer, forever): its own schedule may have been overwritten.
-        if await self.backend.read_inbox(run_id):
-            await self.backend.schedule(run_id, _clock.now())
+        await hand_back(self.backend, run_id, until, max(self.poll_interval, OUTAGE_RETRY_FIRST))
 
     async def _shutdown(self) -> None:
         """Let running steps finish and be recorded (bounded), then hand every run back."""
