@@ -26,7 +26,7 @@ from substantial._handback import hand_back
 from substantial._live import Driver
 from substantial._outcome import Outcome, end_of, finish_run, snapshot_of
 from substantial._repair import effective
-from substantial._runs import create_run
+from substantial._runs import create_run, take_lease
 from substantial._steps import Pace
 from substantial.backends.base import PROTOCOL_VERSION, Backend, RunInfo, make_owner
 from substantial.context import Context
@@ -102,6 +102,7 @@ class Worker:
         inline_below = seconds(inline_below, "inline_below=")
         self.runs: dict[str, LiveRun] = {}
         self._skip_until: dict[str, float] = {}
+        self._next_due: float | None = None
         self._noted: set[str] = set()
         #: Consecutive failed tries per run, for its backoff; cleared by a try that works.
         self._failures: dict[str, int] = {}
@@ -153,7 +154,9 @@ class Worker:
         now = _clock.now()
         batch = max(64, 2 * self.concurrency) if self.concurrency < 512 else 1024
         wanted: list[tuple[str, float]] = []
-        for run_id, at in await self.backend.due(now, batch):
+        due = await self.backend.due(now, batch)
+        self._next_due = due.next_at
+        for run_id, at in due:
             live = self.runs.get(run_id)
             if live is not None:
                 if at != live.known_at:
@@ -177,10 +180,10 @@ class Worker:
                 raise outcome  # an outage (or a bug) is the poll loop's to handle
 
     async def _take(self, run_id: str) -> bool:
-        if await self.backend.try_lease(run_id, self.owner, self.lease_ttl):
+        lease = await take_lease(self.backend, run_id, self.owner, self.lease_ttl)
+        if lease is not None and lease.owner == self.owner:
             return True
-        lease = await self.backend.get_lease(run_id)  # held elsewhere: skip it until it expires
-        now = _clock.now()
+        now = _clock.now()  # held elsewhere: skip it until it expires
         self._skip_until[run_id] = min(lease.expires_at if lease else now + 1, now + self.lease_ttl)
         return False
 
@@ -191,7 +194,7 @@ class Worker:
         self._skip_until[run_id] = _clock.now() + seconds
 
     async def _next_wait(self) -> float:
-        nxt = await self.backend.next_due_at()
+        nxt = self._next_due  # from the last poll's due(): the run after those it returned
         now = _clock.now()
         wait = self.poll_interval
         if nxt is not None and nxt > now:
