@@ -22,10 +22,12 @@ from tests.workflows import fan_parent, hundred_steps, ten_steps
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def spawn_worker(url: str, trace: Path, *extra: str) -> subprocess.Popen[bytes]:
+def spawn_worker(
+    url: str, trace: Path, *extra: str, target: str = "tests.workflows:conductor"
+) -> subprocess.Popen[bytes]:
     env = {**os.environ, "SUBSTANTIAL_TEST_URL": url, "SUBSTANTIAL_TEST_TRACE": str(trace)}
     return subprocess.Popen(
-        [sys.executable, "-m", "substantial.cli", "worker", "tests.workflows:conductor", *extra],
+        [sys.executable, "-m", "substantial.cli", "worker", target, *extra],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
