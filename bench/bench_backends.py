@@ -31,16 +31,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import hashlib
 import json
 import os
 import shutil
 import sqlite3
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench.bench_redis import open_redis, redis_append_floor, redis_read_floor
 from bench.bench_s3 import open_s3, s3_append_floor, s3_read_floor
@@ -167,6 +171,85 @@ def _open_sqlite(work: Path, durability: str) -> Backend:
     return SQLiteBackend(work / "store.db", durability=durability)  # type: ignore[arg-type]
 
 
+# -- postgres: a private server, started on first use -----------------------------------
+
+_pg_server: Any = None
+
+
+def _pg_url() -> str:
+    global _pg_server
+    if _pg_server is None:
+        from tests.postgres_server import PostgresServer
+
+        _pg_server = PostgresServer()
+        _pg_server.start()
+        atexit.register(_pg_server.destroy)
+    return str(_pg_server.url())
+
+
+def _open_postgres(work: Path, durability: str) -> Backend:
+    from substantial.backends.postgres import PostgresBackend
+
+    # The prefix comes from the work directory: opening one ``work`` twice opens one store.
+    digest = hashlib.sha256(str(work.resolve()).encode()).hexdigest()[:16]
+    return PostgresBackend.from_url(f"{_pg_url()}?prefix=b{digest}")
+
+
+def _in_thread(fn: Callable[[], Awaitable[float]]) -> float:
+    # Floors are called from inside a running loop: give them a loop of their own.
+    out: list[float] = []
+    thread = threading.Thread(target=lambda: out.append(asyncio.run(fn())))  # type: ignore[arg-type]
+    thread.start()
+    thread.join()
+    return out[0]
+
+
+async def _pg_inserts(n: int) -> float:
+    import asyncpg
+
+    conn = await asyncpg.connect(_pg_url())
+    table = f"floor_{os.urandom(6).hex()}"
+    try:
+        await conn.execute(f"CREATE TABLE {table} (k bigint PRIMARY KEY, v bytea NOT NULL)")
+        data = make_entry(0)
+        t0 = time.perf_counter()
+        for i in range(n):
+            await conn.execute(
+                f"INSERT INTO {table} VALUES ($1, $2) ON CONFLICT DO NOTHING", i, data
+            )
+        return time.perf_counter() - t0
+    finally:
+        await conn.execute(f"DROP TABLE IF EXISTS {table}")
+        await conn.close()
+
+
+async def _pg_select(n: int) -> float:
+    import asyncpg
+
+    conn = await asyncpg.connect(_pg_url())
+    table = f"floor_{os.urandom(6).hex()}"
+    try:
+        await conn.execute(f"CREATE TABLE {table} (k bigint PRIMARY KEY, v bytea NOT NULL)")
+        rows = [(i, make_entry(i)) for i in range(n)]
+        await conn.executemany(f"INSERT INTO {table} VALUES ($1, $2)", rows)
+        t0 = time.perf_counter()
+        await conn.fetch(f"SELECT k, v FROM {table} ORDER BY k")
+        return time.perf_counter() - t0
+    finally:
+        await conn.execute(f"DROP TABLE IF EXISTS {table}")
+        await conn.close()
+
+
+def postgres_append_floor(work: Path, n: int, durability: str) -> float:
+    """Return seconds for n sequential INSERT round trips (the append floor)."""
+    return _in_thread(lambda: _pg_inserts(n))
+
+
+def postgres_read_floor(work: Path, n: int, durability: str) -> float:
+    """Return seconds for one SELECT of n rows in key order (the read floor)."""
+    return _in_thread(lambda: _pg_select(n))
+
+
 _APPEND_AND_READ = ("append", "append_concurrent", "read")
 
 TARGETS: dict[str, Target] = {
@@ -180,6 +263,10 @@ TARGETS: dict[str, Target] = {
     "s3": Target(open_s3, {"append": s3_append_floor, "read": s3_read_floor}),
     # A private redis-server, started on first use; the floor is one SET round trip.
     "redis": Target(open_redis, {"append": redis_append_floor, "read": redis_read_floor}),
+    # A private PostgreSQL, started on first use; the floor is one INSERT round trip.
+    "postgres": Target(
+        _open_postgres, {"append": postgres_append_floor, "read": postgres_read_floor}
+    ),
 }
 
 # -- workloads: (backend, n) -> (seconds, ok) -------------------------------------------
