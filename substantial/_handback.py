@@ -2,31 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
-import random
-
 from substantial import _clock
+from substantial._retry import outlast
 from substantial.backends.base import Backend
-from substantial.errors import BackendUnavailable
 
 __all__ = ["hand_back"]
 
 
-async def hand_back(backend: Backend, run_id: str, until: float | None, pause_max: float) -> None:
+async def hand_back(backend: Backend, run_id: str, until: float | None, cap: float) -> None:
     """Make the run due at ``until`` (None: when an event comes), trying until it lands.
 
     It takes several calls, and one that fails may leave the run out of the index with
     an event waiting (an earlier one landed, or a lost reply did): nothing would ever
-    take it again. So on an outage the whole is tried again, with backoff.
+    take it again. So during an outage the whole is tried again.
     """
-    pause = 0.05
-    while True:
-        try:
-            await _hand_back(backend, run_id, until)
-            return
-        except BackendUnavailable:
-            await asyncio.sleep(pause * random.uniform(0.5, 1.0))
-            pause = min(2 * pause, pause_max)
+    await outlast(lambda: _hand_back(backend, run_id, until), cap=cap)
 
 
 async def _hand_back(backend: Backend, run_id: str, until: float | None) -> None:

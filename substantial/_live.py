@@ -24,6 +24,7 @@ import orjson
 
 from substantial import _clock, telemetry
 from substantial._durations import MAX_SECONDS
+from substantial._retry import outlast
 from substantial._steps import Pace, Steps
 from substantial.backends.base import Backend
 from substantial.errors import BackendUnavailable, InvalidArgument, PositionTaken
@@ -473,29 +474,12 @@ class Driver:
             delay, lambda: self._post({"k": "timeout", "t": self.x.now()})
         )
 
-    async def _outlast(self, call: Callable[[], Awaitable[Any]]) -> Any:
-        """Await the idempotent ``call()`` again, with backoff, while the store is unavailable.
-
-        An outage is no failure of a child's start or a send, to be recorded; on a stop
-        the task ends and the run's next worker issues the command again.
-        """
-        pause = WRITE_RETRY_FIRST
-        while True:
-            try:
-                return await call()
-            except BackendUnavailable:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(pause * random.uniform(0.5, 1.0)):
-                        await self._stopping.wait()
-                if self._stopping.is_set():
-                    raise asyncio.CancelledError() from None
-                pause = min(pause * 2, WRITE_RETRY_MAX)
-
     async def _run_child(self, command: Command) -> None:
         record: Record = {"k": "child", "c": command.c, "name": command.name}
         try:
-            record["run_id"] = await self._outlast(
-                lambda: self.effects.start_child(self.x, command)
+            # An outage is no failure of the start, to be recorded: wait it out.
+            record["run_id"] = await outlast(
+                lambda: self.effects.start_child(self.x, command), stopping=self._stopping
             )
         except Exception as exc:
             record["run_id"] = str(command.spec.run_id)
@@ -507,7 +491,9 @@ class Driver:
         run_id, event_id, name, value = command.spec
         record: Record = {"k": "sent", "c": command.c}
         try:
-            await self._outlast(lambda: self.effects.send(run_id, event_id, name, value))
+            await outlast(
+                lambda: self.effects.send(run_id, event_id, name, value), stopping=self._stopping
+            )
         except Exception as exc:
             record["error"] = error_of(exc)
         record["t"] = self.x.now()

@@ -25,6 +25,7 @@ import hashlib
 import logging
 import random
 import socket
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,17 +33,15 @@ from typing import Any
 from substantial import Conductor
 from substantial.backends.memory import MemoryBackend
 from substantial.records import decode_entry
+from tests.sim_checks import Audit, audit_runs, read_store
 from tests.sim_faults import ORDER, FaultyBackend, RandomFaults
 from tests.simulation import (
     EXECUTIONS,
     LEDGER,
-    Audit,
-    audit_runs,
     expected,
     kill,
     quiet_crashes,
     random_program,
-    read_store,
     run_result,
     run_virtual,
     sends,
@@ -52,7 +51,9 @@ from tests.simulation import (
     start_process,
 )
 
-#: Virtual seconds a run has to end once faults stop before the seed fails.
+#: Virtual seconds a run has to end once faults stop before it counts as stuck.
+STALL = 600.0
+#: Virtual seconds a seed may last in all.
 LIMIT = 6 * 3600.0
 _HOST = socket.gethostname()
 
@@ -74,6 +75,8 @@ class World:
     #: Every backend call of every worker, in order: (process, call, fault).
     calls: list[str] = field(default_factory=list)
     virtual_seconds: float = 0.0
+    #: Runs found in the known window and woken (see :func:`_wake_the_window`).
+    windows: int = 0
 
     @property
     def fingerprint(self) -> str:
@@ -160,8 +163,12 @@ async def _run(world: World) -> None:
     horizon = loop.time() + rng.choice([0.1, 1.0, 10.0, 100.0])
     landed: dict[str, int] = {}
     deaths: dict[str, int] = {}
+    last_write: dict[int, tuple[str, tuple[Any, ...]]] = {}
+    #: Runs a worker took out of the due index right before it died (the known window).
+    window: set[str] = set()
 
-    def note_landed(name: str, args: tuple[Any, ...]) -> None:
+    def note_landed(no: int, name: str, args: tuple[Any, ...]) -> None:
+        last_write[no] = (name, args)
         if name != "append":
             return
         run_id, position, entry = args
@@ -177,7 +184,7 @@ async def _run(world: World) -> None:
             faults = RandomFaults(random.Random(f"{world.seed}/{no}"), world.rate, crashes)
             faults.on = loop.time() < horizon
             view = FaultyBackend(inner, faults, no)
-            view.on_landed = note_landed
+            view.on_landed = lambda name, args, no=no: note_landed(no, name, args)
             view.on_call = lambda name, args, fault, no=no: world.calls.append(
                 f"{loop.time():.6f} p{no} {name} {args!r:.200} {fault}"
             )
@@ -187,12 +194,15 @@ async def _run(world: World) -> None:
             )
             died = asyncio.ensure_future(view.dead.wait())
             while not (result.done() or died.done()):
-                wait = horizon - loop.time() if faults.on else None
+                quiet = not faults.on
+                wait = STALL if quiet else horizon - loop.time()
                 await asyncio.wait(
                     [result, died], timeout=wait, return_when=asyncio.FIRST_COMPLETED
                 )
                 if loop.time() >= horizon:
                     faults.on = False  # from now on the run must end
+                if quiet and not (result.done() or died.done()):
+                    world.windows += await _wake_the_window(inner, window)
             world.faults.update(faults.injected)
             if result.done():
                 faults.on = False
@@ -202,6 +212,9 @@ async def _run(world: World) -> None:
                 break
             assert view.died_at is not None
             deaths[f"p{no}"] = view.died_at
+            name, args = last_write.get(no, ("", ()))
+            if name == "set_due" and args[1] is None:
+                window.add(args[0])
             world.deaths += 1
             await kill(agent)
             await asyncio.sleep(rng.choice([0.0, 0.01, 1.0, 30.0]))
@@ -209,6 +222,33 @@ async def _run(world: World) -> None:
     world.result = result.result()
     world.virtual_seconds = loop.time()
     await _check(world, inner, events, landed, deaths)
+
+
+async def _wake_the_window(store: MemoryBackend, window: set[str]) -> int:
+    """Wake the runs left in the known window; fail if any other run is stuck.
+
+    docs/RELIABILITY.md: a worker that evicts a run waiting for events takes it out
+    of the due index, then reads its inbox again; an event posted in between, with the
+    worker killed right after the first call, waits for the run's next wake-up. Here
+    nothing else would wake it: do what a restart of the run does, and go on checking.
+    """
+    due = {run_id for run_id, _at in await store.due(time.time() + 365 * 86400.0, 10_000)}
+    stuck = set()
+    for info in await store.list_runs(status="active", limit=10_000):
+        recorded = {
+            r["id"]
+            for position, data in enumerate(await store.read_log(info.run_id))
+            for r in decode_entry(info.run_id, position, data)
+            if r["k"] == "event"
+        }
+        inbox = await store.read_inbox(info.run_id)
+        if info.run_id not in due and any(e.event_id not in recorded for e in inbox):
+            stuck.add(info.run_id)
+    assert stuck, f"the run did not end within {STALL:.0f} virtual seconds after the faults"
+    assert stuck <= window, f"runs {sorted(stuck - window)} wait for ever with an event"
+    for run_id in stuck:
+        await store.schedule(run_id, time.time())
+    return len(stuck)
 
 
 async def _check(

@@ -40,11 +40,10 @@ import pytest
 from substantial import Conductor
 from tests.harness import Harness
 from tests.redis_server import RedisClusterServers
+from tests.sim_checks import audit_runs, read_store
 from tests.simulation import (
-    audit_runs,
     expected,
     random_program,
-    read_store,
     run_result,
     sends,
     sim,
