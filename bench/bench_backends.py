@@ -187,12 +187,16 @@ def _pg_url() -> str:
     return str(_pg_server.url())
 
 
+def postgres_url(work: Path) -> str:
+    """Return the URL of the store of ``work`` on the bench server (one prefix per ``work``)."""
+    digest = hashlib.sha256(str(work.resolve()).encode()).hexdigest()[:16]
+    return f"{_pg_url()}?prefix=b{digest}"
+
+
 def _open_postgres(work: Path, durability: str) -> Backend:
     from substantial.backends.postgres import PostgresBackend
 
-    # The prefix comes from the work directory: opening one ``work`` twice opens one store.
-    digest = hashlib.sha256(str(work.resolve()).encode()).hexdigest()[:16]
-    return PostgresBackend.from_url(f"{_pg_url()}?prefix=b{digest}")
+    return PostgresBackend.from_url(postgres_url(work))
 
 
 def _in_thread(fn: Callable[[], Awaitable[float]]) -> float:

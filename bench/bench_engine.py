@@ -196,6 +196,10 @@ def url_of(name: str, work: Path) -> str | None:
         return f"file://{work}/store"
     if name == "sqlite":
         return f"sqlite://{work}/store.db"
+    if name == "postgres":
+        from bench.bench_backends import postgres_url
+
+        return postgres_url(work)
     return None
 
 
