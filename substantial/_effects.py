@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from substantial import _clock, telemetry
+from substantial import _clock, queues, telemetry
 from substantial._runs import create_run, existing_start, same_start
 from substantial.backends.base import Backend
-from substantial.errors import RunConflict
+from substantial.errors import InvalidArgument, RunConflict
 from substantial.records import encode_value, start_record
 from substantial.replay import Command, Execution
 from substantial.workflow import ChildSpec
@@ -22,9 +23,23 @@ __all__ = ["RunEffects"]
 class RunEffects:
     """What one run's commands do outside its own log."""
 
-    def __init__(self, backend: Backend, live: LiveRun) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        live: LiveRun,
+        queue_ready: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
         self.backend = backend
         self.live = live
+        #: Make sure a queue is stored (the Conductor stores the ones it declares).
+        self.queue_ready = queue_ready or self._queue_stored
+
+    async def _queue_stored(self, name: str) -> None:
+        if await self.backend.get_run(queues.queue_run_id(name)) is None:
+            raise InvalidArgument(
+                f"no queue named {name!r}: declare it on the Conductor of this worker, "
+                f"Conductor(backend, queues=[Queue({name!r}, concurrency=...)])"
+            )
 
     async def start_child(self, x: Execution, command: Command) -> str:
         spec: ChildSpec = command.spec
@@ -44,7 +59,13 @@ class RunEffects:
             abandon=spec.abandon,
             trace=telemetry.carrier() if telemetry.on else None,  # under the parent's run span
         )
-        created = await create_run(self.backend, record)
+        if spec.queue is None:
+            created = await create_run(self.backend, record)
+        else:
+            await self.queue_ready(spec.queue)
+            created = await queues.start_queued(
+                self.backend, record, spec.queue, key=spec.key, priority=spec.priority
+            )
         if created and telemetry.on:
             telemetry.run_started(spec.workflow)
         if not created:

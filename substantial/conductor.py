@@ -242,6 +242,7 @@ class Conductor(FlowControl, Surgery):
             self.registry,
             self.backend,
             on_ended=self._run_ended,
+            queue_ready=self._queue_ready,
             concurrency=concurrency,
             lease_ttl=lease_ttl,
             idle_timeout=idle_timeout,

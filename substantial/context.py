@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 from substantial._durations import seconds
+from substantial._queue_names import check_key_priority, queue_run_id
 from substantial._steps import DEFAULT_RETRY, RetryPolicy, StepSpec
 from substantial.errors import (
     ChildFailed,
@@ -314,6 +315,9 @@ class Context:
         run_id: str | None = None,
         timeout: timedelta | float | None = None,
         abandon: bool = False,
+        queue: str | None = None,
+        key: str | None = None,
+        priority: int = 0,
     ) -> ChildHandle:
         """Start ``wf(**kwargs)`` as a child run; return its handle once it is stored.
 
@@ -321,7 +325,9 @@ class Context:
         (``<parent>:<n>``) unless ``run_id`` is given, so a replay never starts
         a second child. It inherits what is left of this run's deadline
         unless ``timeout`` is shorter. When this run ends, unfinished children
-        are cancelled, unless started with ``abandon=True``.
+        are cancelled, unless started with ``abandon=True``. With ``queue``,
+        the child waits in that queue (declared on the Conductor) until its
+        limits admit it, with ``key`` and ``priority`` as in ``conductor.start``.
         """
         from substantial.workflow import ChildSpec, Workflow
 
@@ -329,13 +335,20 @@ class Context:
             raise InvalidArgument(f"start_child() takes a @workflow() function, got {wf!r}")
         if kwargs is not None and not isinstance(kwargs, dict):
             raise InvalidArgument("start_child() takes the child's arguments as a dict of kwargs")
+        if queue is not None:
+            queue_run_id(queue)
+            check_key_priority(key, priority)
+        elif key is not None or priority:
+            raise InvalidArgument("start_child(key=..., priority=...) needs queue=: name a Queue")
         x = self._x
         x.enter()
         encoded = as_stored(dict(kwargs or {}), "the child's arguments", "kwargs")
         limit = None if timeout is None else seconds(timeout, "c.child(timeout=...)", positive=True)
         c, _bound = x.issue("child", wf.name)
         child_id = run_id if run_id is not None else f"{self._run_id}:{c}"
-        spec = ChildSpec(wf.name, wf.version, encoded, child_id, limit, abandon)
+        spec = ChildSpec(
+            wf.name, wf.version, encoded, child_id, limit, abandon, queue, key, priority
+        )
         command = x.wait_for(c, "child", wf.name, spec)
         record = await command.future
         if "error" in record:
@@ -351,13 +364,19 @@ class Context:
         *,
         run_id: str | None = None,
         timeout: timedelta | float | None = None,
+        queue: str | None = None,
+        key: str | None = None,
+        priority: int = 0,
     ) -> T:
         """Run ``wf(**kwargs)`` as a child run and return its result.
 
         Raises :class:`ChildFailed` if the child fails, is cancelled, reverts
-        or times out. Many children may run at once (``asyncio.gather``).
+        or times out. Many children may run at once (``asyncio.gather``);
+        with ``queue``, no more at once than the queue's limits allow.
         """
-        handle = await self.start_child(wf, kwargs, run_id=run_id, timeout=timeout)
+        handle = await self.start_child(
+            wf, kwargs, run_id=run_id, timeout=timeout, queue=queue, key=key, priority=priority
+        )
         return cast(T, await handle.result())
 
     # -- advanced --------------------------------------------------------------

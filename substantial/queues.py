@@ -11,7 +11,6 @@ run parked and hands it to the queue, which admits it when the limits allow.
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from substantial._outcome import finish_run
 from substantial._queue_flow import MESSAGE, QUEUE_WORKFLOW
+from substantial._queue_names import check_key_priority, queue_run_id
 from substantial._runs import create_run, store_run
 from substantial.backends.base import Backend, RunInfo, validate_id
 from substantial.errors import InvalidArgument, PositionTaken
@@ -37,19 +37,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Queue", "QueueInfo", "queue_run_id"]
 
-_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=-]{0,99}")
 #: The due time of a run waiting in a queue: later than any worker looks.
 PARKED = 253_402_300_799.0  # 9999-12-31T23:59:59Z
-
-
-def queue_run_id(name: str) -> str:
-    """Return the id of the run that is the queue ``name``, checking the name."""
-    if not isinstance(name, str) or _NAME_RE.fullmatch(name) is None:
-        raise InvalidArgument(
-            f"invalid queue name {name!r}: use 1-100 characters from A-Z a-z 0-9 _ . = -, "
-            "not starting with '.', '=' or '-'"
-        )
-    return f"queue:{name}"
 
 
 def _positive(value: Any, what: str) -> int | None:
@@ -220,10 +209,7 @@ def check_options(
     key: str | None, priority: int, delay: Any, debounce: Any, dedup_id: str | None
 ) -> tuple[float, float]:
     """Check a queued start's options; return ``delay`` and ``debounce`` in seconds."""
-    if key is not None and (not isinstance(key, str) or not key):
-        raise InvalidArgument(f"key= takes a non-empty string, got {key!r}")
-    if not isinstance(priority, int) or isinstance(priority, bool):
-        raise InvalidArgument(f"priority= takes a whole number, got {priority!r}")
+    check_key_priority(key, priority)
     if dedup_id is not None:
         validate_id("dedup id", dedup_id)
     return _duration(delay, "delay="), _duration(debounce, "debounce=")

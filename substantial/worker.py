@@ -14,7 +14,7 @@ import contextlib
 import functools
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -75,6 +75,7 @@ class Worker:
         backend: Backend,
         *,
         on_ended: Callable[[str], None] | None = None,
+        queue_ready: Callable[[str], Awaitable[None]] | None = None,
         concurrency: int = 1000,
         lease_ttl: float = 30.0,
         idle_timeout: float = 60.0,
@@ -86,6 +87,7 @@ class Worker:
         self.registry = registry
         self.backend = backend
         self.on_ended = on_ended or (lambda _run_id: None)
+        self.queue_ready = queue_ready  # stores a queue a child is started into
         self.owner = make_owner("w")
         for name, count, least in (
             ("concurrency", concurrency, 1),
@@ -381,7 +383,7 @@ class Worker:
             for m in mailbox:
                 x.apply({"k": "event", "id": m["id"], "name": m["name"], "value": m.get("value")})
             ctx = Context(x, run_id, wf.retry)
-            effects = RunEffects(self.backend, live)
+            effects = RunEffects(self.backend, live, self.queue_ready)
             driver = Driver(
                 x,
                 self.backend,

@@ -58,6 +58,11 @@ class ChildSpec:
     run_id: str
     timeout: float | None
     abandon: bool
+    #: The queue the child waits in before it runs (None: it runs at once), and its
+    #: key and priority there.
+    queue: str | None = None
+    key: str | None = None
+    priority: int = 0
 
 
 def timeout_seconds(

@@ -16,7 +16,7 @@ import signal
 import time
 from datetime import timedelta
 
-from substantial import Conductor, Context, workflow
+from substantial import ChildFailed, Conductor, Context, InvalidArgument, workflow
 from tests.workflows import trace
 
 
@@ -47,9 +47,38 @@ async def held(c: Context, n: int = 0, pause: float = 0.1, key: str = "") -> int
     return await c.save(work)
 
 
+@workflow()
+async def fan_out(c: Context, n: int, queue: str, pause: float = 0.05) -> list[int]:
+    """Run ``n`` children of ``held`` side by side through ``queue``."""
+    children = [
+        c.child(held, {"n": i, "pause": pause, "key": "child"}, queue=queue, priority=i % 3)
+        for i in range(n)
+    ]
+    return list(await asyncio.gather(*children))
+
+
+@workflow()
+async def leave_early(c: Context, queue: str) -> list[str]:
+    """Start three children into ``queue`` and end before they do: they are cancelled."""
+    handles = [await c.start_child(held, {"n": i, "pause": 0.5}, queue=queue) for i in range(3)]
+    return [h.run_id for h in handles]
+
+
+@workflow()
+async def bad_children(c: Context) -> list[str]:
+    """Start children wrongly; return what each attempt raised."""
+    out = []
+    for kwargs in ({"key": "k"}, {"queue": "nowhere"}, {"queue": "a/b"}):
+        try:
+            await c.child(held, {"n": 1}, **kwargs)
+        except (InvalidArgument, ChildFailed) as exc:
+            out.append(f"{type(exc).__name__}: {exc}")
+    return out
+
+
 def _conductor() -> Conductor:
     conductor = Conductor(os.environ.get("SUBSTANTIAL_TEST_URL", "memory://"))
-    for wf in (ticked, untimed, held):
+    for wf in (ticked, untimed, held, fan_out, leave_early, bad_children):
         conductor.register(wf)
     return conductor
 

@@ -23,7 +23,7 @@ from substantial import (
 )
 from substantial.backends.memory import MemoryBackend
 from substantial.records import decode_entry
-from tests.flow_workflows import held
+from tests.flow_workflows import bad_children, fan_out, held, leave_early
 from tests.harness import Harness
 from tests.test_schedules import halt, spawn, wait_until
 
@@ -168,6 +168,38 @@ async def test_a_run_cancelled_while_it_waits_ends_without_taking_a_slot(
     log = await conductor.backend.read_log(waiting.run_id)
     kinds = [r["k"] for p, e in enumerate(log) for r in decode_entry(waiting.run_id, p, e)]
     assert kinds == ["start", "end"], "a run cancelled in the queue never ran"
+
+
+async def test_children_started_through_a_queue_obey_its_limits(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    trace = tmp_path / "trace.txt"
+    monkeypatch.setenv("SUBSTANTIAL_TEST_TRACE", str(trace))
+    conductor = in_memory(Queue("kids", concurrency=2), Queue("one", concurrency=1))
+    for wf in (fan_out, leave_early, bad_children):
+        conductor.register(wf)
+    agent = conductor.run()
+    try:
+        parent = await conductor.start(fan_out, {"n": 8, "queue": "kids"})
+        assert await parent.result(timeout=30) == list(range(8))
+        early = await conductor.start(leave_early, {"queue": "one"})
+        children = await early.result(timeout=30)
+        for child in children:  # ended with their parent, waiting or running
+            with pytest.raises(RunCancelled):
+                await conductor.get(child).result(timeout=30)
+        await wait_until(lambda: _settled(conductor, "one"))  # and gave their slots back
+        refused = await (await conductor.start(bad_children)).result(timeout=30)
+    finally:
+        agent.cancel()
+        await agent
+    rows = [r for r in ledger(trace) if r[2] == "child"]
+    assert sorted(r[1] for r in rows) == list(range(8))
+    assert most_at_once(rows) == 2, "children through concurrency=2 must run two at a time"
+    kids = [r.run_id for r in await conductor.list(parent=parent.run_id)]
+    assert len(kids) == 8 and all([await admitted_at(conductor, k) for k in kids])
+    assert refused[0].startswith("InvalidArgument: start_child(key=..., priority=...) needs")
+    assert "ChildFailed" in refused[1] and "no queue named 'nowhere': declare it" in refused[1]
+    assert refused[2].startswith("InvalidArgument: invalid queue name 'a/b'")
 
 
 async def _running(conductor: Conductor, run_id: str) -> bool:
