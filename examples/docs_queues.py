@@ -1,4 +1,5 @@
-"""docs/queues.md: concurrency, priority, per-key limits, rate limits, dedup, debounce, delay."""
+"""docs/queues.md: concurrency, priority, per-key limits, rate limits, dedup, debounce, delay,
+children through a queue."""
 
 import asyncio
 import time
@@ -26,6 +27,16 @@ async def send_email(c: Context, to: str, lane: str = "mail", hold: float = 0.05
     return await c.save(deliver)
 
 
+@workflow()
+async def newsletter(c: Context, readers: list[str]) -> list[str]:
+    # At most 2 at once (Queue("mail", concurrency=2)), whatever else goes through "mail".
+    return list(
+        await asyncio.gather(
+            *(c.child(send_email, {"to": r, "lane": "kids"}, queue="mail") for r in readers)
+        )
+    )
+
+
 async def main() -> None:
     conductor = Conductor(
         "memory://",
@@ -37,6 +48,7 @@ async def main() -> None:
         ],
     )
     conductor.register(send_email)
+    conductor.register(newsletter)
     agent = conductor.run()
 
     runs = [await conductor.start(send_email, {"to": f"u{i}"}, queue="mail") for i in range(6)]
@@ -84,6 +96,9 @@ async def main() -> None:
     t1 = time.monotonic()
     later = await conductor.start(send_email, {"to": "later"}, queue="mail", delay=0.3)
     print("delay:", await later.result(), "| waited:", time.monotonic() - t1 >= 0.3)
+
+    issue = await conductor.start(newsletter, {"readers": [f"r{i}" for i in range(6)]})
+    print("children:", len(await issue.result()), "| at most at once:", peak["kids"])
 
     agent.cancel()
     await agent

@@ -105,6 +105,7 @@ EXPECTED: dict[str, list[str]] = {
         "dedup: True dedup:mail:welcome-ann",
         "debounce: ['sent to draft-3', 'sent to draft-3', 'sent to draft-3', 'sent to draft-3']",
         "delay: sent to later | waited: True",
+        "children: 6 | at most at once: 2",
     ],
     "docs_schedules": [
         "runs started: True",
