@@ -27,6 +27,7 @@ from substantial.errors import (
     WorkflowTimeout,
 )
 from substantial.queues import Queue
+from substantial.schedules import Cron, Every
 from substantial.workflow import Workflow, workflow
 
 __version__ = "0.2.0.dev0"
@@ -40,6 +41,8 @@ __all__ = [
     "Conductor",
     "Context",
     "CorruptRecord",
+    "Cron",
+    "Every",
     "InvalidArgument",
     "NonDeterminismError",
     "PositionTaken",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ from substantial import queues, schedules
 from substantial._queue_flow import queue_workflow
 from substantial._schedule_flow import schedule_workflow
 from substantial.backends.base import Backend
-from substantial.errors import InvalidArgument, RunConflict
+from substantial.errors import BackendUnavailable, InvalidArgument, RunConflict, SubstantialError
 from substantial.records import StartRecord
 from substantial.workflow import Registry, Workflow
 
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from substantial.conductor import Conductor, Run
 
 __all__ = ["FlowControl"]
+
+logger = logging.getLogger("substantial.schedules")
 
 
 class FlowControl:
@@ -46,6 +49,39 @@ class FlowControl:
         self._stored_queues: set[str] = set()
         #: The check of a queue under way, which concurrent starts into it share.
         self._storing: dict[str, asyncio.Future[None]] = {}
+        #: Workflows registered with ``@workflow(schedule=...)``, by schedule name.
+        self._scheduled: dict[str, Workflow[Any]] = {}
+        self._storing_schedules: asyncio.Task[None] | None = None
+
+    def _declare_schedule(self, wf: Any) -> None:
+        if isinstance(wf, Workflow) and wf.schedule is not None:
+            self._scheduled[schedules.check_name(wf.schedule.name or wf.name)] = wf
+
+    def _store_schedules(self) -> None:
+        """Store, in the background, the schedules of the workflows registered with one."""
+        task = self._storing_schedules
+        if self._scheduled and (task is None or task.done()):
+            self._storing_schedules = asyncio.get_running_loop().create_task(
+                self._store_declared(dict(self._scheduled)), name="substantial-schedules"
+            )
+
+    async def _store_declared(self, pending: dict[str, Workflow[Any]]) -> None:
+        # A store that is down when the worker starts is retried, as the worker retries it.
+        pause = 1.0
+        while pending:
+            for name, wf in list(pending.items()):
+                assert wf.schedule is not None
+                try:
+                    await self.schedule(name, wf, **wf.schedule.settings())
+                except BackendUnavailable as exc:
+                    logger.warning("schedule %r not stored yet, retrying: %s", name, exc)
+                    continue
+                except SubstantialError as exc:
+                    logger.error("schedule %r of workflow %r not stored: %s", name, wf.name, exc)
+                del pending[name]
+            if pending:
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, 60.0)
 
     async def _queue_ready(self, name: str) -> None:
         if name in self._stored_queues:

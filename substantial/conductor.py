@@ -70,8 +70,11 @@ class Conductor(FlowControl, Surgery):
     def register(self, wf: Workflow[Any]) -> Workflow[Any]:
         """Make ``wf`` runnable by this conductor's workers.
 
-        The last version registered under a name is the one new runs start with.
+        The last version registered under a name is the one new runs start with;
+        a workflow declared with ``@workflow(schedule=...)`` gets its schedule
+        when this conductor starts a worker.
         """
+        self._declare_schedule(wf)
         return self.registry.register(wf)
 
     def lookup(self, name: str, version: str | None) -> Workflow[Any] | None:
@@ -251,7 +254,9 @@ class Conductor(FlowControl, Surgery):
             step_threads=step_threads,
             inline_below=inline_below,
         )
-        return Agent(worker)
+        agent = Agent(worker)
+        self._store_schedules()
+        return agent
 
     def _run_ended(self, run_id: str) -> None:
         watched = self._ended.get(run_id)

@@ -25,6 +25,7 @@ from substantial._schedule_flow import (
     start_ticks,
 )
 from substantial._ticks import ScheduleSpec, make_spec, ticks_between
+from substantial._timetable import Cron, Every
 from substantial.errors import InvalidArgument, RunNotFound, UnknownWorkflow
 from substantial.records import as_stored, decode_entry, start_record
 from substantial.workflow import Workflow
@@ -32,14 +33,15 @@ from substantial.workflow import Workflow
 if TYPE_CHECKING:
     from substantial.conductor import Conductor, Run
 
-__all__ = ["Schedule", "ScheduleInfo", "list_schedules", "schedule"]
+__all__ = ["Cron", "Every", "Schedule", "ScheduleInfo", "check_name", "list_schedules", "schedule"]
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=-]{0,99}")
 #: Most ticks one backfill may start.
 BACKFILL_LIMIT = 10_000
 
 
-def _check_name(name: str) -> str:
+def check_name(name: str) -> str:
+    """Return ``name`` if it can name a schedule; raise :class:`InvalidArgument` if not."""
     if not isinstance(name, str) or _NAME_RE.fullmatch(name) is None:
         raise InvalidArgument(
             f"invalid schedule name {name!r}: use 1-100 characters from A-Z a-z 0-9 _ . = -, "
@@ -106,7 +108,7 @@ class Schedule:
 
     def __init__(self, conductor: Conductor, name: str) -> None:
         self._conductor = conductor
-        self.name = _check_name(name)
+        self.name = check_name(name)
         #: The id of the run that is this schedule.
         self.run_id = schedule_run_id(name)
 
@@ -229,7 +231,7 @@ async def schedule(
     jitter: timedelta | float | None = None,
 ) -> Schedule:
     """Create the schedule ``name``, or bring an existing one to these settings."""
-    _check_name(name)
+    check_name(name)
     if isinstance(wf, str):
         found = conductor.registry.latest(wf)
         if found is None:

@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from substantial._durations import seconds
+from substantial._timetable import Timetable, timetable
 from substantial.backends.base import validate_id
 from substantial.errors import InvalidArgument
 
@@ -29,7 +30,8 @@ class Workflow(Generic[R]):
     ``version`` pins runs to code: a run started on version ``"2"`` is only
     replayed by a worker that registered version ``"2"`` of this workflow.
     ``timeout`` (seconds) is the default deadline of its runs; ``retry`` the
-    retry policy of its steps that do not give one.
+    retry policy of its steps that do not give one; ``schedule`` the
+    timetable a Conductor it is registered on starts it by.
     """
 
     fn: Callable[..., Awaitable[R]]
@@ -37,6 +39,7 @@ class Workflow(Generic[R]):
     version: str | None = None
     timeout: float | None = None
     retry: RetryPolicy | None = None
+    schedule: Timetable | None = None
 
     @property
     def key(self) -> tuple[str, str | None]:
@@ -85,6 +88,7 @@ def workflow(
     version: str | int | None = None,
     timeout: timedelta | float | None = None,
     retry: RetryPolicy | None = None,
+    schedule: str | timedelta | Timetable | None = None,
 ) -> Callable[[Callable[..., Awaitable[R]]], Workflow[R]]: ...
 
 
@@ -96,6 +100,7 @@ def workflow(
     version: str | int | None = None,
     timeout: timedelta | float | None = None,
     retry: RetryPolicy | None = None,
+    schedule: str | timedelta | Timetable | None = None,
 ) -> Workflow[R] | Callable[[Callable[..., Awaitable[R]]], Workflow[R]]:
     """Declare an ``async def`` taking a :class:`Context` as a durable workflow.
 
@@ -105,8 +110,12 @@ def workflow(
     runs in flight if ``name`` is kept. ``timeout`` gives every run a
     deadline (``start(..., timeout=...)`` overrides it). ``retry`` is the
     :class:`RetryPolicy` of every ``save`` that does not pass its own.
+    ``schedule`` (a cron expression in UTC, a ``timedelta``, ``Cron(...)``
+    or ``Every(...)``) starts the workflow on that timetable once it is
+    registered on a Conductor that runs a worker (docs/schedules.md).
     """
     limit = timeout_seconds(timeout, "@workflow(timeout=...)")
+    declared = timetable(schedule)
     from substantial._steps import RetryPolicy
 
     if retry is not None and not isinstance(retry, RetryPolicy):
@@ -125,6 +134,7 @@ def workflow(
             version=None if version is None else str(version),
             timeout=limit,
             retry=retry,
+            schedule=declared,
         )
 
     if fn is not None:

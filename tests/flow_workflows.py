@@ -16,7 +16,7 @@ import signal
 import time
 from datetime import timedelta
 
-from substantial import ChildFailed, Conductor, Context, InvalidArgument, workflow
+from substantial import ChildFailed, Conductor, Context, Every, InvalidArgument, workflow
 from tests.workflows import trace
 
 
@@ -74,6 +74,12 @@ async def bad_children(c: Context) -> list[str]:
         except (InvalidArgument, ChildFailed) as exc:
             out.append(f"{type(exc).__name__}: {exc}")
     return out
+
+
+@workflow(schedule=Every(timedelta(seconds=0.2), kwargs={"tag": "declared"}))
+async def declared(c: Context, scheduled_at: str, tag: str = "") -> str:
+    """A workflow that brings its own schedule (not registered by the worker processes)."""
+    return f"{tag} {scheduled_at}"
 
 
 def _conductor() -> Conductor:

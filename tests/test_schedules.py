@@ -14,12 +14,20 @@ from typing import Any
 
 import pytest
 
-from substantial import Conductor, InvalidArgument, RunNotFound
+from substantial import (
+    Conductor,
+    Cron,
+    Every,
+    InvalidArgument,
+    RunNotFound,
+    SerializationError,
+    workflow,
+)
 from substantial._ticks import make_spec, next_tick, pick_due, tick_stamp, ticks_between
 from substantial.backends.memory import MemoryBackend
 from substantial.backends.sqlite import SQLiteBackend
 from substantial.records import decode_entry
-from tests.flow_workflows import PERIOD, ticked, untimed
+from tests.flow_workflows import PERIOD, declared, ticked, untimed
 from tests.harness import Harness
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,8 +188,8 @@ async def test_a_schedule_starts_one_run_per_tick_and_obeys_its_controls() -> No
         await agent
 
 
-async def _count(conductor: Conductor, n: int) -> bool:
-    return len(await tick_runs(conductor)) >= n
+async def _count(conductor: Conductor, n: int, wf: str = "ticked") -> bool:
+    return len(await tick_runs(conductor, wf)) >= n
 
 
 async def _paused(sched: Any, paused: bool) -> bool:
@@ -198,6 +206,38 @@ async def _tagged(conductor: Conductor, tag: str) -> bool:
         if start[0]["kwargs"].get("tag") == tag:
             return True
     return False
+
+
+async def test_a_workflow_declares_its_schedule() -> None:
+    conductor = Conductor(MemoryBackend())
+    conductor.register(declared)
+    assert await conductor.list_schedules() == [], "stored when a worker starts, not before"
+    agent = conductor.run(poll_interval=0.5)
+    try:
+        await wait_until(lambda: _count(conductor, 2, "declared"))
+        (info,) = await conductor.list_schedules()
+        assert (info.name, info.workflow, info.every, info.kwargs) == (
+            "declared",
+            "declared",
+            timedelta(seconds=0.2),
+            {"tag": "declared"},
+        )
+        run_id, at = (await tick_runs(conductor, "declared"))[0]
+        assert await conductor.get(run_id).result(timeout=10) == f"declared {at}"
+    finally:
+        agent.cancel()
+        await agent
+    assert workflow(schedule="0 3 * * *")(declared.fn).schedule == Cron("0 3 * * *")
+    assert workflow(schedule=timedelta(hours=1))(declared.fn).schedule == Every(timedelta(hours=1))
+    for bad, error, message in [
+        ("61 * * * *", InvalidArgument, "invalid cron expression '61 \\* \\* \\* \\*'"),
+        (5, InvalidArgument, "takes a cron expression .* got 5 \\(for seconds: Every\\(5\\)\\)"),
+        (Cron("0 3 * * *", tz="Mars/Olympus"), InvalidArgument, "unknown time zone 'Mars"),
+        (Every(60, catch_up="some"), InvalidArgument, "catch_up= must be"),
+        (Every(60, kwargs={"f": print}), SerializationError, "arguments of @workflow"),
+    ]:
+        with pytest.raises(error, match=message):
+            workflow(schedule=bad)
 
 
 async def test_backfill_and_trigger_start_each_tick_once() -> None:
