@@ -206,7 +206,7 @@ async def _run(world: World) -> None:
             world.faults.update(faults.injected)
             if result.done():
                 faults.on = False
-                await settle(inner)
+                await settle(inner, agent)
                 died.cancel()
                 await kill(agent)
                 break

@@ -307,14 +307,14 @@ async def run_result(conductor: Conductor, run_id: str, timeout: float | None = 
         return "reverted"
 
 
-async def settle(store: Backend) -> None:
-    """Wait until nothing is due any more: the worker finished what follows the ends of runs.
+async def settle(store: Backend, agent: Any) -> None:
+    """Wait until nothing is due and the worker holds no run: what follows ends is done.
 
     Metadata, a parent's report, inbox cleanup. Virtual seconds cost nothing.
     """
     for _ in range(int(SETTLE)):
         await asyncio.sleep(1.0)
-        if not await store.due(time.time() + 365 * 86400.0, 1):
+        if not agent.worker.runs and not await store.due(time.time() + 365 * 86400.0, 1):
             return
     raise AssertionError(f"runs still due {SETTLE}s after the run ended")
 
@@ -378,7 +378,7 @@ async def scenario(
         waiting = asyncio.ensure_future(run_result(conductor, "sim", timeout))
     try:
         result = await waiting
-        await settle(inner)
+        await settle(inner, agent)
     except TimeoutError as exc:
         trace = "\n  ".join(first.trace)
         raise AssertionError(

@@ -115,8 +115,8 @@ def test_a_crash_after_any_write_changes_nothing(
     print(f"simulation: {TOTALS['programs']} programs, {TOTALS['crashes']} crashes, all recovered")
 
 
-#: Seeds CI runs (about 25 s on a loaded 2-core machine); SUBSTANTIAL_SIM_SEEDS=20000 runs more.
-SEEDS = int(os.environ.get("SUBSTANTIAL_SIM_SEEDS", "4000"))
+#: Seeds CI runs (about 20 s on a loaded 2-core machine); SUBSTANTIAL_SIM_SEEDS=20000 runs more.
+SEEDS = int(os.environ.get("SUBSTANTIAL_SIM_SEEDS", "3000"))
 FIRST_SEED = int(os.environ.get("SUBSTANTIAL_SIM_FIRST_SEED", "0"))
 
 
