@@ -3,7 +3,8 @@
 ``conductor`` opens the backend named by $SUBSTANTIAL_TEST_URL;
 ``python -m tests.flow_workflows`` runs a worker for it that polls every
 0.2 s (S3 has no wake-up signal: its workers find new work by polling) with
-one-second leases, until SIGTERM. Steps
+one-second leases, until SIGTERM; with $SUBSTANTIAL_TEST_GO, only once that
+file exists. Steps
 append a line with timestamps to $SUBSTANTIAL_TEST_TRACE: the ledger the
 tests read to see what ran, where and when.
 """
@@ -92,10 +93,15 @@ def _conductor() -> Conductor:
 conductor = _conductor()
 
 #: The period of the schedule the multi-process test runs.
-PERIOD = timedelta(seconds=0.4)
+PERIOD = timedelta(seconds=0.3)
 
 
 async def serve() -> None:
+    # A standby process (started early, so a test does not wait for Python to start)
+    # becomes a worker once the file named by $SUBSTANTIAL_TEST_GO exists.
+    go = os.environ.get("SUBSTANTIAL_TEST_GO")
+    while go and not os.path.exists(go):
+        await asyncio.sleep(0.02)
     agent = conductor.run(poll_interval=0.2, lease_ttl=1.0)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, agent.cancel)

@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import signal
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +21,27 @@ from substantial import (
     RunConflict,
     Workflow,
 )
+from substantial._ticks import tick_stamp
 from substantial.backends.memory import MemoryBackend
 from substantial.records import decode_entry
-from tests.flow_workflows import bad_children, fan_out, held, leave_early
+from tests.flow_workflows import PERIOD, bad_children, fan_out, held, leave_early, ticked
 from tests.harness import Harness
-from tests.test_schedules import halt, spawn, wait_until
+from tests.test_schedules import _count, halt, spawn, tick_runs, wait_until
 
 
 def ledger(trace: Path) -> list[tuple[str, int, str, float, float]]:
     """(run id, n, key, began, ended) of every execution of ``held`` that finished."""
     rows = []
-    for line in trace.read_text().splitlines():
-        run_id, n, key, began, ended, _pid = line.split()
-        rows.append((run_id, int(n), key, float(began), float(ended)))
+    for line in trace.read_text().splitlines() if trace.exists() else ():
+        if len(line.split()) == 6:  # not a line of ``ticked``
+            run_id, n, key, began, ended, _pid = line.split()
+            rows.append((run_id, int(n), key, float(began), float(ended)))
     return rows
 
 
-def most_at_once(rows: list[tuple[str, int, str, float, float]]) -> int:
-    """The largest number of executions that overlap at one instant."""
-    marks = sorted([(r[3], 1) for r in rows] + [(r[4], -1) for r in rows])
+def most_at_once(rows: list[tuple[Any, ...]]) -> int:
+    """The largest number of intervals (the last two fields of each row) open at one instant."""
+    marks = sorted([(r[-2], 1) for r in rows] + [(r[-1], -1) for r in rows])
     best = now = 0
     for _t, delta in marks:
         now += delta
@@ -53,6 +55,14 @@ async def admitted_at(conductor: Conductor, run_id: str) -> float:
     (record,) = decode_entry(run_id, 1, entry)
     assert record["k"] == "admit"
     return float(record["t"])
+
+
+async def slot(conductor: Conductor, run_id: str) -> tuple[float, float]:
+    """When a queued run held its slot: from its admit record to its end record."""
+    log = await conductor.backend.read_log(run_id)
+    records = [r for p, e in enumerate(log) for r in decode_entry(run_id, p, e)]
+    assert records[1]["k"] == "admit" and records[-1]["k"] == "end"
+    return float(records[1]["t"]), float(records[-1]["t"])
 
 
 def in_memory(*queues: Queue, wf: Workflow[Any] = held) -> Conductor:
@@ -243,10 +253,16 @@ async def test_bad_queued_starts_are_refused_clearly() -> None:
 # -- worker processes ----------------------------------------------------------------
 
 
-async def test_limits_hold_across_worker_processes_one_of_them_sigkilled(
+async def test_limits_and_ticks_hold_across_worker_processes_sigkilled_and_stopped(
     shared_harness: Harness, tmp_path: Path
 ) -> None:
-    """concurrency=2 over 30 runs, one key at a time per key, 5 admits per 0.5 s, 3 workers."""
+    """Three worker processes serve three queues and a schedule; they die and come back.
+
+    Queues: concurrency=2 over 30 runs, one run at a time per key over three keys, 5
+    admissions per 0.5 s over 20 runs. Schedule: a tick every 0.3 s, catch_up="all". The
+    worker holding the schedule is SIGKILLed while the queues drain; once they have, every
+    worker is SIGKILLed, none runs for a while, then one comes back.
+    """
     trace = tmp_path / "trace.txt"
     queues = [
         Queue("pair", concurrency=2),
@@ -255,57 +271,85 @@ async def test_limits_hold_across_worker_processes_one_of_them_sigkilled(
     ]
     client = Conductor(await shared_harness.open(), queues=queues)
     client.register(held)
-    # S3 has no wake-up signal: a run's end reaches its queue at the next poll (up to 2 s
-    # later), so there the runs are fewer and longer, or they would never overlap.
+    client.register(ticked)
+    # S3 has no wake-up signal: a run's end reaches its queue at the next poll, so there
+    # the runs are fewer and longer, or they would not overlap.
     slow = shared_harness.name == "s3"
-    n_pair, n_keyed, n_paced, hold = (6, 6, 10, 0.6) if slow else (30, 12, 20, 0.08)
+    n_pair, n_keyed, n_paced, hold = (5, 6, 8, 0.3) if slow else (30, 12, 20, 0.04)
+    sched = await client.schedule("pulse", ticked, every=PERIOD, catch_up="all")
     workers = [spawn(shared_harness.url, trace) for _ in range(3)]
+    comeback = tmp_path / "go"
+    standby = spawn(shared_harness.url, trace, go=comeback)  # serves nothing until told
+    workers.append(standby)
     try:
+        pair = [
+            client.start(held, {"n": i, "pause": hold, "key": "pair"}, queue="pair")
+            for i in range(n_pair)
+        ]
+        keyed = [
+            client.start(held, {"n": i, "pause": 2 * hold, "key": k}, queue="keyed", key=k)
+            for i, k in zip(range(n_keyed), itertools.cycle("abc"), strict=False)
+        ]
+        paced = [
+            client.start(held, {"n": i, "pause": 0.0, "key": "paced"}, queue="paced")
+            for i in range(n_paced)
+        ]
         # Started side by side: order is not what this test is about, and S3 is slow per call.
-        pair = await asyncio.gather(
-            *(
-                client.start(held, {"n": i, "pause": hold, "key": "pair"}, queue="pair")
-                for i in range(n_pair)
-            )
-        )
-        keyed = await asyncio.gather(
-            *(
-                client.start(held, {"n": i, "pause": 0.3, "key": k}, queue="keyed", key=k)
-                for i, k in zip(range(n_keyed), itertools.cycle("abc"), strict=False)
-            )
-        )
-        paced = await asyncio.gather(
-            *(
-                client.start(held, {"n": i, "pause": 0.0, "key": "paced"}, queue="paced")
-                for i in range(n_paced)
-            )
-        )
-        await wait_until(lambda: _ledger_has(trace, 4 if slow else 8), timeout=60)
-        victim = workers.pop(0)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
-        halt(victim)
-        everything = [*pair, *keyed, *paced]
+        everything = await asyncio.gather(*pair, *keyed, *paced)
+
+        async def going() -> bool:
+            return await _count(client, 2) and len(ledger(trace)) >= (4 if slow else 8)
+
+        await wait_until(going, timeout=60)
+        lease = await client.backend.get_lease(sched.run_id)
+        assert lease is not None
+        holder = next(w for w in workers[:3] if f"/{w.pid}/" in lease.owner)
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        killed_at = len(await tick_runs(client))
         results = await asyncio.gather(*(r.result(timeout=90) for r in everything))
+        await wait_until(lambda: _count(client, killed_at + 3), timeout=60)
+        for w in workers[:3]:  # every worker gone: the ticks of this gap are missed
+            w.send_signal(signal.SIGKILL)
+            w.wait()
+        down_at = len(await tick_runs(client))
+        await asyncio.sleep(3 * PERIOD.total_seconds())
+        comeback.touch()  # a worker again
+        # The ticks missed meanwhile, then one on time.
+        await wait_until(lambda: _count(client, down_at + 4), timeout=60)
     finally:
         for w in workers:
             halt(w)
+    # The queues.
     assert results == [*range(n_pair), *range(n_keyed), *range(n_paced)]
     rows = ledger(trace)
-    pair_rows = [r for r in rows if r[2] == "pair"]
-    assert most_at_once(pair_rows) == 2, "concurrency=2 must be reached and never passed"
+    assert most_at_once([r for r in rows if r[2] == "pair"]) <= 2, "concurrency=2 was passed"
     for key in "abc":
         assert most_at_once([r for r in rows if r[2] == key]) == 1, f"key {key} ran twice at once"
-    assert most_at_once([r for r in rows if r[2] in "abc"]) >= 2, "keys should run side by side"
-    times = sorted([await admitted_at(client, r.run_id) for r in paced])
+    # Reached, not only never passed: from admission to end, two runs held slots at once
+    # (the runs' own steps may not overlap where workers find work by polling).
+    pair_slots = [await slot(client, r.run_id) for r in everything[:n_pair]]
+    assert most_at_once(pair_slots) == 2, "concurrency=2 must be reached"
+    keyed_slots = [await slot(client, r.run_id) for r in everything[n_pair : n_pair + n_keyed]]
+    assert most_at_once(keyed_slots) >= 2, "keys should run side by side"
+    times = sorted([await admitted_at(client, r.run_id) for r in everything[-n_paced:]])
     for i in range(len(times) - 5):
         assert times[i + 5] - times[i] >= 0.5 - 1e-6, "more than 5 admitted within 0.5 s"
     for r in everything:  # recorded once, whoever ran it
         log = await client.backend.read_log(r.run_id)
         kinds = [k["k"] for p, e in enumerate(log) for k in decode_entry(r.run_id, p, e)]
         assert kinds.count("step") == 1 and kinds.count("admit") == 1
-    assert len({row[-1] for row in trace.read_text().splitlines()}) >= 1
-
-
-async def _ledger_has(trace: Path, n: int) -> bool:
-    return trace.exists() and len(trace.read_text().splitlines()) >= n
+    # The schedule.
+    runs = await tick_runs(client)
+    ticks = [datetime.fromisoformat(at).timestamp() for _, at in runs]
+    assert len(set(ticks)) == len(ticks), "a tick started twice"
+    expected = [min(ticks) + i * PERIOD.total_seconds() for i in range(len(ticks))]
+    assert ticks == pytest.approx(expected), "catch_up='all' must leave no tick out"
+    assert [rid for rid, _ in runs] == [f"schedule:pulse:{tick_stamp(t)}" for t in ticks]
+    for rid, _ in runs:
+        log = await client.backend.read_log(rid)
+        kinds = [r["k"] for p, e in enumerate(log) for r in decode_entry(rid, p, e)]
+        assert kinds.count("start") == 1
+    lines = [line.split() for line in trace.read_text().splitlines()]
+    ticked_on = {line[-1] for line in lines if len(line) == 4}  # lines of ``ticked``
+    assert len(ticked_on) >= 2, "ticks should have run on more than one worker"
