@@ -108,7 +108,7 @@ async def chaos(harness: Harness, tmp_path: Path, label: str) -> None:
     outbox: list[tuple[float, str, str, str, str]] = []  # (when, run, event id, name, value)
     started = time.monotonic()
     try:
-        next_run = next_kill = started
+        next_run, next_kill = started, started + rng.uniform(0.15, 0.6)
         while time.monotonic() < started + SECONDS:
             now = time.monotonic()
             if now >= next_run:
