@@ -276,8 +276,18 @@ class Conductor(FlowControl, Surgery):
                 del self._ended[run_id]
 
     async def close(self) -> None:
-        """Close the backend."""
+        """Close the backend (its connections, files and clients)."""
         await self.backend.close()
+
+    async def aclose(self) -> None:
+        """Close the backend, like :meth:`close`."""
+        await self.close()
+
+    async def __aenter__(self) -> Conductor:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
 
 class Agent:

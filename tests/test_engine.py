@@ -552,3 +552,26 @@ async def test_agent_cancel_then_await_is_clean(conductor: Conductor) -> None:
     agent.cancel()
     await agent
     assert agent.done()
+
+
+async def test_a_conductor_as_a_context_manager_closes_its_backend(harness: Harness) -> None:
+    backend = await harness.open()
+    closes: list[int] = []
+    close = backend.close
+
+    async def counted_close() -> None:
+        closes.append(1)
+        await close()
+
+    backend.close = counted_close  # type: ignore[method-assign]
+    async with Conductor(backend) as conductor:
+        conductor.register(add_steps)
+        agent = conductor.run(poll_interval=0.1)
+        assert await (await conductor.start(add_steps)).result(timeout=10) is not None
+        agent.cancel()
+        await agent
+        assert closes == []
+    assert closes == [1]
+    closed = Conductor(await harness.open())
+    await closed.aclose()
+    await closed.aclose()  # closing twice is harmless
