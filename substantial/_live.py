@@ -251,6 +251,14 @@ class Driver:
         self._refuse_endless_timers()
         batch = [*x.pending, *extra] if extra else x.pending
         if not batch:
+            if x.to_ack and not self.lost:
+                # Recorded before (a crash, a lost lease), never acknowledged: no write will
+                # carry the ack, and an event left in the inbox keeps the run due forever.
+                acked, x.to_ack = x.to_ack, []
+                try:
+                    await self.backend.ack_events(x.run_id, acked)
+                except BackendUnavailable:
+                    x.to_ack[:0] = acked
             return
         if self.lost:
             raise Fenced("the lease was lost")

@@ -225,6 +225,11 @@ class _State:
         }
 
 
+def _shape(stats: dict[str, Any] | None) -> tuple[bool, bool] | None:
+    """Whether runs wait, and whether runs run: what a publication must not lag on."""
+    return None if stats is None else (stats["waiting"] > 0, stats["running"] > 0)
+
+
 def queue_workflow(backend: Backend) -> Workflow[None]:
     """Build the queue workflow; its steps admit runs on ``backend``."""
 
@@ -274,9 +279,10 @@ def queue_workflow(backend: Backend) -> Workflow[None]:
                     s.done(run_id)  # ended while it waited: it holds no slot
             stats = s.stats()
             # Published for people (queues list) at most once a second while the queue is
-            # busy, so a busy queue does not pay a write per turn; at once when it empties.
+            # busy, so a busy queue does not pay a write per turn; at once when runs start
+            # or stop waiting or running, so the figures never say idle when it is not.
             if stats != published:
-                if now - published_at >= PUBLISH_EVERY or not (s.entries or s.running):
+                if now - published_at >= PUBLISH_EVERY or _shape(stats) != _shape(published):
                     c.publish("queue", stats)
                     published, published_at = stats, now
                 else:

@@ -21,9 +21,10 @@ from substantial import (
     RunConflict,
     Workflow,
 )
+from substantial._queue_flow import MESSAGE
 from substantial._ticks import tick_stamp
 from substantial.backends.memory import MemoryBackend
-from substantial.records import decode_entry
+from substantial.records import decode_entry, encode_value
 from tests.flow_workflows import PERIOD, bad_children, fan_out, held, leave_early, ticked
 from tests.harness import Harness
 from tests.test_schedules import _count, halt, spawn, tick_runs, wait_until
@@ -210,6 +211,34 @@ async def test_children_started_through_a_queue_obey_its_limits(
     assert refused[0].startswith("InvalidArgument: start_child(key=..., priority=...) needs")
     assert "ChildFailed" in refused[1] and "no queue named 'nowhere': declare it" in refused[1]
     assert refused[2].startswith("InvalidArgument: invalid queue name 'a/b'")
+
+
+async def test_an_idle_queue_sent_a_done_twice_goes_back_to_costing_nothing() -> None:
+    """A ``done`` posted again (a worker finishing an ended run anew) is acknowledged."""
+    conductor = in_memory(Queue("q", concurrency=1))
+    agent = conductor.run(idle_timeout=0.1)
+    backend, queue_id = conductor.backend, "queue:q"
+    try:
+        run = await conductor.start(held, {"n": 1, "pause": 0.0}, queue="q")
+        await run.result(timeout=10)
+
+        async def delivered() -> bool:  # the first ``done`` is in the queue's log, and acked
+            log = await backend.read_log(queue_id)
+            ids = {r.get("id") for p, e in enumerate(log) for r in decode_entry(queue_id, p, e)}
+            return f"done.{run.run_id}" in ids and not await backend.read_inbox(queue_id)
+
+        await wait_until(delivered)
+        body = encode_value({"name": MESSAGE, "value": {"op": "done", "run_id": run.run_id}})
+        assert await backend.send_event(queue_id, f"done.{run.run_id}", body)
+
+        async def quiet() -> bool:
+            due = [r for r, _at in await backend.due(time.time() + 3600, 1000)]
+            return not await backend.read_inbox(queue_id) and queue_id not in due
+
+        await wait_until(quiet)  # not loaded again and again, every idle_timeout
+    finally:
+        agent.cancel()
+        await agent
 
 
 async def _running(conductor: Conductor, run_id: str) -> bool:
