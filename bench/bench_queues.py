@@ -9,7 +9,7 @@
   is timed;
 * W8-idle: a worker with no queue, then one with 50 queues that have each
   run one job and now wait: CPU of the process and backend calls per minute
-  over ``--idle`` seconds (every call of a Backend method counts; on S3 also
+  over ``--idle`` seconds (every call of a Backend contract method counts; on S3 also
   the HTTP requests, by operation).
 
 W2 is run as bench_engine runs it (200 starts one after the other, results
@@ -45,10 +45,10 @@ from substantial.backends import from_url
 from substantial.backends.base import Backend
 from substantial.records import decode_entry
 
+#: The Backend contract's methods (every other call is built on them), and the wait.
 CALLS = [
-    *("append", "read_log", "post_event", "send_event", "read_inbox", "ack_events"),
-    *("schedule", "unschedule", "due", "next_due_at", "acquire_lease", "release_lease"),
-    *("get_lease", "put_run", "get_run", "list_runs", "wait_for_work", "create_run"),
+    *("append", "read_log", "read_inbox", "set_due", "due", "lease", "put_run", "list_runs"),
+    "wait_for_work",
 ]
 URLS = {"fs": "file://{work}/store", "sqlite": "sqlite://{work}/store.db"}
 CHUNK = 500
@@ -88,6 +88,28 @@ def requests_of(backend: Backend) -> Counter[str]:
     return Counter(getattr(backend, "requests", {}))
 
 
+#: S3 Standard list prices (us-east-1), USD per request: PUT, COPY, POST and LIST
+#: $0.005 per 1,000; GET and the rest $0.0004 per 1,000; DELETE free.
+PRICES = {"PutObject": 5e-6, "CopyObject": 5e-6, "ListObjectsV2": 5e-6, "ListObjects": 5e-6}
+FREE = {"DeleteObject", "DeleteObjects"}
+
+
+def price(op: str) -> float:
+    """Return the list price of one S3 request of operation ``op``."""
+    return 0.0 if op in FREE else PRICES.get(op, 4e-7)
+
+
+def bill(sent: Counter[str], per: float) -> dict[str, Any]:
+    """Requests by operation divided by ``per`` (runs, or minutes), and what they cost."""
+    if not sent:
+        return {}
+    return {
+        "requests": round(sum(sent.values()) / per, 2),
+        "by_op": {op: round(k / per, 2) for op, k in sorted(sent.items())},
+        "usd_per_million": round(sum(k * price(op) for op, k in sent.items()) / per * 1e6, 2),
+    }
+
+
 async def drain(
     conductor: Conductor, starts: list[dict[str, Any]], wf: Any = steps, **opts: Any
 ) -> tuple[list[Run], list[Any]]:
@@ -102,9 +124,11 @@ async def drain(
 async def w2(name: str, work: Path) -> tuple[float, float]:
     """W2 in this sitting, as bench_engine runs it; runs/s and CPU ms per run."""
     n = 200
-    conductor = Conductor(open_store(name, work))
+    backend = open_store(name, work)
+    conductor = Conductor(backend)
     conductor.register(steps)
     agent = conductor.run()
+    before = requests_of(backend)
     try:
         cpu0, t0 = time.process_time(), time.perf_counter()
         runs = [await conductor.start(steps, {"n": 10}) for _ in range(n)]
@@ -122,12 +146,13 @@ async def w2(name: str, work: Path) -> tuple[float, float]:
         runs_per_s=round(n / seconds, 1),
         cpu_ms_per_run=round(cpu / n * 1000, 3),
         ok=results == [10] * n,
+        **({"per_run": bill(requests_of(backend) - before, n)} if requests_of(backend) else {}),
     )
     return n / seconds, cpu / n
 
 
 def count_calls(backend: Backend) -> dict[str, int]:
-    """Count every call of the backend's methods (``wait_for_work`` counts its wake-ups)."""
+    """Count every call of the contract's methods (``wait_for_work`` counts its wake-ups)."""
     counts: dict[str, int] = dict.fromkeys(CALLS, 0)
     for name in CALLS:
         method = getattr(backend, name)
@@ -155,7 +180,7 @@ async def w8_throughput(name: str, work: Path, w2_rate: tuple[float, float], n: 
         await agent
         await conductor.close()
     sent = requests_of(backend) - before
-    extra = {"requests_per_run": round(sum(sent.values()) / n, 1)} if sent else {}
+    extra = {"per_run": bill(sent, n)} if sent else {}
     emit(
         workload="W8",
         backend=name,
@@ -244,10 +269,7 @@ async def idle_cost(name: str, work: Path, queues: int, window: float) -> None:
             await agent
             await conductor.close()
         total = sum(calls.values())
-        extra: dict[str, Any] = {}
-        if sent:
-            per_min = {k: round(v * 60 / elapsed, 1) for k, v in sorted(sent.items())}
-            extra = {"requests_per_min": per_min}
+        extra = {"per_minute": bill(sent, elapsed / 60)} if sent else {}
         emit(
             workload="W8-idle",
             backend=name,
