@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from substantial import _clock, queues, telemetry
 from substantial._runs import create_run, existing_start, same_start
@@ -17,11 +17,24 @@ from substantial.workflow import ChildSpec
 if TYPE_CHECKING:
     from substantial.worker import LiveRun
 
-__all__ = ["RunEffects"]
+__all__ = ["Effects", "RunEffects"]
+
+
+class Effects(Protocol):
+    """What a run's commands do to other runs and to metadata (the worker provides it)."""
+
+    async def start_child(self, x: Execution, command: Command) -> str:
+        """Create the child run (idempotent by its id); return its id."""
+
+    async def send(self, run_id: str, event_id: str, name: str, value: Any) -> None:
+        """Post an event to another run (idempotent by ``event_id``)."""
+
+    async def publish(self, x: Execution) -> None:
+        """Make the run's published values readable by clients."""
 
 
 class RunEffects:
-    """What one run's commands do outside its own log."""
+    """The worker's :class:`Effects`: what one run's commands do outside its own log."""
 
     def __init__(
         self,

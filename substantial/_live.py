@@ -18,12 +18,13 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Executor
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
 from substantial import _clock, telemetry
 from substantial._durations import MAX_SECONDS
+from substantial._effects import Effects
 from substantial._retry import outlast
 from substantial._steps import Pace, Steps
 from substantial.backends.base import Backend
@@ -31,7 +32,7 @@ from substantial.errors import BackendUnavailable, InvalidArgument, PositionTake
 from substantial.records import Record, decode_entry, encode_entry, error_of
 from substantial.replay import ACTIVATIONS, Command, Evicted, Execution, Fenced, describe
 
-__all__ = ["Driver", "Effects"]
+__all__ = ["Driver"]
 
 logger = logging.getLogger("substantial.workflow")
 
@@ -41,19 +42,6 @@ TIMER_EARLY = 0.001
 #: The first and the longest pause between tries of a log write the store refused.
 WRITE_RETRY_FIRST = 0.05
 WRITE_RETRY_MAX = 10.0
-
-
-class Effects(Protocol):
-    """What a run's commands do to other runs and to metadata (the worker provides it)."""
-
-    async def start_child(self, x: Execution, command: Command) -> str:
-        """Create the child run (idempotent by its id); return its id."""
-
-    async def send(self, run_id: str, event_id: str, name: str, value: Any) -> None:
-        """Post an event to another run (idempotent by ``event_id``)."""
-
-    async def publish(self, x: Execution) -> None:
-        """Make the run's published values readable by clients."""
 
 
 class Driver:
