@@ -102,6 +102,8 @@ async def serve() -> None:
     go = os.environ.get("SUBSTANTIAL_TEST_GO")
     while go and not os.path.exists(go):
         await asyncio.sleep(0.02)
+    # Short leases: a worker skips a run another one holds until its lease ends, so they
+    # bound how soon the runs of a killed worker are taken over.
     agent = conductor.run(poll_interval=0.2, lease_ttl=1.0)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, agent.cancel)
