@@ -1,8 +1,8 @@
 """Micro-benchmark of backend primitives, each beside the raw cost of its storage.
 
-Run ``python -m bench.bench_backends [--n 2000] [--backend fs,sqlite,memory]
-[--durability process|fsync] [--repeat 3]``. Prints one JSON line per
-measurement::
+Workloads of ``python -m bench`` (``python -m bench.bench_backends [--n 2000]
+[--backend fs,sqlite,memory] [--durability process|fsync] [--repeat 5]``
+preselects them). One JSON line per measurement::
 
     {"workload": "append", "backend": "fs", "n": 2000, "seconds": ...,
      "per_op_ms": ..., "floor_ms": ..., "ratio": ..., "ok": true, ...}
@@ -16,14 +16,14 @@ Workloads, per record:
 * ``read``: ``read_log`` of the n-entry run.
 
 The floor is the same work done on the raw store in the same process and
-run: one O_EXCL file create + write (fs), one autocommit INSERT in WAL mode
+round: one O_EXCL file create + write (fs), one autocommit INSERT in WAL mode
 (sqlite), a dict insert (memory); reads: open + read of one file, one row of
 a SELECT, a list item. ``ratio`` = per_op_ms / floor_ms is our overhead. The
 machine is shared and noisy, so each round measures the floor right beside
 the workload, and the figures are medians over ``--repeat`` rounds: ``ratio``
 is the median of the per-round ratios, ``ratio_range`` their extremes.
 
-A new backend joins with one entry in ``TARGETS``: how to open it on a fresh
+A new backend joins with one entry in ``TARGETS``: the URL of a fresh
 store, and its floor functions.
 """
 
@@ -33,12 +33,8 @@ import argparse
 import asyncio
 import atexit
 import hashlib
-import json
 import os
-import shutil
 import sqlite3
-import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -46,10 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.bench_redis import open_redis, redis_append_floor, redis_read_floor
-from bench.bench_s3 import open_s3, s3_append_floor, s3_read_floor
+from bench.bench_redis import redis_append_floor, redis_read_floor, redis_store_url
+from bench.bench_s3 import s3_append_floor, s3_read_floor, s3_store_url
 from substantial.backends.base import Backend
-from substantial.records import decode_entry, encode_entry
+from substantial.records import encode_entry
 
 CONCURRENT_RUNS = 50
 
@@ -147,28 +143,31 @@ def memory_read_floor(work: Path, n: int, durability: str) -> float:
 
 @dataclass(frozen=True)
 class Target:
-    """How to benchmark one backend: open it on a fresh store, and its floors."""
+    """How to benchmark one backend: the URL of a fresh store, and its floors."""
 
-    open: Callable[[Path, str], Backend]
+    #: (work dir, durability) -> the store's URL, the same for the same ``work`` (so a
+    #: worker process opens the same store); None: the store lives in this process only.
+    url: Callable[[Path, str], str | None]
     floors: dict[str, Floor]
 
+    def open(self, work: Path, durability: str) -> Backend:
+        """Open the store of ``work`` (one store per work dir, whoever opens it)."""
+        url = self.url(work, durability)
+        if url is None:
+            from substantial.backends.memory import MemoryBackend
 
-def _open_memory(work: Path, durability: str) -> Backend:
-    from substantial.backends.memory import MemoryBackend
+            return MemoryBackend()
+        from substantial.backends import from_url
 
-    return MemoryBackend()
-
-
-def _open_fs(work: Path, durability: str) -> Backend:
-    from substantial.backends.fs import FSBackend
-
-    return FSBackend(work / "store", durability=durability)  # type: ignore[arg-type]
+        return from_url(url)
 
 
-def _open_sqlite(work: Path, durability: str) -> Backend:
-    from substantial.backends.sqlite import SQLiteBackend
+def _local(template: str) -> Callable[[Path, str], str]:
+    def url(work: Path, durability: str) -> str:
+        query = "?durability=fsync" if durability == "fsync" else ""
+        return template.format(work=work.resolve()) + query
 
-    return SQLiteBackend(work / "store.db", durability=durability)  # type: ignore[arg-type]
+    return url
 
 
 # -- postgres: a private server, started on first use -----------------------------------
@@ -187,16 +186,10 @@ def _pg_url() -> str:
     return str(_pg_server.url())
 
 
-def postgres_url(work: Path) -> str:
+def postgres_url(work: Path, durability: str = "process") -> str:
     """Return the URL of the store of ``work`` on the bench server (one prefix per ``work``)."""
     digest = hashlib.sha256(str(work.resolve()).encode()).hexdigest()[:16]
     return f"{_pg_url()}?prefix=b{digest}"
-
-
-def _open_postgres(work: Path, durability: str) -> Backend:
-    from substantial.backends.postgres import PostgresBackend
-
-    return PostgresBackend.from_url(postgres_url(work))
 
 
 def _in_thread(fn: Callable[[], Awaitable[float]]) -> float:
@@ -258,18 +251,21 @@ _APPEND_AND_READ = ("append", "append_concurrent", "read")
 
 TARGETS: dict[str, Target] = {
     "memory": Target(
-        _open_memory,
+        lambda work, durability: None,
         {"append": memory_append_floor, "read": memory_read_floor},
     ),
-    "fs": Target(_open_fs, {"append": fs_append_floor, "read": fs_read_floor}),
-    "sqlite": Target(_open_sqlite, {"append": sqlite_append_floor, "read": sqlite_read_floor}),
+    "fs": Target(_local("file://{work}/store"), {"append": fs_append_floor, "read": fs_read_floor}),
+    "sqlite": Target(
+        _local("sqlite://{work}/store.db"),
+        {"append": sqlite_append_floor, "read": sqlite_read_floor},
+    ),
     # A private SeaweedFS, started on first use; the floor is one conditional PUT round trip.
-    "s3": Target(open_s3, {"append": s3_append_floor, "read": s3_read_floor}),
+    "s3": Target(s3_store_url, {"append": s3_append_floor, "read": s3_read_floor}),
     # A private redis-server, started on first use; the floor is one SET round trip.
-    "redis": Target(open_redis, {"append": redis_append_floor, "read": redis_read_floor}),
+    "redis": Target(redis_store_url, {"append": redis_append_floor, "read": redis_read_floor}),
     # A private PostgreSQL, started on first use; the floor is one INSERT round trip.
     "postgres": Target(
-        _open_postgres, {"append": postgres_append_floor, "read": postgres_read_floor}
+        postgres_url, {"append": postgres_append_floor, "read": postgres_read_floor}
     ),
 }
 
@@ -310,7 +306,7 @@ async def read_workload(backend: Backend, n: int) -> tuple[float, bool]:
     t0 = time.perf_counter()
     log = await backend.read_log("bench")
     elapsed = time.perf_counter() - t0
-    ok = len(log) == n and decode_entry("bench", n - 1, log[-1])[0]["value"]["n"] == n - 1
+    ok = len(log) == n and bytes(log[-1]) == make_entry(n - 1)
     return elapsed, ok
 
 
@@ -322,67 +318,46 @@ WORKLOADS: dict[str, tuple[Callable[[Backend, int], Awaitable[tuple[float, bool]
 }
 
 
-async def measure(
-    name: str, target: Target, workload: str, n: int, args: argparse.Namespace
-) -> dict[str, object]:
+def primitive(workload: str) -> Callable[[Any], Awaitable[dict[str, Any]]]:
+    """Return ``workload`` as a workload of ``python -m bench``, beside its own floor."""
     fn, floor_name = WORKLOADS[workload]
-    floor_fn = target.floors[floor_name]
-    times: list[float] = []
-    floors: list[float] = []
-    ok = True
-    for round_ in range(args.repeat):
-        work = Path(tempfile.mkdtemp(prefix="substantial-bench-", dir=args.dir))
+
+    async def run(s: Any) -> dict[str, Any]:
+        floor_fn = s.target.floors[floor_name]
+        (s.work / "floor").mkdir()
+        floor = floor_fn(s.work / "floor", s.n, s.durability)
+        backend = s.open("primitive")
         try:
-            # Alternate which goes first, so drift in a noisy machine hits both alike.
-            if round_ % 2:
-                floors.append(floor_fn(work, n, args.durability))
-            backend = target.open(work, args.durability)
-            try:
-                seconds, round_ok = await fn(backend, n)
-            finally:
-                await backend.close()
-            if not round_ % 2:
-                floors.append(floor_fn(work, n, args.durability))
+            seconds, ok = await fn(backend, s.n)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
-        ok = ok and round_ok
-        times.append(seconds)
-    seconds = statistics.median(times)
-    floor = statistics.median(floors)
-    ratios = sorted(t / f for t, f in zip(times, floors, strict=True) if f > 0)
-    return {
-        "workload": workload,
-        "backend": name,
-        "n": n,
-        "seconds": round(seconds, 6),
-        "per_op_ms": round(seconds / n * 1000, 5),
-        "floor_ms": round(floor / n * 1000, 5),
-        "ratio": round(statistics.median(ratios), 2) if ratios else None,
-        "ratio_range": [round(ratios[0], 2), round(ratios[-1], 2)] if ratios else None,
-        "ok": ok,
-        "durability": args.durability,
-        "repeat": args.repeat,
-    }
+            if s.url("primitive") is not None:
+                await backend.close()
+        per = seconds / s.n * 1000
+        floor_ms = floor / s.n * 1000
+        return {
+            "seconds": round(seconds, 6),
+            "per_op_ms": round(per, 6),
+            "floor_ms": round(floor_ms, 6),
+            "ratio": round(per / floor_ms, 3) if floor_ms > 0 else None,
+            "ok": ok,
+            "note": f"per record, against the {floor_name} floor measured beside it",
+        }
 
-
-async def main_async(args: argparse.Namespace) -> None:
-    for name in args.backend.split(","):
-        if name not in TARGETS:
-            raise SystemExit(f"unknown backend {name!r}: choose from {', '.join(TARGETS)}")
-        for workload in args.workload.split(","):
-            result = await measure(name, TARGETS[name], workload, args.n, args)
-            print(json.dumps(result), flush=True)
+    return run
 
 
 def main() -> None:
+    """Run the primitives through ``python -m bench`` (same options, these defaults)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=2000, help="records per measurement")
     parser.add_argument("--backend", default="memory,fs,sqlite")
     parser.add_argument("--workload", default=",".join(WORKLOADS))
-    parser.add_argument("--durability", choices=("process", "fsync"), default="process")
-    parser.add_argument("--repeat", type=int, default=5, help="rounds; medians are reported")
-    parser.add_argument("--dir", default=None, help="where to create stores (default: temp dir)")
-    asyncio.run(main_async(parser.parse_args()))
+    parser.add_argument("--n", default="2000", help="records per measurement")
+    parser.add_argument("--repeat", default="5", help="rounds; medians are reported")
+    args, rest = parser.parse_known_args()
+    from bench.__main__ import main as bench_main
+
+    argv = ["--backend", args.backend, "--workload", args.workload, "--n", args.n]
+    bench_main([*argv, "--repeat", args.repeat, *rest])
 
 
 if __name__ == "__main__":

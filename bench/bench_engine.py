@@ -1,47 +1,44 @@
 """Workflow-engine benchmarks from BENCH.md, each beside its storage floor.
 
-Run ``python -m bench.bench_engine [--backend fs,sqlite] [--workload W1,W2,W3s,W3e,W4,R]``.
-Prints one JSON line per measurement: ``{"workload", "backend", "n", "seconds",
-"per_op_ms", "floor_ms", "ratio", "ok", ...}``. ``floor_ms`` is the raw cost
-of one record write on that store (from bench.bench_backends), measured in
-the same run; ``ratio`` = per_op_ms / floor_ms.
+Each is a workload of ``python -m bench`` (bench/__main__.py runs them on
+every store, checks each result and prints JSON lines); ``python -m
+bench.bench_engine [--backend fs,sqlite] [--workload W1,W2,...]`` is the same
+with these workloads preselected. ``n`` is each workload's size:
 
-* W1: one workflow, 1,000 sequential ``save`` steps (per_op = one step).
-* W2: 200 workflows x 10 steps, one worker (``wf_per_s``).
-* W3s: overhead of a durable 10 ms ``sleep`` beyond its duration.
-* W3e: event latency, ``send`` from another process -> seen in the workflow, p50.
-* W4: SIGKILL a worker mid-step 50 of 100; seconds from the new worker being
+* W1: one workflow, n (1,000) sequential ``save`` steps (per_op = one step).
+* W2: n (200) workflows x 10 steps, one worker (``wf_per_s``); the ratio is to
+  16 floor writes, the durable writes one 10-step run needs.
+* W3s: overhead of n (50) durable 10 ms ``sleep`` calls beyond their duration.
+* W3e: event latency, ``send`` from another process -> seen in the workflow, p50
+  of n (50) events.
+* W4: SIGKILL a worker mid-step n/2 of n (100); ms from the new worker being
   ready to its first resumed step, and how many completed steps ran again.
-* W5: 100,000 runs parked in the due index a day ahead; start and finish one
-  more 10-step run, against the same with none parked; the worker's RSS.
-* W6: 4 worker processes on one store, 500 workflows x 10 steps, against 1 worker.
-* R: resume a 10,000-step run from its log (replay only).
+* W6: 4 worker processes on one store, n (500) workflows x 10 steps, against 1 worker.
+* R: resume an n-step (10,000) run from its log (replay only).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
-import os
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
-from bench.bench_backends import TARGETS
+from bench._harness import (
+    ROOT,
+    Sitting,
+    requests,
+    spent,
+    stop,
+    wait_until,
+    worker_process,
+)
 from substantial import Conductor, Context, workflow
-from substantial.backends.base import Backend
 from substantial.testing import running
 
-ROOT = Path(__file__).resolve().parent.parent
 latencies: list[float] = []
 
 
@@ -75,94 +72,55 @@ async def long_then_wait(c: Context, n: int = 10_000) -> str:
     return str(await c.receive("done"))
 
 
-def emit(**fields: Any) -> None:
-    print(json.dumps(fields), flush=True)
+ENGINE_WORKFLOWS = (steps, naps, pings, long_then_wait)
 
 
-async def one_floor(name: str, work: Path) -> float:
-    floor = TARGETS[name].floors["append"]
-    n = 500
-    times = []
-    for i in range(3):
-        (work / f"floor{i}").mkdir()
-        times.append(floor(work / f"floor{i}", n, "process"))
-    best = min(times)
-    return best / n * 1000
-
-
-async def open_conductor(name: str, work: Path) -> Conductor:
-    backend: Backend = TARGETS[name].open(work, "process")
-    conductor = Conductor(backend)
-    for wf in (steps, naps, pings, long_then_wait):
-        conductor.register(wf)
-    return conductor
-
-
-def serving(name: str, work: Path) -> contextlib.AbstractAsyncContextManager[Conductor]:
-    """Open the backend with the benchmark workflows registered and a worker running."""
-    backend = TARGETS[name].open(work, "process")
-    return running(steps, naps, pings, long_then_wait, backend=backend)
-
-
-async def w1(name: str, work: Path, floor: float) -> None:
-    n = 1000
-    async with serving(name, work) as conductor:
+async def w1(s: Sitting) -> dict[str, Any]:
+    async with running(*ENGINE_WORKFLOWS, backend=s.open()) as conductor:
+        await (await conductor.start(steps, {"n": 2})).result(timeout=120)  # connect, warm up
+        before = requests(conductor.backend)
         t0 = time.perf_counter()
-        ok = await (await conductor.start(steps, {"n": n})).result(timeout=300) == n
+        result = await (await conductor.start(steps, {"n": s.n})).result(timeout=1800)
         seconds = time.perf_counter() - t0
-    per = seconds / n * 1000
-    emit(
-        workload="W1",
-        backend=name,
-        n=n,
-        seconds=round(seconds, 4),
-        per_op_ms=round(per, 4),
-        floor_ms=round(floor, 4),
-        ratio=round(per / floor, 2),
-        ok=ok,
-    )
+        sent = spent(conductor.backend, before, s.n, "step")
+    return {
+        "seconds": round(seconds, 5),
+        "per_op_ms": round(seconds / s.n * 1000, 5),
+        "ok": result == s.n,
+        **sent,
+    }
 
 
-async def w2(name: str, work: Path, floor: float) -> None:
-    n = 200
-    async with serving(name, work) as conductor:
+async def w2(s: Sitting) -> dict[str, Any]:
+    async with running(*ENGINE_WORKFLOWS, backend=s.open()) as conductor:
+        before = requests(conductor.backend)
         t0 = time.perf_counter()
-        runs = [await conductor.start(steps, {"n": 10}) for _ in range(n)]
-        results = await asyncio.gather(*(r.result(timeout=300) for r in runs))
+        runs = [await conductor.start(steps, {"n": 10}) for _ in range(s.n)]
+        results = await asyncio.gather(*(r.result(timeout=1800) for r in runs))
         seconds = time.perf_counter() - t0
-    per = seconds / n * 1000
-    emit(
-        workload="W2",
-        backend=name,
-        n=n,
-        seconds=round(seconds, 4),
-        per_op_ms=round(per, 4),
-        wf_per_s=round(n / seconds, 1),
-        floor_ms=round(floor, 4),
-        ratio=round(per / (floor * 16), 2),
-        ok=all(r == 10 for r in results),
-        note="ratio against 16 floor writes, the durable writes one 10-step run needs",
-    )
+        sent = spent(conductor.backend, before, s.n, "workflow")
+    per = seconds / s.n * 1000
+    return {
+        "seconds": round(seconds, 5),
+        "per_op_ms": round(per, 5),
+        "wf_per_s": round(s.n / seconds, 1),
+        "steps_per_s": round(s.n * 10 / seconds, 1),
+        "ratio": round(per / (s.floor_ms * 16), 3),
+        "ok": results == [10] * s.n,
+        **sent,
+        "note": "ratio against 16 floor writes, the durable writes one 10-step run needs",
+    }
 
 
-async def w3s(name: str, work: Path, floor: float) -> None:
-    n, nap = 50, 0.01
-    async with serving(name, work) as conductor:
+async def w3s(s: Sitting) -> dict[str, Any]:
+    nap = 0.01
+    async with running(*ENGINE_WORKFLOWS, backend=s.open()) as conductor:
         t0 = time.perf_counter()
-        run = await conductor.start(naps, {"n": n, "seconds": nap})
-        ok = await run.result(timeout=300) == n
+        run = await conductor.start(naps, {"n": s.n, "seconds": nap})
+        result = await run.result(timeout=600)
         seconds = time.perf_counter() - t0
-    per = (seconds - n * nap) / n * 1000
-    emit(
-        workload="W3s",
-        backend=name,
-        n=n,
-        seconds=round(seconds, 4),
-        per_op_ms=round(per, 4),
-        floor_ms=round(floor, 4),
-        ratio=round(per / floor, 2),
-        ok=ok,
-    )
+    per = (seconds - s.n * nap) / s.n * 1000
+    return {"seconds": round(seconds, 5), "per_op_ms": round(per, 5), "ok": result == s.n}
 
 
 SENDER = """
@@ -172,285 +130,185 @@ async def main():
     c = Conductor(sys.argv[1])
     run = c.get(sys.argv[2])
     for _ in range(int(sys.argv[3])):
+        await asyncio.sleep(float(sys.argv[4]))
         await run.send("ping", time.time())
-        await asyncio.sleep(0.02)
     await c.close()
 asyncio.run(main())
 """
 
 
-def worker_process(url: str, trace: Path | None = None) -> subprocess.Popen[str]:
-    """Start ``substantial worker`` for tests.workflows on ``url``; return once it serves."""
-    env = {**os.environ, "SUBSTANTIAL_TEST_URL": url, "PYTHONPATH": str(ROOT)}
-    if trace is not None:
-        env["SUBSTANTIAL_TEST_TRACE"] = str(trace)
-    cmd = [sys.executable, "-m", "substantial.cli", "worker", "tests.workflows:conductor"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    proc.stderr.readline()  # the worker prints "worker ready ..." once it can serve
-    return proc
-
-
-def url_of(name: str, work: Path) -> str | None:
-    if name == "fs":
-        return f"file://{work}/store"
-    if name == "sqlite":
-        return f"sqlite://{work}/store.db"
-    if name == "postgres":
-        from bench.bench_backends import postgres_url
-
-        return postgres_url(work)
-    return None
-
-
-async def w3e(name: str, work: Path, floor: float) -> None:
-    url = url_of(name, work)
-    if url is None:
-        return
+async def w3e(s: Sitting) -> dict[str, Any]:
+    url = s.url()
+    assert url is not None
+    # A store found by polling (S3) gets events far enough apart to see each poll's delay.
+    gap = 0.3 if s.backend == "s3" else 0.02
     latencies.clear()
-    n = 50
-    async with serving(name, work) as conductor:
-        run = await conductor.start(pings, {"n": n})
+    async with running(*ENGINE_WORKFLOWS, backend=s.open()) as conductor:
+        run = await conductor.start(pings, {"n": s.n})
         await asyncio.sleep(0.2)
         sender = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", SENDER, url, run.run_id, str(n), cwd=ROOT
+            sys.executable, "-c", SENDER, url, run.run_id, str(s.n), str(gap), cwd=ROOT
         )
-        ok = await run.result(timeout=120) == n
+        result = await run.result(timeout=600)
         await sender.wait()
-    p50 = statistics.median(latencies) * 1000
-    emit(
-        workload="W3e",
-        backend=name,
-        n=n,
-        seconds=round(sum(latencies), 4),
-        per_op_ms=round(p50, 4),
-        p90_ms=round(sorted(latencies)[int(n * 0.9)] * 1000, 4),
-        floor_ms=round(floor, 4),
-        ratio=round(p50 / floor, 2),
-        ok=ok,
-    )
+    got = sorted(latencies)
+    ok = result == s.n and sender.returncode == 0 and len(got) == s.n
+    if not ok:
+        return {
+            "ok": False,
+            "error": f"{len(got)} of {s.n} events seen, sender {sender.returncode}",
+        }
+    p50 = statistics.median(got) * 1000
+    return {
+        "seconds": round(sum(got), 5),
+        "per_op_ms": round(p50, 4),
+        "p90_ms": round(got[int(len(got) * 0.9)] * 1000, 4),
+        "ok": True,
+        "note": f"events sent {gap} s apart from another process; p50",
+    }
 
 
-async def w4(name: str, work: Path, floor: float) -> None:
-    url = url_of(name, work)
-    if url is None:
-        return
-    trace = work / "trace.txt"
+async def w4(s: Sitting) -> dict[str, Any]:
+    url = s.url()
+    assert url is not None
+    trace = s.work / "trace.txt"
+    kill_at = s.n // 2
     from tests.workflows import hundred_steps
 
-    client = Conductor(TARGETS[name].open(work, "process"))
+    client = Conductor(s.open())
     client.register(hundred_steps)
-    run = await client.start(hundred_steps, {"n": 100, "pause": 0.02})
-    first = worker_process(url, trace)
-    while not trace.exists() or f"{run.run_id} start 50 " not in trace.read_text():
-        await asyncio.sleep(0.002)
-    first.send_signal(signal.SIGKILL)
-    first.communicate()
-    second = worker_process(url, trace)
-    ready = time.perf_counter()
-    mine = f" {second.pid}\n"
-    while mine not in trace.read_text():
-        await asyncio.sleep(0.0005)
-    to_first = time.perf_counter() - ready
-    ok = await run.result(timeout=120) == sum(range(100))
-    seconds = time.perf_counter() - ready
-    second.send_signal(signal.SIGTERM)
-    second.communicate(timeout=30)
-    starts = Counter(int(ln.split()[2]) for ln in trace.read_text().splitlines() if " start " in ln)
-    rerun = sum(1 for i, c in starts.items() if c > 1 and i != 50)
-    await client.close()
-    emit(
-        workload="W4",
-        backend=name,
-        n=100,
-        seconds=round(seconds, 4),
-        per_op_ms=round(to_first * 1000, 2),
-        floor_ms=round(floor, 4),
-        ratio=round(to_first * 1000 / floor, 1),
-        completed_steps_rerun=rerun,
-        in_flight_step_runs=starts[50],
-        ok=ok and rerun == 0,
-        note="per_op_ms = worker ready -> first resumed step",
-    )
+    first = second = None
+    try:
+        run = await client.start(hundred_steps, {"n": s.n, "pause": 0.02})
+        first = worker_process(url, trace)
+        mark = f"{run.run_id} start {kill_at} "
+        await wait_until(lambda: trace.exists() and mark in trace.read_text(), 300, "step n/2")
+        first.kill()
+        first.communicate()
+        second = worker_process(url, trace)
+        ready = time.perf_counter()
+        mine = f" {second.pid}\n"
+        await wait_until(lambda: mine in trace.read_text(), 300, "the new worker's first step")
+        to_first = time.perf_counter() - ready
+        result = await run.result(timeout=600)
+        seconds = time.perf_counter() - ready
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                stop(proc)
+        await client.close()
+    lines = trace.read_text().splitlines()
+    starts = Counter(int(ln.split()[2]) for ln in lines if " start " in ln)
+    rerun = sum(1 for i, c in starts.items() if c > 1 and i != kill_at)
+    ok = result == sum(range(s.n)) and rerun == 0 and set(starts) == set(range(s.n))
+    return {
+        "seconds": round(seconds, 5),
+        "per_op_ms": round(to_first * 1000, 3),
+        "completed_steps_rerun": rerun,
+        "in_flight_step_runs": starts[kill_at],
+        "ok": ok,
+        **({} if ok else {"error": f"result {result!r}, {rerun} completed steps ran again"}),
+        "note": "per_op_ms = worker ready -> first resumed step",
+    }
 
 
-async def r(name: str, work: Path, floor: float) -> None:
-    n = 10_000
-    conductor = await open_conductor(name, work)
+async def r(s: Sitting) -> dict[str, Any]:
+    async def open_conductor() -> Conductor:
+        conductor = Conductor(s.open())
+        for wf in ENGINE_WORKFLOWS:
+            conductor.register(wf)
+        return conductor
+
+    def waiting(agent: Any, run_id: str) -> bool:
+        live = agent.worker.runs.get(run_id)
+        return bool(live and live.driver and live.driver.idle)
+
+    conductor = await open_conductor()
     agent = conductor.run()
-    run = await conductor.start(long_then_wait, {"n": n})
-    while True:
-        live = agent.worker.runs.get(run.run_id)
-        if live and live.driver and live.driver.idle:
-            break
-        await asyncio.sleep(0.01)
+    run = await conductor.start(long_then_wait, {"n": s.n})
+    await wait_until(lambda: waiting(agent, run.run_id), 1800, "the run to wait")
     agent.cancel()
     await agent
     await conductor.close()
-    conductor = await open_conductor(name, work)
+    # A second client on the same store: the run's log is all it has.
+    conductor = await open_conductor()
     best = float("inf")
     for _ in range(3):
         # The run waits for an event, so it is not due: make it due to have a worker load it.
         await conductor.backend.schedule(run.run_id, time.time())
         agent = conductor.run()
         t0 = time.perf_counter()
-        while True:
-            live = agent.worker.runs.get(run.run_id)
-            if live and live.driver and live.driver.idle:
-                break
-            await asyncio.sleep(0.0005)
+        await wait_until(lambda a=agent: waiting(a, run.run_id), 600, "the replay")
         best = min(best, time.perf_counter() - t0)
         agent.cancel()
         await agent
     run = conductor.get(run.run_id)
     await run.send("done", "yes")
     agent = conductor.run()
-    ok = await run.result(timeout=120) == "yes"
+    result = await run.result(timeout=600)
     agent.cancel()
     await agent
     await conductor.close()
-    emit(
-        workload="R",
-        backend=name,
-        n=n,
-        seconds=round(best, 4),
-        per_op_ms=round(best / n * 1000, 5),
-        floor_ms=round(floor, 4),
-        ratio=round(best / n * 1000 / floor, 3),
-        ok=ok,
-    )
+    return {
+        "seconds": round(best, 5),
+        "per_op_ms": round(best * 1000, 4),
+        "per_entry_ms": round(best / s.n * 1000, 6),
+        "ratio": round(best / s.n * 1000 / s.floor_ms, 4),
+        "ok": result == "yes",
+        "note": "per_op_ms = the whole replay, best of 3; ratio per entry against the floor",
+    }
 
 
-async def w6(name: str, work: Path, floor: float) -> None:
-    url = url_of(name, work)
-    if url is None:
-        return
+async def w6(s: Sitting) -> dict[str, Any]:
+    url = s.url()
+    assert url is not None
     from tests.workflows import ten_steps
 
-    client = Conductor(TARGETS[name].open(work, "process"))
+    client = Conductor(s.open())
     client.register(ten_steps)
+    trace = s.work / "trace.txt"
     figures = {}
-    for workers in (1, 4):
-        procs = [worker_process(url) for _ in range(workers)]
-        n = 500
-        t0 = time.perf_counter()
-        runs = [await client.start(ten_steps, {"tag": str(workers)}) for _ in range(n)]
-        results = await asyncio.gather(*(r.result(timeout=600) for r in runs))
-        figures[workers] = time.perf_counter() - t0
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-            p.communicate(timeout=30)
-        assert all(res == [i * i for i in range(10)] for res in results)
-    await client.close()
-    emit(
-        workload="W6",
-        backend=name,
-        n=500,
-        seconds=round(figures[4], 4),
-        per_op_ms=round(figures[4] / 500 * 1000, 4),
-        wf_per_s=round(500 / figures[4], 1),
-        one_worker_wf_per_s=round(500 / figures[1], 1),
-        speedup=round(figures[1] / figures[4], 2),
-        floor_ms=round(floor, 4),
-        ratio=round(figures[4] / 500 * 1000 / (floor * 16), 2),
-        ok=True,
-        note="4 worker processes vs 1 on a 2-core machine; client in a 5th process",
-    )
-
-
-async def w5(name: str, work: Path, floor: float) -> None:
-    url = url_of(name, work)
-    if url is None:
-        return
-    from tests.workflows import ten_steps
-
-    client = Conductor(TARGETS[name].open(work, "process"))
-    client.register(ten_steps)
-    waiting = 100_000
-
-    async def one_more() -> tuple[float, int]:
-        proc = worker_process(url)
-        best = float("inf")
-        for _ in range(7):
-            run = await client.start(ten_steps)
-            ok = await run.result(timeout=120)
-            assert ok == [i * i for i in range(10)]
-            # Created -> ended, from the run's own metadata: free of the client's polling.
-            info = await run.status()
-            best = min(best, info.updated_at - info.created_at)
-        rss_kb = next(
-            int(line.split()[1])
-            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
-            if line.startswith("VmRSS:")
-        )
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
-        return best, rss_kb
-
-    empty, rss_empty = await one_more()
-    # Runs parked on timers a day away: in the due index, not due.
-    now = time.time()
-    from substantial._runs import store_run
-    from substantial.backends.base import RunInfo
-    from substantial.worker import encode_start
-
-    batch = 1000
-    for first in range(0, waiting, batch):
-        await asyncio.gather(
-            *(
-                store_run(
-                    client.backend,
-                    RunInfo(f"parked-{i}", "ten_steps", "active", now, now),
-                    encode_start(f"parked-{i}", "ten_steps", None, {}, now),
-                    now + 86_400 + i,
-                )
-                for i in range(first, first + batch)
-            )
-        )
-    full, rss_full = await one_more()
-    await client.close()
-    emit(
-        workload="W5",
-        backend=name,
-        n=waiting,
-        seconds=round(full, 4),
-        per_op_ms=round(full * 1000, 3),
-        empty_ms=round(empty * 1000, 3),
-        slowdown=round(full / empty, 2),
-        worker_rss_mb=round(rss_full / 1024, 1),
-        worker_rss_empty_mb=round(rss_empty / 1024, 1),
-        floor_ms=round(floor, 4),
-        ratio=round(full * 1000 / (floor * 16), 2),
-        ok=full / empty <= 1.2 and rss_full < 102400,
-        note="per_op_ms = start and finish one 10-step run beside 100k parked runs",
-    )
-
-
-WORKLOADS = {"W1": w1, "W2": w2, "W3s": w3s, "W3e": w3e, "W4": w4, "W5": w5, "W6": w6, "R": r}
-
-
-async def main_async(args: argparse.Namespace) -> None:
-    for name in args.backend.split(","):
-        base = Path(tempfile.mkdtemp(prefix=f"bench-engine-{name}-"))
-        try:
-            floor = await one_floor(name, base)
-            for wl in args.workload.split(","):
-                work = base / wl
-                work.mkdir()
-                await WORKLOADS[wl](name, work, floor)
-        finally:
-            shutil.rmtree(base, ignore_errors=True)
+    try:
+        for workers in (1, 4):
+            procs = [worker_process(url, trace) for _ in range(workers)]
+            try:
+                t0 = time.perf_counter()
+                runs = [await client.start(ten_steps, {"tag": str(workers)}) for _ in range(s.n)]
+                results = await asyncio.gather(*(r.result(timeout=1800) for r in runs))
+                figures[workers] = time.perf_counter() - t0
+            finally:
+                for p in procs:
+                    stop(p)
+            if results != [[i * i for i in range(10)]] * s.n:
+                return {"ok": False, "error": f"wrong results with {workers} workers"}
+    finally:
+        await client.close()
+    # Each step notes "<run> <i> <pid>" when it runs: a step run twice is a line seen twice.
+    counts = Counter(" ".join(ln.split()[:2]) for ln in trace.read_text().splitlines())
+    twice = sum(1 for c in counts.values() if c > 1)
+    per = figures[4] / s.n * 1000
+    return {
+        "seconds": round(figures[4], 5),
+        "per_op_ms": round(per, 5),
+        "wf_per_s": round(s.n / figures[4], 1),
+        "one_worker_wf_per_s": round(s.n / figures[1], 1),
+        "speedup": round(figures[1] / figures[4], 3),
+        "steps_run_twice": twice,
+        "ratio": round(per / (s.floor_ms * 16), 3),
+        "ok": twice == 0 and len(counts) == 2 * s.n * 10,
+        "note": "4 worker processes vs 1; the client in another process",
+    }
 
 
 def main() -> None:
+    """Run the engine workloads through ``python -m bench`` (same options)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", default="fs,sqlite")
-    parser.add_argument(
-        "--workload",
-        default=",".join(w for w in WORKLOADS if w != "W5"),
-        help="W5 (100k runs) is left out unless named",
-    )
-    asyncio.run(main_async(parser.parse_args()))
+    parser.add_argument("--workload", default="W1,W2,W3s,W3e,W4,W6,R")
+    args, rest = parser.parse_known_args()
+    from bench.__main__ import main as bench_main
+
+    bench_main(["--backend", args.backend, "--workload", args.workload, *rest])
 
 
 if __name__ == "__main__":

@@ -33,15 +33,15 @@ import random
 import shutil
 import tempfile
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from bench._harness import Sitting
+from bench.bench_backends import TARGETS
 from substantial import Conductor, Context, Queue, Run, workflow
-from substantial.backends import from_url
 from substantial.backends.base import Backend
 from substantial.records import decode_entry
 
@@ -50,7 +50,6 @@ CALLS = [
     *("append", "read_log", "read_inbox", "set_due", "due", "lease", "put_run", "list_runs"),
     "wait_for_work",
 ]
-URLS = {"fs": "file://{work}/store", "sqlite": "sqlite://{work}/store.db"}
 CHUNK = 500
 
 
@@ -73,14 +72,10 @@ def emit(**fields: Any) -> None:
 
 
 def open_store(name: str, work: Path) -> Backend:
-    if name == "s3":
-        from bench.bench_s3 import server_url
-
-        return from_url(server_url(f"queues-{uuid.uuid4().hex[:10]}"))
-    if name not in URLS:
-        raise SystemExit(f"--backend takes {', '.join([*URLS, 's3'])}, got {name}")
+    if name not in TARGETS:
+        raise SystemExit(f"--backend takes {', '.join(TARGETS)}, got {name}")
     work.mkdir(parents=True, exist_ok=True)
-    return from_url(URLS[name].format(work=work))
+    return TARGETS[name].open(work, "process")
 
 
 def requests_of(backend: Backend) -> Counter[str]:
@@ -122,7 +117,14 @@ async def drain(
 
 
 async def w2(name: str, work: Path) -> tuple[float, float]:
-    """W2 in this sitting, as bench_engine runs it; runs/s and CPU ms per run."""
+    """W2 in this sitting, as bench_engine runs it; print it, return runs/s and CPU s per run."""
+    line = await w2_line(name, work)
+    emit(**line)
+    return line["runs_per_s"], line["cpu_ms_per_run"] / 1000
+
+
+async def w2_line(name: str, work: Path) -> dict[str, Any]:
+    """W2 in this sitting, as bench_engine runs it: its line, with runs/s and CPU per run."""
     n = 200
     backend = open_store(name, work)
     conductor = Conductor(backend)
@@ -138,7 +140,7 @@ async def w2(name: str, work: Path) -> tuple[float, float]:
         agent.cancel()
         await agent
         await conductor.close()
-    emit(
+    return dict(
         workload="W2",
         backend=name,
         n=n,
@@ -148,7 +150,6 @@ async def w2(name: str, work: Path) -> tuple[float, float]:
         ok=results == [10] * n,
         **({"per_run": bill(requests_of(backend) - before, n)} if requests_of(backend) else {}),
     )
-    return n / seconds, cpu / n
 
 
 def count_calls(backend: Backend) -> dict[str, int]:
@@ -166,6 +167,12 @@ def count_calls(backend: Backend) -> dict[str, int]:
 
 
 async def w8_throughput(name: str, work: Path, w2_rate: tuple[float, float], n: int) -> None:
+    """Print W8's line (see :func:`w8_line`)."""
+    emit(**await w8_line(name, work, w2_rate, n))
+
+
+async def w8_line(name: str, work: Path, w2_rate: tuple[float, float], n: int) -> dict[str, Any]:
+    """Run ``n`` runs of 10 steps through a queue with concurrency 100; return W8's line."""
     backend = open_store(name, work)
     conductor = Conductor(backend, queues=[Queue("bulk", concurrency=100)])
     conductor.register(steps)
@@ -181,7 +188,7 @@ async def w8_throughput(name: str, work: Path, w2_rate: tuple[float, float], n: 
         await conductor.close()
     sent = requests_of(backend) - before
     extra = {"per_run": bill(sent, n)} if sent else {}
-    emit(
+    return dict(
         workload="W8",
         backend=name,
         n=n,
@@ -195,6 +202,18 @@ async def w8_throughput(name: str, work: Path, w2_rate: tuple[float, float], n: 
         **extra,
         note="runs of 10 steps through a queue with concurrency=100; compare runs_per_s with W2",
     )
+
+
+async def w8(s: Sitting) -> dict[str, Any]:
+    """W8 as a workload of ``python -m bench``: W2 then W8 on fresh stores of this sitting."""
+    w2 = await w2_line(s.backend, s.work / "w2")
+    if w2["ok"] is not True:
+        return {"ok": False, "error": "W2 beside W8 returned wrong results"}
+    rate = (w2["runs_per_s"], w2["cpu_ms_per_run"] / 1000)
+    line = await w8_line(s.backend, s.work / "w8", rate, s.n)
+    for key in ("workload", "backend", "n"):
+        del line[key]
+    return {**line, "w2_runs_per_s": w2["runs_per_s"], "ratio": None}
 
 
 async def admitted_at(backend: Backend, run_id: str) -> float:

@@ -1,20 +1,15 @@
-"""The Redis backend on a real redis-server, each figure beside its floor.
+"""The Redis store of the benchmarks: a private redis-server and the SET floor.
 
-Run ``python -m bench.bench_redis [--workload floor,W1,W2,W3e] [--url redis://...]``:
-without ``--url`` a private redis-server (127.0.0.1, a free port, a temp dir,
-AOF on with ``appendfsync everysec``) is started and stopped at the end.
-Prints one JSON line per measurement: ``{"workload", "backend", "n",
-"seconds", "per_op_ms", "floor_ms", "ratio", "ok", ...}``. The floor is one
-SET round trip of a ~60-byte entry through redis-py's asyncio client, the
-same driver the backend uses, measured in the same run.
+``python -m bench --backend redis`` runs every workload on it (W1, W2, W3s,
+W3e, ...); ``python -m bench.bench_redis [--workload W1,W2,W3e] [--url
+redis://...]`` is the same with this backend preselected. Without ``--url`` a
+private redis-server (127.0.0.1, a free port, a temp dir, AOF on with
+``appendfsync everysec``) is started on first use and stopped at exit. The
+floor is one SET round trip of a ~60-byte entry through redis-py's asyncio
+client, the same driver the backend uses, measured in the same run.
 
-* floor: n sequential SETs to fresh keys.
-* W1: one workflow, 1,000 sequential ``save`` steps (per_op = one step).
-* W2: 200 workflows x 10 steps, one worker (``wf_per_s``).
-* W3e: event latency, ``send`` from another process -> seen in the workflow, p50.
-
-Also provides the redis entry of bench.bench_backends.TARGETS (``open_redis``,
-``redis_append_floor``, ``redis_read_floor``).
+Provides the redis entry of bench.bench_backends.TARGETS
+(``redis_store_url``, ``redis_append_floor``, ``redis_read_floor``).
 """
 
 from __future__ import annotations
@@ -23,25 +18,18 @@ import argparse
 import asyncio
 import atexit
 import hashlib
-import json
 import shutil
-import statistics
-import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import redis.asyncio
 
-from substantial.backends.redis import RedisBackend
 from substantial.records import encode_entry
 from tests.redis_server import RedisServer
-
-ROOT = Path(__file__).resolve().parent.parent
 
 _server: RedisServer | None = None
 _external_url: str | None = None
@@ -66,18 +54,15 @@ def backend_url(prefix: str) -> str:
     return f"{server_url()}?prefix={prefix}"
 
 
-def open_redis(work: Path, durability: str) -> RedisBackend:
-    """Open the store of ``work`` (the bench_backends ``open`` hook).
-
-    The prefix is derived from the work directory, so opening the same
-    ``work`` twice opens the same store, as with fs and sqlite.
-    """
+def redis_store_url(work: Path, durability: str = "process") -> str:
+    """Return the URL of the store of ``work``: one key prefix per work dir, from any process."""
     digest = hashlib.sha256(str(work.resolve()).encode()).hexdigest()[:16]
-    return RedisBackend.from_url(backend_url(f"bench-{digest}"))
+    return backend_url(f"bench-{digest}")
 
 
 def _in_thread(fn: Callable[[], Awaitable[float]]) -> float:
     # Floors are called from inside a running loop: give them a loop of their own.
+    server_url()  # start the server (if needed) from this thread, not the helper
     out: list[float] = []
     thread = threading.Thread(target=lambda: out.append(asyncio.run(fn())))  # type: ignore[arg-type]
     thread.start()
@@ -129,104 +114,16 @@ def redis_read_floor(work: Path, n: int, durability: str) -> float:
     return _in_thread(lambda: _raw_lrange(n))
 
 
-def emit(**fields: Any) -> None:
-    print(json.dumps(fields), flush=True)
-
-
-FLOOR_N = 1000
-
-
-async def floor_seconds(n: int = FLOOR_N) -> float:
-    """Return the best of three: seconds for n sequential SET round trips."""
-    return min([await _raw_sets(n) for _ in range(3)])
-
-
-async def floor(floor: float) -> None:
-    emit(
-        workload="floor",
-        backend="redis",
-        n=FLOOR_N,
-        seconds=round(floor * FLOOR_N / 1000, 4),
-        per_op_ms=round(floor, 4),
-        floor_ms=round(floor, 4),
-        ratio=1.0,
-        ok=True,
-        note="one SET round trip of a 60-byte value, redis.asyncio, best of 3 x 1000",
-    )
-
-
-async def w1(floor: float) -> None:
-    from bench import bench_engine
-
-    with tempfile.TemporaryDirectory(prefix="bench-redis-w1-") as work:
-        await bench_engine.w1("redis", Path(work), floor)
-
-
-async def w2(floor: float) -> None:
-    from bench import bench_engine
-
-    with tempfile.TemporaryDirectory(prefix="bench-redis-w2-") as work:
-        await bench_engine.w2("redis", Path(work), floor)
-
-
-async def w3e(floor: float) -> None:
-    from bench import bench_engine
-    from substantial import Conductor
-
-    bench_engine.latencies.clear()
-    url = backend_url(f"bench-{uuid.uuid4().hex[:12]}")
-    conductor = Conductor(url)
-    conductor.register(bench_engine.pings)
-    agent = conductor.run()
-    n = 50
-    run = await conductor.start(bench_engine.pings, {"n": n})
-    await asyncio.sleep(0.2)
-    sender = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", bench_engine.SENDER, url, run.run_id, str(n), cwd=ROOT
-    )
-    ok = await run.result(timeout=120) == n
-    await sender.wait()
-    agent.cancel()
-    await agent
-    await conductor.close()
-    latencies = sorted(bench_engine.latencies)
-    p50 = statistics.median(latencies) * 1000
-    emit(
-        workload="W3e",
-        backend="redis",
-        n=n,
-        seconds=round(sum(latencies), 4),
-        per_op_ms=round(p50, 4),
-        p90_ms=round(latencies[int(n * 0.9)] * 1000, 4),
-        floor_ms=round(floor, 4),
-        ratio=round(p50 / floor, 2),
-        ok=ok and sender.returncode == 0,
-    )
-
-
-WORKLOADS: dict[str, Callable[[float], Awaitable[None]]] = {
-    "floor": floor,
-    "W1": w1,
-    "W2": w2,
-    "W3e": w3e,
-}
-
-
-async def main_async(args: argparse.Namespace) -> None:
-    global _external_url
-    _external_url = args.url
-    ms = await floor_seconds() / FLOOR_N * 1000
-    for name in args.workload.split(","):
-        if name not in WORKLOADS:
-            raise SystemExit(f"unknown workload {name!r}: choose from {', '.join(WORKLOADS)}")
-        await WORKLOADS[name](ms)
-
-
 def main() -> None:
+    global _external_url
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workload", default=",".join(WORKLOADS))
+    parser.add_argument("--workload", default="W1,W2,W3e")
     parser.add_argument("--url", default=None, help="an existing server (default: a private one)")
-    asyncio.run(main_async(parser.parse_args()))
+    args, rest = parser.parse_known_args()
+    _external_url = args.url
+    from bench.__main__ import main as bench_main
+
+    bench_main(["--backend", "redis", "--workload", args.workload, *rest])
 
 
 if __name__ == "__main__":

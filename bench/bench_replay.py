@@ -1,25 +1,22 @@
 """The offline replay checker's speed: stored runs checked per second.
 
-Run ``python -m bench.bench_replay [--backend sqlite,fs] [--runs 2000]``. Stores
+Workloads RC and MG of ``python -m bench``; ``python -m bench.bench_replay
+[--backend sqlite,fs] [--runs 2000]`` preselects them. Stores
 ``--runs`` completed runs of 10 steps each, then replays every one against
 the same code with :func:`substantial.checker.check_store` (nothing runs,
 nothing is written). Then migrates the store to a fresh one of the same kind (workload MG, runs
-per second, each log read back and checksummed). Prints JSON lines: ``{"workload": "RC",
-"backend", "n", "seconds", "runs_per_s", "floor_ms", "ratio", "ok"}``, where
-``floor_ms`` is one log read on that store (bench.bench_backends) and
-``ratio`` the time per run against it.
+per second, each log read back and checksummed). RC's ``floor_ms`` is one log read on that store
+(bench.bench_backends) and ``ratio`` the time per run against it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import tempfile
 import time
-from pathlib import Path
+from typing import Any
 
-from bench.bench_backends import TARGETS
+from bench._harness import Sitting
 from substantial import Conductor, Context, workflow
 from substantial.checker import check_store
 from substantial.portable import migrate
@@ -32,60 +29,77 @@ async def ten_steps(c: Context, n: int = 10) -> int:
     return n
 
 
-async def one(name: str, work: Path, runs: int) -> None:
-    read = TARGETS[name].floors["read"]
-    (work / "floor").mkdir()
-    floor_ms = min(read(work / "floor", 200, "process") for _ in range(3)) / 200 * 1000
-    conductor = Conductor(TARGETS[name].open(work, "process"))
+async def stored(s: Sitting) -> Conductor:
+    """Store ``s.n`` completed runs of 10 steps; return the Conductor on their store."""
+    conductor = Conductor(s.open())
     conductor.register(ten_steps)
     agent = conductor.run()
-    started = [await conductor.start(ten_steps) for _ in range(runs)]
-    await asyncio.gather(*(r.result(timeout=600) for r in started))
+    started = [await conductor.start(ten_steps) for _ in range(s.n)]
+    await asyncio.gather(*(r.result(timeout=1800) for r in started))
     agent.cancel()
     await agent
-    t0 = time.perf_counter()
-    report = await check_store(conductor.registry, conductor.backend)
-    seconds = time.perf_counter() - t0
-    per_ms = seconds / runs * 1000
-    (work / "copy").mkdir()
-    target = TARGETS[name].open(work / "copy", "process")
-    t0 = time.perf_counter()
-    moved = await migrate(conductor.backend, target)
-    migrate_s = time.perf_counter() - t0
-    await target.close()
-    await conductor.close()
-    line = {
-        "workload": "RC",
-        "backend": name,
-        "n": runs,
+    return conductor
+
+
+def read_floor_ms(s: Sitting) -> float:
+    """One log read on the raw store, in ms (best of 3 x 200)."""
+    read = s.target.floors["read"]
+    (s.work / "floor").mkdir()
+    return min(read(s.work / "floor", 200, s.durability) for _ in range(3)) / 200 * 1000
+
+
+async def rc(s: Sitting) -> dict[str, Any]:
+    floor_ms = read_floor_ms(s)
+    conductor = await stored(s)
+    try:
+        t0 = time.perf_counter()
+        report = await check_store(conductor.registry, conductor.backend)
+        seconds = time.perf_counter() - t0
+    finally:
+        await conductor.close()
+    per_ms = seconds / s.n * 1000
+    return {
         "seconds": round(seconds, 4),
-        "runs_per_s": round(runs / seconds, 1),
-        "floor_ms": round(floor_ms, 4),
+        "per_op_ms": round(per_ms, 5),
+        "runs_per_s": round(s.n / seconds, 1),
+        "floor_ms": round(floor_ms, 5),
         "ratio": round(per_ms / floor_ms, 2),
-        "ok": report.ok and report.checked == runs,
+        "ok": report.ok and report.checked == s.n,
+        "note": "per_op_ms per stored run replayed; floor = one log read",
     }
-    print(json.dumps(line), flush=True)
-    line = {
-        "workload": "MG",
-        "backend": name,
-        "n": runs,
+
+
+async def mg(s: Sitting) -> dict[str, Any]:
+    conductor = await stored(s)
+    target = s.open("copy")
+    try:
+        t0 = time.perf_counter()
+        moved = await migrate(conductor.backend, target)
+        migrate_s = time.perf_counter() - t0
+    finally:
+        await target.close()
+        await conductor.close()
+    return {
         "seconds": round(migrate_s, 4),
-        "runs_per_s": round(runs / migrate_s, 1),
-        "ok": moved.ok and moved.copied == runs,
+        "per_op_ms": round(migrate_s / s.n * 1000, 5),
+        "runs_per_s": round(s.n / migrate_s, 1),
+        "ok": moved.ok and moved.copied == s.n,
+        "ratio": None,
         "note": "migrate to a fresh store of the same kind, every log read back and checksummed",
     }
-    print(json.dumps(line), flush=True)
 
 
-async def main() -> None:
+def main() -> None:
+    """Run RC and MG through ``python -m bench`` (``--runs`` is their n)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--backend", default="sqlite")
-    parser.add_argument("--runs", type=int, default=2000)
-    args = parser.parse_args()
-    for name in args.backend.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
-            await one(name, Path(tmp), args.runs)
+    parser.add_argument("--runs", default="2000")
+    args, rest = parser.parse_known_args()
+    from bench.__main__ import main as bench_main
+
+    argv = ["--backend", args.backend, "--workload", "RC,MG", "--n", args.runs]
+    bench_main([*argv, "--repeat", "1", *rest])
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

@@ -1,22 +1,19 @@
-"""The S3 backend on a real S3 server (a private SeaweedFS), each figure beside its floor.
+"""The S3 store of the benchmarks (a private SeaweedFS), its floor, and S3-only figures.
 
-Run ``python -m bench.bench_s3 [--workload floor,contention,W1,W2,W3e,idle]
-[--endpoint URL --bucket B]``: without ``--endpoint`` a private ``weed mini``
-is started on 127.0.0.1 and stopped at the end. Prints one JSON line per
-measurement: ``{"workload", "backend", "n", "seconds", "per_op_ms",
-"floor_ms", "ratio", "ok", ...}``, where the floor is one conditional PUT
-round trip (If-None-Match: *, a ~60-byte entry) measured in the same run, and
-``requests`` counts the S3 requests the workload sent, by operation.
+``python -m bench --backend s3`` runs every workload on it (W1, W2, W3e, R,
+...; the engine workloads count the S3 requests they send, by operation).
+``python -m bench.bench_s3 [--workload floor,contention,idle,W1,W2,W3e]
+[--endpoint URL --bucket B]`` runs the S3-only figures below, and hands any
+other workload to ``python -m bench`` with this backend preselected. Without
+``--endpoint`` a private ``weed mini`` is started on 127.0.0.1 and stopped at
+the end. The floor is one conditional PUT round trip (If-None-Match: *, a
+~60-byte entry) measured in the same run.
 
-* floor: n sequential conditional PUTs to fresh keys.
+* floor: n sequential conditional PUTs to fresh keys (and unconditional ones).
 * contention: N concurrent conditional PUTs to one key, and to N keys.
-* W1: one workflow, 1,000 sequential ``save`` steps (per_op = one step).
-* W2: 200 workflows x 10 steps, one worker (``wf_per_s``).
-* W3e: event latency, ``send`` from another process -> seen in the workflow, p50
-  (the worker polls: min_poll/max_poll bound it).
 * idle: requests an idle worker sends per minute.
 
-Also provides the s3 entry of bench.bench_backends.TARGETS (``open_s3``,
+Provides the s3 entry of bench.bench_backends.TARGETS (``s3_store_url``,
 ``s3_append_floor``, ``s3_read_floor``).
 """
 
@@ -66,10 +63,10 @@ def server_url(prefix: str, **query: Any) -> str:
     return _server.url(prefix, **query)
 
 
-def open_s3(work: Path, durability: str) -> S3Backend:
-    """Open the store of ``work`` (the bench_backends ``open`` hook): one prefix per work dir."""
+def s3_store_url(work: Path, durability: str = "process") -> str:
+    """Return the URL of the store of ``work``: one prefix per work dir, from any process."""
     digest = hashlib.sha256(str(work.resolve()).encode()).hexdigest()[:16]
-    return S3Backend.from_url(server_url(f"bench-{digest}"))
+    return server_url(f"bench-{digest}")
 
 
 def _in_thread(coro_fn: Any) -> Any:
@@ -210,140 +207,13 @@ async def contention(floor: float, trials: int = 3) -> None:
             )
 
 
-def _engine() -> Any:
-    from bench import bench_engine
-
-    return bench_engine
-
-
 async def _conductor(prefix: str, **query: Any) -> Any:
+    from bench.bench_engine import steps
     from substantial import Conductor
 
-    eng = _engine()
     conductor = Conductor(S3Backend.from_url(server_url(prefix, **query)))
-    for wf in (eng.steps, eng.pings):
-        conductor.register(wf)
+    conductor.register(steps)
     return conductor
-
-
-def _requests(conductor: Any) -> dict[str, int]:
-    return dict(conductor.backend.requests)
-
-
-async def w1(floor: float) -> None:
-    eng = _engine()
-    conductor = await _conductor(f"w1-{uuid.uuid4().hex[:8]}")
-    agent = conductor.run()
-    n = 1000
-    await (await conductor.start(eng.steps, {"n": 5})).result(timeout=60)  # warm up
-    before = Counter(conductor.backend.requests)
-    t0 = time.perf_counter()
-    ok = await (await conductor.start(eng.steps, {"n": n})).result(timeout=600) == n
-    seconds = time.perf_counter() - t0
-    spent = Counter(conductor.backend.requests) - before
-    agent.cancel()
-    await agent
-    await conductor.close()
-    per = seconds / n * 1000
-    emit(
-        workload="W1",
-        backend="s3",
-        n=n,
-        seconds=round(seconds, 4),
-        per_op_ms=round(per, 4),
-        floor_ms=round(floor, 4),
-        ratio=round(per / floor, 2),
-        ok=ok,
-        requests=dict(spent),
-        requests_per_step=round(sum(spent.values()) / n, 3),
-    )
-
-
-async def w2(floor: float) -> None:
-    eng = _engine()
-    conductor = await _conductor(f"w2-{uuid.uuid4().hex[:8]}")
-    agent = conductor.run()
-    n = 200
-    before = Counter(conductor.backend.requests)
-    t0 = time.perf_counter()
-    runs = [await conductor.start(eng.steps, {"n": 10}) for _ in range(n)]
-    results = await asyncio.gather(*(r.result(timeout=600) for r in runs))
-    seconds = time.perf_counter() - t0
-    spent = Counter(conductor.backend.requests) - before
-    agent.cancel()
-    await agent
-    await conductor.close()
-    per = seconds / n * 1000
-    emit(
-        workload="W2",
-        backend="s3",
-        n=n,
-        seconds=round(seconds, 4),
-        per_op_ms=round(per, 4),
-        wf_per_s=round(n / seconds, 1),
-        floor_ms=round(floor, 4),
-        ratio=round(per / (floor * 16), 2),
-        ok=all(r == 10 for r in results),
-        requests=dict(spent),
-        requests_per_workflow=round(sum(spent.values()) / n, 2),
-        note="ratio against 16 floor writes; client and worker share one process and backend",
-    )
-
-
-async def w3e(floor: float, min_poll: float, max_poll: float) -> None:
-    eng = _engine()
-    eng.latencies.clear()
-    prefix = f"w3e-{uuid.uuid4().hex[:8]}"
-    query = {"min_poll": min_poll, "max_poll": max_poll}
-    conductor = await _conductor(prefix, **query)
-    agent = conductor.run()
-    n = 30
-    run = await conductor.start(eng.pings, {"n": n})
-    await asyncio.sleep(0.5)
-    sender = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        SENDER,
-        server_url(prefix, **query),
-        run.run_id,
-        str(n),
-        cwd=ROOT,
-    )
-    ok = await run.result(timeout=300) == n
-    await sender.wait()
-    agent.cancel()
-    await agent
-    await conductor.close()
-    lat = sorted(eng.latencies)
-    p50 = statistics.median(lat) * 1000
-    emit(
-        workload="W3e",
-        backend="s3",
-        n=n,
-        seconds=round(sum(lat), 4),
-        per_op_ms=round(p50, 2),
-        p90_ms=round(lat[int(len(lat) * 0.9)] * 1000, 2),
-        floor_ms=round(floor, 4),
-        ratio=round(p50 / floor, 2),
-        min_poll=min_poll,
-        max_poll=max_poll,
-        ok=ok,
-        note="events sent 0.3 s apart from another process; the worker finds them by polling",
-    )
-
-
-SENDER = """
-import asyncio, sys, time
-from substantial import Conductor
-async def main():
-    c = Conductor(sys.argv[1])
-    run = c.get(sys.argv[2])
-    for _ in range(int(sys.argv[3])):
-        await asyncio.sleep(0.3)
-        await run.send("ping", time.time())
-    await c.close()
-asyncio.run(main())
-"""
 
 
 async def idle(floor: float, seconds: float = 20.0) -> None:
@@ -371,7 +241,10 @@ async def idle(floor: float, seconds: float = 20.0) -> None:
     )
 
 
-async def main_async(args: argparse.Namespace) -> None:
+S3_ONLY = ("floor", "contention", "idle")
+
+
+async def main_async(args: argparse.Namespace, workloads: list[str]) -> None:
     if args.endpoint:
         _external.update(endpoint=args.endpoint, bucket=args.bucket)
     floor = await floor_ms()
@@ -388,22 +261,10 @@ async def main_async(args: argparse.Namespace) -> None:
         plain_put_ms=round(plain, 4),
         note="one conditional PUT (If-None-Match: *) round trip; plain_put_ms: unconditional",
     )
-    for workload in args.workload.split(","):
-        if workload == "floor":
-            continue
-        if workload == "contention":
-            await contention(floor)
-        elif workload == "W1":
-            await w1(floor)
-        elif workload == "W2":
-            await w2(floor)
-        elif workload == "W3e":
-            await w3e(floor, 0.05, 2.0)
-            await w3e(floor, 0.02, 0.2)
-        elif workload == "idle":
-            await idle(floor)
-        else:
-            raise SystemExit(f"unknown workload {workload!r}")
+    if "contention" in workloads:
+        await contention(floor)
+    if "idle" in workloads:
+        await idle(floor)
 
 
 def main() -> None:
@@ -413,7 +274,21 @@ def main() -> None:
         "--endpoint", default=None, help="an existing S3 server (default: start one)"
     )
     parser.add_argument("--bucket", default="substantial")
-    asyncio.run(main_async(parser.parse_args()))
+    args, rest = parser.parse_known_args()
+    chosen = args.workload.split(",")
+    # This module runs as __main__: the store's settings go to the module TARGETS imports.
+    from bench import bench_s3
+
+    if args.endpoint:
+        bench_s3._external.update(endpoint=args.endpoint, bucket=args.bucket)
+    bench_s3_main = bench_s3.main_async
+    if any(w in S3_ONLY for w in chosen):
+        asyncio.run(bench_s3_main(args, chosen))
+    others = [w for w in chosen if w not in S3_ONLY]
+    if others:
+        from bench.__main__ import main as bench_main
+
+        bench_main(["--backend", "s3", "--workload", ",".join(others), *rest])
 
 
 if __name__ == "__main__":
