@@ -10,13 +10,14 @@ skipped past: nothing jumps while no client waits.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from substantial import _clock
 from substantial.backends.base import Backend
 from substantial.conductor import Conductor
 from substantial.worker import Worker
 
-__all__ = ["keep_time"]
+__all__ = ["keep_time", "settle", "skip_time"]
 
 #: How often (real seconds) the keeper looks whether everything waits.
 TICK = 0.002
@@ -24,15 +25,23 @@ TICK = 0.002
 FAR = 100 * 365 * 86400.0
 
 
-async def _next_time(worker: Worker, backend: Backend) -> float | None:
+class _Busy:
+    """Something runs, is being loaded, or is due now: time must not jump yet."""
+
+
+BUSY = _Busy()
+
+
+async def _next_time(worker: Worker, backend: Backend) -> float | _Busy | None:
+    """Return the next time anything waits for (None: nothing), or BUSY while work is due."""
     times: list[float] = []
     for live in list(worker.runs.values()):
         driver = live.driver
         if driver is None or not driver.idle:
-            return None  # something runs or is being loaded: time must not jump now
+            return BUSY  # something runs or is being loaded
         inbox = await backend.read_inbox(live.run_id)
         if any(event.event_id not in driver.x.seen_ids for event in inbox):
-            return None  # an event is on its way in: it comes before any later timer
+            return BUSY  # an event is on its way in: it comes before any later timer
         wakeup = driver.x.next_wakeup()
         if wakeup is not None:
             times.append(wakeup)
@@ -44,7 +53,22 @@ async def _next_time(worker: Worker, backend: Backend) -> float | None:
         if run_id not in worker.runs:
             times.append(at)
             break
-    return min(times, default=None)
+    target = min(times, default=None)
+    if target is not None and target <= _clock.now():
+        return BUSY  # due already: the worker has yet to take it
+    return target
+
+
+def _jump(worker: Worker, backend: Backend, target: float) -> None:
+    """Move the clock to ``target`` and re-arm every held run's timers against it."""
+    now = _clock.now()
+    if target <= now:
+        return
+    _clock.advance(target - now)
+    for live in list(worker.runs.values()):
+        if live.driver is not None:
+            live.driver.rearm()
+    backend.waker.notify()
 
 
 async def keep_time(conductor: Conductor, worker: Worker) -> None:
@@ -55,11 +79,35 @@ async def keep_time(conductor: Conductor, worker: Worker) -> None:
         if not conductor._ended:  # no client awaits a run
             continue
         target = await _next_time(worker, backend)
-        now = _clock.now()
-        if target is None or target <= now:
-            continue
-        _clock.advance(target - now)
-        for live in list(worker.runs.values()):
-            if live.driver is not None:
-                live.driver.rearm()
-        backend.waker.notify()
+        if isinstance(target, float):
+            _jump(worker, backend, target)
+
+
+async def settle(worker: Worker, backend: Backend, patience: float) -> float | None:
+    """Wait until every run only waits; return the next time one is due (None: never).
+
+    Raises ``TimeoutError`` if runs are still busy after ``patience`` real seconds.
+    """
+    give_up = time.monotonic() + patience
+    while isinstance(target := await _next_time(worker, backend), _Busy):
+        if time.monotonic() > give_up:
+            raise TimeoutError
+        await asyncio.sleep(TICK)
+    return target
+
+
+async def skip_time(worker: Worker, backend: Backend, seconds: float, patience: float) -> None:
+    """Move the clock ``seconds`` ahead, letting each timer on the way fire at its own time.
+
+    Between jumps the runs settle (their steps run, on the real clock), so a
+    timer due in 2 days runs its sequel before one due in 3 days fires.
+    """
+    target = await settle(worker, backend, patience)  # runs just started take their time first
+    end = _clock.now() + max(0.0, seconds)
+    while True:
+        if target is None or target > end:
+            _jump(worker, backend, end)
+            await settle(worker, backend, patience)
+            return
+        _jump(worker, backend, target)
+        target = await settle(worker, backend, patience)

@@ -146,6 +146,11 @@ EXPECTED: dict[str, list[str]] = {
         "  12: step sync-without-timeout",
         "  12: end",
     ],
+    "docs_testing": [
+        "test_the_trial_ends_after_thirty_days PASSED",
+        "test_an_upgrade_on_day_ten PASSED",
+        "exit status: 0",
+    ],
     "docs_versions": [
         "order-1 on a v2-only worker: active",
         "order-1 finishes on v1: {'version': 1, 'stock': 'stock-17', 'paid': 'card'}",

@@ -11,19 +11,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from substantial import _clock
 from substantial._crashtest import CrashPoint, CrashReport, crash_test
 from substantial._offline import Replayed, replay
-from substantial._timeskip import keep_time
 from substantial.backends.base import Backend
 from substantial.backends.memory import MemoryBackend
 from substantial.conductor import Conductor
-from substantial.records import Record, decode_entry
+from substantial.testing._env import WorkflowEnv, log_records
 from substantial.workflow import Workflow
 
 __all__ = [
@@ -31,6 +28,7 @@ __all__ = [
     "CrashReport",
     "MemoryBackend",
     "Replayed",
+    "WorkflowEnv",
     "crash_test",
     "log_records",
     "replay",
@@ -51,30 +49,9 @@ async def running(
     With ``time_skipping``, durable time jumps ahead whenever the test awaits
     a run and every run waits (a 30-day ``c.sleep`` ends at once, timers
     still fire in order); the clock returns to real time on exit. One
-    time-skipping block at a time per process.
+    time-skipping block at a time per process. :class:`WorkflowEnv` is the
+    same with helpers (``skip``, ``send``, ``result``, ...).
     """
-    conductor = Conductor(backend or MemoryBackend())
-    for wf in workflows:
-        conductor.register(wf)
-    agent = conductor.run(**worker_options)
-    keeper = asyncio.create_task(keep_time(conductor, agent.worker)) if time_skipping else None
-    try:
-        yield conductor
-    finally:
-        if keeper is not None:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
-        agent.cancel()
-        await agent
-        await conductor.close()
-        if keeper is not None:
-            _clock.reset()
-
-
-async def log_records(backend: Backend, run_id: str) -> list[Record]:
-    """Return every record of a run's log, in order: for assertions on what was recorded."""
-    out: list[Record] = []
-    for position, data in enumerate(await backend.read_log(run_id)):
-        out.extend(decode_entry(run_id, position, data))
-    return out
+    env = WorkflowEnv(*workflows, backend=backend, time_skipping=time_skipping, **worker_options)
+    async with env:
+        yield env.conductor
