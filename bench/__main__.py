@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -117,6 +118,8 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     finally:
         if out is not None:
             out.close()
+        if not args.dir:
+            shutil.rmtree(base, ignore_errors=True)
     return lines
 
 

@@ -142,8 +142,14 @@ async def measure(
     ]
     line["repeat"] = len(rounds)
     main = _aggregate(line, rounds)
-    extra = main.pop("lines", [])
-    return [main, *({**line, **x} for x in extra)]
+    out = [main]
+    for extra in main.pop("lines", []):
+        if extra.get("ok") is not True:
+            # The same rule for a workload's other lines: no figure from a wrong result.
+            extra = {k: v for k, v in extra.items() if k not in ("seconds", "per_op_ms", "ratio")}
+            extra.setdefault("error", "the workload's result was wrong")
+        out.append({**line, **extra})
+    return out
 
 
 def _aggregate(line: dict[str, Any], rounds: list[dict[str, Any]]) -> dict[str, Any]:
