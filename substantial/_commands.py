@@ -41,7 +41,7 @@ class Compensation:
     value: Any
 
 
-@dataclass
+@dataclass(slots=True)
 class Command:
     """One primitive call the workflow is waiting on."""
 

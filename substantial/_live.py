@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import math
 import random
@@ -113,7 +114,8 @@ class Driver:
 
     def _post(self, record: Record) -> None:
         self.ready.append(record)
-        self._wakeup.set()
+        if self.waiting:  # else the driver looks at ``ready`` before it waits
+            self._wakeup.set()
 
     # -- the whole run -----------------------------------------------------------
 
@@ -128,7 +130,10 @@ class Driver:
         async def main() -> Any:
             return await body()
 
-        x.main = x.loop.create_task(main(), name=f"workflow:{x.run_id}")
+        # The workflow's own coroutine becomes the task when it is one: a wrapper would be
+        # one more frame at every resume.
+        work = body() if inspect.iscoroutinefunction(body) else main()
+        x.main = x.loop.create_task(work, name=f"workflow:{x.run_id}")
         try:
             self.step()
             while x.activations and not x.main.done():
@@ -152,12 +157,13 @@ class Driver:
 
     def step(self) -> None:
         """Run the workflow's loop until every task is blocked; settle interrupts."""
-        loop = self.x.loop
+        x = self.x
+        loop = x.loop
         loop.run_until_idle()
-        while self.x.sweep():
+        while x.sweep_pending and x.sweep():
             loop.run_until_idle()
-        if loop.unhandled and self.x.failure is None:
-            self.x.failure = loop.unhandled[0]
+        if loop.unhandled and x.failure is None:
+            x.failure = loop.unhandled[0]
 
     async def _live(self) -> None:
         x = self.x
@@ -174,7 +180,7 @@ class Driver:
                 if record["k"] in ACTIVATIONS:
                     if not self._wanted(record):
                         continue
-                    x.record(record)
+                    x.pending.append(record)
                     if record["k"] == "event":
                         x.to_ack.append(record["id"])
                     x.apply(record)
@@ -203,6 +209,8 @@ class Driver:
 
     async def _wait(self) -> None:
         self._wakeup.clear()
+        if self.stop_requested:
+            return  # asked during the last write: the loop hands the run back
         busy = any(not t.done() for t in self.tasks)
         self.last_active = time.monotonic()
         self.waiting = True
@@ -236,7 +244,8 @@ class Driver:
     async def flush(self, *extra: Record) -> None:
         """Write what is buffered (and ``extra``) as one entry at the next position."""
         x = self.x
-        self._refuse_endless_timers()
+        if x.sleeps_pending:
+            self._refuse_endless_timers()
         batch = [*x.pending, *extra] if extra else x.pending
         if not batch:
             if x.to_ack and not self.lost:
@@ -250,9 +259,16 @@ class Driver:
             return
         if self.lost:
             raise Fenced("the lease was lost")
-        await self._append(encode_entry(batch))
+        entry = encode_entry(batch)
+        try:
+            await self.backend.append(x.run_id, x.position, entry)
+        except PositionTaken as exc:
+            raise Fenced(str(exc)) from exc
+        except BackendUnavailable as exc:
+            await self._append(entry, exc)
         x.position += 1
         x.pending = []
+        x.sleeps_pending = False
         if x.to_ack:
             acked, x.to_ack = x.to_ack, []
             try:
@@ -265,8 +281,8 @@ class Driver:
             x.publish_dirty = False
             await self.effects.publish(x)
 
-    async def _append(self, entry: bytes) -> None:
-        """Write ``entry`` at the run's next position, waiting out a store that refuses writes.
+    async def _append(self, entry: bytes, failed: BackendUnavailable) -> None:
+        """Write ``entry`` at the run's next position, which the store just ``failed`` to take.
 
         A full disk or an outage fails the write with BackendUnavailable. Giving the run
         up would replay it and run again, at once, every step whose completion is not
@@ -278,14 +294,18 @@ class Driver:
         """
         x = self.x
         pause, failures = WRITE_RETRY_FIRST, 0
+        error: BackendUnavailable | None = failed
         while True:
             try:
-                if failures and await self._holds(entry):
+                if error is not None:
+                    raise error
+                if await self._holds(entry):
                     break
                 await self.backend.append(x.run_id, x.position, entry)
             except PositionTaken as exc:
                 raise Fenced(str(exc)) from exc
             except BackendUnavailable as exc:
+                error = None
                 if self.lost:
                     raise Fenced("the lease was lost") from exc
                 if self.stop_requested:
@@ -305,12 +325,9 @@ class Driver:
                 pause = min(pause * 2, WRITE_RETRY_MAX)
             else:
                 break
-        if failures:
-            logger.warning(
-                "run %s: its log is written again, after %d failed attempt(s)",
-                x.run_id,
-                failures,
-            )
+        logger.warning(
+            "run %s: its log is written again, after %d failed attempt(s)", x.run_id, failures
+        )
 
     async def _holds(self, entry: bytes) -> bool:
         """Tell whether the run's next position already holds ``entry`` (by its records)."""
@@ -329,7 +346,7 @@ class Driver:
         as null, and a due time past :data:`MAX_SECONDS` does not fit the stores' time keys.
         """
         x = self.x
-        if not any(r["k"] == "sleep" for r in x.pending):
+        if not x.sleeps_pending:
             return False
         limit = _clock.now() + MAX_SECONDS
         bad = [

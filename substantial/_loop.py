@@ -87,6 +87,13 @@ def _refuse(name: str) -> Callable[..., Any]:
     return refused
 
 
+class _Handle(asyncio.Handle):
+    __slots__ = ()
+
+
+_new_handle = object.__new__
+
+
 class WorkflowLoop(asyncio.AbstractEventLoop):
     """The event loop every task of one workflow run lives on; stepped by the worker."""
 
@@ -111,9 +118,22 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         try:
             ready = self._ready
             while ready:
-                handle = ready.popleft()
-                if not handle._cancelled:
-                    handle._run()
+                handle: Any = ready.popleft()
+                if handle._cancelled:
+                    continue
+                # Handle._run, inlined: this is the step of every workflow task.
+                try:
+                    handle._context.run(handle._callback, *handle._args)
+                except (SystemExit, KeyboardInterrupt):
+                    raise
+                except BaseException as exc:
+                    self.call_exception_handler(
+                        {
+                            "message": f"Exception in callback {handle._callback!r}",
+                            "exception": exc,
+                            "handle": handle,
+                        }
+                    )
         finally:
             asyncio.events._set_running_loop(previous)
 
@@ -136,9 +156,17 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         context: contextvars.Context | None = None,
     ) -> asyncio.Handle:
         """Queue ``callback`` to run at the next step, after what is already queued."""
-        handle = asyncio.Handle(callback, args, self, context)
+        # asyncio.Handle(...), less its debug check: one is made for every step of a task.
+        handle: Any = _new_handle(_Handle)
+        handle._callback = callback
+        handle._args = args
+        handle._loop = self
+        handle._context = contextvars.copy_context() if context is None else context
+        handle._cancelled = False
+        handle._repr = None
+        handle._source_traceback = None
         self._ready.append(handle)
-        return handle
+        return handle  # type: ignore[no-any-return]
 
     def call_later(  # type: ignore[override]
         self,
@@ -211,9 +239,9 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         self._closed = True
         self._ready.clear()
 
-    def get_debug(self) -> bool:
-        """Return False: debug mode is off on workflow loops."""
-        return False
+    #: Debug mode is off on workflow loops. ``bool()`` is False without a Python frame:
+    #: asyncio calls this for every future it makes.
+    get_debug = staticmethod(bool)
 
     def set_debug(self, enabled: bool) -> None:
         """Ignore: debug mode stays off."""

@@ -22,6 +22,7 @@ from substantial import _clock, telemetry
 from substantial._durations import seconds
 from substantial.backends.base import ErrorInfo
 from substantial.errors import InvalidArgument, SerializationError, StepTimeout
+from substantial.records import INT_LIMIT as _INT_LIMIT
 from substantial.records import Record, as_stored, error_of
 from substantial.replay import Command, Execution
 
@@ -95,7 +96,7 @@ class RetryPolicy:
 DEFAULT_RETRY = RetryPolicy()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StepSpec:
     """What a ``save`` (or a compensation) command runs."""
 
@@ -189,9 +190,9 @@ class Steps:
         # Inline only: a first attempt, with no timeout (it could not be enforced), and no
         # span to open (a span needs the task path).
         if not (spec.attempts or spec.timeout is not None or telemetry.on):
-            key = self.pace.key(spec.fn)
+            key = getattr(spec.fn, "__code__", None) or self.pace.key(spec.fn)
             if (
-                self.pace.quick(key)
+                self.pace._last.get(key, _NEVER) < self.pace.inline_below  # Pace.quick, inlined
                 if self.executor is not None
                 else not inspect.iscoroutinefunction(spec.fn)
             ):
@@ -267,8 +268,15 @@ class Steps:
         kind = "step" if command.kind == "step" else "compensated"
         if error is None:
             try:
-                what = f"the result of step {command.name!r} of run {x.run_id!r}"
-                value = as_stored(value, what, "result")
+                kind_of = type(value)
+                if not (
+                    value is None
+                    or kind_of is bool
+                    or (kind_of is int and -_INT_LIMIT <= value < _INT_LIMIT)
+                    or (kind_of is str and value.isascii())
+                ):  # else the JSON round trip gives the value back as it is
+                    what = f"the result of step {command.name!r} of run {x.run_id!r}"
+                    value = as_stored(value, what, "result")
             except SerializationError as exc:
                 error = error_of(exc)
                 attempts = spec.retry.max_attempts  # retrying would store nothing either

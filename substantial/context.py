@@ -144,26 +144,25 @@ class Context:
         """
         x = self._x
         x.enter()
-        step = name or _step_name(f)
+        step = name or getattr(f, "__qualname__", None) or _step_name(f)
         c, bound = x.issue("step", step)
         if key is not None and key in x.keys:
             return cast(T, x.keys[key])
-        policy = retry or self._retry
         limit = None if timeout is None else seconds(timeout, "c.save(timeout=...)")
         attempts, retry_at = 0, 0.0
         for record in bound:
             if record["k"] == "attempt":
                 attempts, retry_at = int(record["n"]), float(record["retry_at"])
-        done = x.settled(c)
+        done = x.settled(c) if x.activations else None
         if done is None:
-            spec = StepSpec(f, (), limit, policy, key, attempts, retry_at)
+            spec = StepSpec(f, (), limit, retry or self._retry, key, attempts, retry_at)
             done = await x.wait_for(c, "step", step, spec).future
-        value = step_outcome(done, step)
+        value: Any = done.get("value") if done.get("error") is None else step_outcome(done, step)
         if compensate_with is not None:
             x.compensations.append(Compensation(step, compensate_with, value))
         if key is not None:
             x.keys[key] = value
-        return cast(T, value)
+        return value  # type: ignore[no-any-return]
 
     # -- waiting -------------------------------------------------------------
 

@@ -177,12 +177,26 @@ def encode_value(value: Any, what: str = "a value", root: str = "value") -> byte
     return data
 
 
+#: orjson stores integers in [-INT_LIMIT, 2 * INT_LIMIT).
+INT_LIMIT = 2**63
+
+
 def as_stored(value: Any, what: str = "a value", root: str = "value") -> Any:
     """Return ``value`` as the log will hand it back (JSON round trip), or raise clearly.
 
     A workflow sees the same shapes live and on replay: a tuple is a list
     both times, a dataclass a dict. See :func:`encode_value` for what is refused.
     """
+    kind = type(value)
+    if (
+        value is None
+        or kind is bool
+        or (kind is int and -INT_LIMIT <= value < INT_LIMIT)
+        or (kind is str and value.isascii())
+    ):
+        # The round trip gives these back unchanged (bigger ints and other strings may be
+        # refused: orjson stores 64-bit ints and UTF-8 without lone surrogates).
+        return value
     return orjson.loads(encode_value(value, what, root))
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -102,6 +103,8 @@ class Execution:
         for position, record in records:
             self._index(position, record)
         self.pending: list[Record] = []
+        #: ``pending`` holds a timer's due time (checked before it is written).
+        self.sleeps_pending = False
         self.to_ack: list[str] = []
         self.commands: dict[int, Command] = {}
         #: The command number of each live asyncio timer, by ``id()`` of its handle.
@@ -154,6 +157,8 @@ class Execution:
 
     def enter(self) -> None:
         """Check the run may go on, then fire handlers of events that arrived."""
+        if not (self.mailbox or self.cancelled or self.stopping or self.failure):
+            return
         if self.failure is not None:
             raise self.failure
         if self.stopping:
@@ -238,8 +243,7 @@ class Execution:
         Its completion resolves the command's future, or calls ``on_done``
         instead when given (a timer's callback, a receive's timeout).
         """
-        command = Command(c, kind, name, self.loop.create_future(), spec)
-        command.on_done = on_done
+        command = Command(c, kind, name, asyncio.Future(loop=self.loop), spec, on_done)
         self.commands[c] = command
         known = self.recorded.get(c)
         if known is None or not known.completed:
@@ -295,7 +299,8 @@ class Execution:
         record: Record = {"k": "sleep", "c": c, "until": until}
         if why != "sleep":
             record["for"] = why
-        self.record(record)
+        self.pending.append(record)
+        self.sleeps_pending = True
         return until
 
     # -- applying completions (called by the worker, outside workflow code) --------
@@ -473,4 +478,5 @@ class Execution:
 
     def now(self) -> float:
         """Return real time for live records (the workflow's clock only moves forward)."""
-        return max(_clock.now(), self.loop.now)
+        now = time.time() + _clock.offset
+        return now if now > self.loop.now else self.loop.now

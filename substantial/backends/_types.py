@@ -79,13 +79,22 @@ Durability = Literal["process", "fsync"]
 _ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:=+-]{0,199}")
 
 
+#: Ids already found valid: a run's id is checked at every call, the regex only once.
+_VALID: set[str] = set()
+
+
 def validate_id(kind: str, value: str) -> str:
     """Check that ``value`` is usable as a run or event id on every backend."""
+    if type(value) is str and value in _VALID:
+        return value
     if not isinstance(value, str) or _ID_RE.fullmatch(value) is None:
         raise InvalidArgument(
             f"invalid {kind} {value!r}: use 1-200 characters from A-Z a-z 0-9 _ . : = + -, "
             "not starting with '.', '-', ':', '=' or '+'"
         )
+    if len(_VALID) >= 65536:
+        _VALID.clear()
+    _VALID.add(value)
     return value
 
 
