@@ -21,10 +21,17 @@ from substantial._cli_common import (
     plain,
     run,
 )
-from substantial.backends.base import Backend
+from substantial.backends._paging import iter_runs
 from substantial.checker import CheckReport, check_exported, check_store, describe_finding
 from substantial.conductor import Conductor
-from substantial.portable import MigrateReport, export_runs, import_runs, migrate, read_exported
+from substantial.portable import (
+    JOBS,
+    MigrateReport,
+    export_runs,
+    import_runs,
+    migrate,
+    read_exported,
+)
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -142,19 +149,6 @@ def replay_command(
         raise click.exceptions.Exit(1)
 
 
-async def _matching(
-    backend: Backend, workflow: str | None, status: str | None, since: float | None
-) -> list[str]:
-    ids: list[str] = []
-    after: str | None = None
-    while True:
-        page = await backend.list_runs(status=status, workflow=workflow, limit=500, after=after)
-        ids += [i.run_id for i in page if since is None or i.created_at >= since]
-        if len(page) < 500:
-            return ids
-        after = page[-1].run_id
-
-
 @click.command("export")
 @click.argument("run_ids", nargs=-1)
 @backend_option
@@ -176,7 +170,10 @@ def export_command(
     async def go() -> int:
         backend = open_backend(url)
         try:
-            ids = list(run_ids) or await _matching(backend, workflow, status, after)
+            ids = list(run_ids) or [
+                info.run_id
+                async for info in iter_runs(backend, workflow=workflow, status=status, since=after)
+            ]
             sink: Any = output.open("wb") if output else sys.stdout.buffer
             try:
                 async for line in export_runs(backend, ids):
@@ -281,7 +278,14 @@ def restart_command(run_id: str, url: str | None, new_id: str | None) -> None:
 @click.option("--from", "source_url", required=True, metavar="URL", help="Store to copy from.")
 @click.option("--to", "target_url", required=True, metavar="URL", help="Store to copy into.")
 @click.option("--status", help="Only runs with this status (e.g. completed).")
-def migrate_command(source_url: str, target_url: str, status: str | None) -> None:
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=JOBS,
+    show_default=True,
+    help="Runs copied at once.",
+)
+def migrate_command(source_url: str, target_url: str, status: str | None, jobs: int) -> None:
     """Copy every run from one store to another, verified by checksum; rerun to resume."""
 
     async def go() -> MigrateReport:
@@ -290,7 +294,11 @@ def migrate_command(source_url: str, target_url: str, status: str | None) -> Non
             with _progress(sys.stderr.isatty(), "copying") as bar:
                 task = bar.add_task("copying", total=None)
                 return await migrate(
-                    source, target, status=status, progress=lambda n: bar.update(task, completed=n)
+                    source,
+                    target,
+                    status=status,
+                    jobs=jobs,
+                    progress=lambda n: bar.update(task, completed=n),
                 )
         finally:
             await source.close()

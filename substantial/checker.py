@@ -10,11 +10,12 @@ recorded against what the code asks for.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from substantial._offline import replay
-from substantial.backends.base import Backend, RunInfo
+from substantial.backends._paging import iter_runs
+from substantial.backends.base import Backend
 from substantial.errors import NonDeterminismError, SubstantialError
 from substantial.portable import ExportedRun
 from substantial.records import decode_entry
@@ -102,20 +103,6 @@ async def _check_one(
     report.checked += 1
 
 
-async def _runs(
-    backend: Backend, *, workflow: str | None, status: str | None, since: float | None
-) -> AsyncIterator[RunInfo]:
-    after: str | None = None
-    while True:
-        page = await backend.list_runs(status=status, workflow=workflow, limit=500, after=after)
-        for info in page:
-            if since is None or info.created_at >= since:
-                yield info
-        if len(page) < 500:
-            return
-        after = page[-1].run_id
-
-
 async def check_store(
     registry: Registry,
     backend: Backend,
@@ -146,7 +133,7 @@ async def check_store(
 
     consumers = [asyncio.create_task(consume()) for _ in range(concurrency)]
     try:
-        async for info in _runs(backend, workflow=workflow, status=status, since=since):
+        async for info in iter_runs(backend, workflow=workflow, status=status, since=since):
             if info.status == "corrupt":
                 note = info.note or "its metadata is corrupt"
                 report.findings.append(

@@ -9,6 +9,7 @@ is what ``substantial replay --file`` checks code against.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -18,12 +19,14 @@ from typing import Any
 import orjson
 
 from substantial._runs import store_run
+from substantial.backends._paging import iter_runs
 from substantial.backends.base import TERMINAL_STATUSES, Backend, RunInfo
-from substantial.errors import InvalidArgument, RunConflict
+from substantial.errors import InvalidArgument, PositionTaken, RunConflict
 from substantial.records import decode_entry, encode_entry
 
 __all__ = [
     "FORMAT",
+    "JOBS",
     "ExportedRun",
     "MigrateReport",
     "checksum",
@@ -106,18 +109,29 @@ async def import_runs(backend: Backend, runs: Iterable[ExportedRun]) -> list[str
 
 async def _store(backend: Backend, run: ExportedRun, have: int = 0) -> None:
     """Write ``run`` into ``backend``, whose copy already holds its first ``have`` entries."""
-    entries = run.entries()
-    info = run.info
-    if not have:
-        started = info.with_status("active") if info.status != "active" else info
-        if not await store_run(backend, started, entries[0], time.time()):
-            raise RunConflict(f"run {run.run_id!r} already exists in {backend.describe()}")
+    await _store_entries(backend, run.info, run.entries(), have)
+
+
+async def _store_entries(backend: Backend, info: RunInfo, entries: list[bytes], have: int) -> None:
+    ended = info.status in TERMINAL_STATUSES
+    if not have and not ended:
+        if not await store_run(backend, info, entries[0], time.time()):
+            raise RunConflict(f"run {info.run_id!r} already exists in {backend.describe()}")
         have = 1
+    # An ended run is never due: its log, then its metadata, and no due entry to write
+    # and take back. Cut short, it has no metadata yet, so it does not list as a run.
     for position, entry in enumerate(entries[have:], have):
-        await backend.append(run.run_id, position, entry)
+        try:
+            await backend.append(info.run_id, position, entry)
+        except PositionTaken:
+            if position:
+                raise
+            raise RunConflict(
+                f"run {info.run_id!r} already exists in {backend.describe()}"
+            ) from None
     await backend.put_run(info)
-    if info.status in TERMINAL_STATUSES:
-        await backend.unschedule(run.run_id)
+    if ended and have:
+        await backend.unschedule(info.run_id)  # it was stored active by an earlier import
 
 
 @dataclass
@@ -143,44 +157,80 @@ def checksum(entries: Iterable[bytes]) -> str:
     return digest.hexdigest()
 
 
+#: Runs ``migrate`` copies at once by default: enough to overlap the round trips of both
+#: stores (measured in docs/BENCHMARKS.md, workload MG), few enough for a small server.
+JOBS = 16
+
+
 async def migrate(
     source: Backend,
     target: Backend,
     *,
     status: str | None = None,
+    jobs: int = JOBS,
     progress: Callable[[int], None] | None = None,
 ) -> MigrateReport:
     """Copy every run (or those with ``status``) from ``source`` to ``target``, verified.
 
-    Resumable: a run already in the target with the same log is counted as
-    present and left alone; one with a different log is reported in
-    ``differ`` and left alone. Each copied log is read back and its checksum
-    compared. Stop the source's workers first: a run that moves on while it
-    is copied is copied as it was when read.
+    Runs are copied ``jobs`` at a time. Resumable: a run already in the
+    target with the same log is counted as present and left alone; one with
+    a different log is reported in ``differ`` and left alone; one cut short
+    by an interrupted migration is completed. Each copied log is read back
+    and its SHA-256 compared with the source's. Stop the source's workers
+    first: a run that moves on while it is copied is copied as it was when
+    read. ``progress`` is called with the number of runs done after each one.
     """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise InvalidArgument(f"migrate(jobs={jobs!r}): pass a whole number of runs >= 1")
     report = MigrateReport()
-    after: str | None = None
     done = 0
-    while True:
-        page = await source.list_runs(status=status, limit=500, after=after)
-        for info in page:
-            run_id = info.run_id
-            wanted = await source.read_log(run_id)
-            have = await target.read_log(run_id)
-            if have and checksum(have) == checksum(wanted):
-                report.present += 1
-            elif have and checksum(have) != checksum(wanted[: len(have)]):
-                report.differ.append(run_id)  # another run under this id: leave it alone
-            else:  # not there, or cut short by an interrupted migration
-                exported = ExportedRun(run_id, info, [orjson.loads(e) for e in wanted])
-                await _store(target, exported, len(have))
-                if checksum(await target.read_log(run_id)) == checksum(wanted):
-                    report.copied += 1
-                else:
-                    report.differ.append(run_id)
-            done += 1
-            if progress is not None:
-                progress(done)
-        if len(page) < 500:
-            return report
-        after = page[-1].run_id
+
+    async def one(info: RunInfo) -> None:
+        nonlocal done
+        await _copy(source, target, info, report)
+        done += 1
+        if progress is not None:
+            progress(done)
+
+    running: set[asyncio.Task[None]] = set()
+
+    async def drain(below: int) -> None:
+        nonlocal running
+        while len(running) > below:
+            finished, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for task in finished:
+                task.result()  # the first failure (an outage, a bad record) stops the migration
+
+    try:
+        async for info in iter_runs(source, status=status):
+            await drain(jobs - 1)
+            running.add(asyncio.create_task(one(info)))
+        await drain(0)
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+    report.differ.sort()
+    return report
+
+
+async def _copy(source: Backend, target: Backend, info: RunInfo, report: MigrateReport) -> None:
+    """Copy one run unless the target has it; count what happened in ``report``."""
+    run_id = info.run_id
+    wanted, have = await asyncio.gather(source.read_log(run_id), target.read_log(run_id))
+    want = checksum(wanted)
+    if have and (have == wanted or checksum(have) == want):
+        if await target.get_run(run_id) == info:
+            report.present += 1
+            return
+        # Cut short after its last entry: the run's final metadata is still to be written.
+        await _store_entries(target, info, wanted, len(wanted))
+        report.copied += 1
+    elif have and checksum(have) != checksum(wanted[: len(have)]):
+        report.differ.append(run_id)  # another run under this id: leave it alone
+    else:  # not there, or cut short by an interrupted migration
+        await _store_entries(target, info, wanted, len(have))
+        if checksum(await target.read_log(run_id)) == want:
+            report.copied += 1
+        else:
+            report.differ.append(run_id)

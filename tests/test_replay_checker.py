@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,11 @@ import pytest
 from substantial import Conductor, Context, workflow
 from substantial._runs import store_run
 from substantial.backends import from_url
+from substantial.backends._paging import iter_runs
+from substantial.backends.base import RunInfo
+from substantial.backends.memory import MemoryBackend
 from substantial.checker import check_store
+from substantial.errors import BackendUnavailable, InvalidArgument
 from substantial.portable import checksum, export_runs, import_runs, migrate, read_exported
 from substantial.testing import log_records
 
@@ -191,3 +197,78 @@ async def test_migrate_copies_every_run_verified_and_resumes_after_an_interrupti
     assert proc.returncode == 1, proc.stderr
     assert "order-0: the target holds a different log" in proc.stdout
     assert "5 run(s) copied and verified, 0 already there, 1 differ" in proc.stdout
+
+
+class FlakyTarget(MemoryBackend):
+    """A target store that counts appends in flight and fails once, as an outage would."""
+
+    def __init__(self, fail_append_at: int = 0, fail_final_put: bool = False) -> None:
+        super().__init__()
+        self.fail_append_at, self.fail_final_put = fail_append_at, fail_final_put
+        self.appends = self.in_flight = self.most = 0
+
+    async def append(self, run_id: str, position: int, entry: bytes) -> None:
+        self.appends += 1
+        if self.appends == self.fail_append_at:
+            raise BackendUnavailable("the target went away")
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await asyncio.sleep(0)  # a round trip: the other copies go on meanwhile
+            await super().append(run_id, position, entry)
+        finally:
+            self.in_flight -= 1
+
+    async def put_run(self, info: RunInfo) -> None:
+        if self.fail_final_put and info.status == "completed":
+            self.fail_final_put = False  # a run's whole log is there, its final metadata not
+            raise BackendUnavailable("the target went away")
+        await super().put_run(info)
+
+
+async def test_migrate_copies_runs_at_once_bounded_and_resumes_after_an_outage() -> None:
+    source = MemoryBackend()
+    conductor = Conductor(source)
+    conductor.register(other)
+    agent = conductor.run()
+    runs = [await conductor.start(other, run_id=f"r{n:02}") for n in range(30)]
+    await asyncio.gather(*(r.result(timeout=20) for r in runs))
+    agent.cancel()
+    await agent
+    with pytest.raises(InvalidArgument, match="jobs"):
+        await migrate(source, MemoryBackend(), jobs=0)
+
+    target = FlakyTarget(fail_append_at=25)
+    with pytest.raises(BackendUnavailable):
+        await migrate(source, target, jobs=4)
+    assert 1 < target.most <= 4  # copies overlapped, never more than jobs of them
+    first_copied = len(await target.list_runs(status="completed", limit=100))
+    assert 0 < first_copied < 30  # the outage cut the migration short, several runs half-way
+
+    target.fail_final_put = True
+    with pytest.raises(BackendUnavailable):
+        await migrate(source, target, jobs=4)
+    done: list[int] = []
+    report = await migrate(source, target, jobs=4, progress=done.append)
+    assert report.ok and report.copied + report.present == 30 and report.copied >= 1
+    assert sorted(done) == list(range(1, 31))
+    for n in range(30):
+        run_id = f"r{n:02}"
+        assert checksum(await target.read_log(run_id)) == checksum(await source.read_log(run_id))
+        assert await target.get_run(run_id) == await source.get_run(run_id)
+    assert list(await target.due(time.time() + 3600)) == []  # ended runs are not due there
+    again = await migrate(source, target)
+    assert (again.copied, again.present, again.differ) == (0, 30, [])
+
+
+async def test_iter_runs_pages_through_every_run_in_id_order_with_filters() -> None:
+    backend = MemoryBackend()
+    for n in range(7):
+        status = "completed" if n % 2 else "active"
+        await backend.put_run(RunInfo(f"r{n}", "w" if n < 5 else "v", status, n, n))
+    every = [i.run_id async for i in iter_runs(backend, page=2)]
+    assert every == [f"r{n}" for n in range(7)]
+    done = [i.run_id async for i in iter_runs(backend, status="completed", page=2)]
+    assert done == ["r1", "r3", "r5"]
+    late = [i.run_id async for i in iter_runs(backend, workflow="w", since=2, page=2)]
+    assert late == ["r2", "r3", "r4"]
