@@ -58,7 +58,7 @@ class Command:
     done: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class Recorded:
     """What the log says about one command number."""
 

@@ -15,7 +15,7 @@ from substantial._repair import effective
 from substantial.backends.memory import MemoryBackend
 from substantial.context import Context
 from substantial.errors import InvalidArgument
-from substantial.records import Record, decode_entry
+from substantial.records import Record, decode_entry, decode_log
 from substantial.replay import Execution
 from substantial.workflow import Workflow
 
@@ -58,14 +58,16 @@ async def replay(wf: Workflow[Any], entries: list[bytes] | list[list[Record]]) -
     :class:`~substantial.NonDeterminismError` (naming the command, the
     recorded and the requested primitive) if the code diverges from the log.
     """
-    records: list[tuple[int, Record]] = []
-    for position, entry in enumerate(entries):
-        decoded: list[Record] = (
-            decode_entry("replay", position, entry)
-            if isinstance(entry, bytes)
-            else [dict(r) for r in entry]  # type: ignore[call-overload]
-        )
-        records.extend((position, r) for r in decoded)
+    if all(isinstance(entry, bytes) for entry in entries):
+        records = decode_log("replay", 0, entries)  # type: ignore[arg-type]
+    else:
+        records = [
+            (position, dict(r))  # type: ignore[call-overload]
+            for position, entry in enumerate(entries)
+            for r in (
+                decode_entry("replay", position, entry) if isinstance(entry, bytes) else entry
+            )
+        ]
     records = effective(records)[0]
     if not records or records[0][1]["k"] != "start":
         raise InvalidArgument("replay() needs a log that begins with its start record")

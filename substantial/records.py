@@ -13,6 +13,7 @@ import enum
 import math
 import os
 import traceback
+from collections.abc import Iterable
 from typing import Any, Literal, NotRequired, TypedDict
 
 import orjson
@@ -28,6 +29,7 @@ __all__ = [
     "StepRecord",
     "as_stored",
     "decode_entry",
+    "decode_log",
     "encode_entry",
     "encode_value",
     "error_of",
@@ -116,6 +118,14 @@ _FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "snapshot": {"start": dict, "kwargs": dict, "next_c": int},
     "end": {"status": str},
     "repair": {"op": str, "at": _NUM},
+}
+
+#: The same, as the exact types JSON decodes to (a bool is no int here).
+_EXACT: dict[str, tuple[tuple[str, frozenset[type]], ...]] = {
+    kind: tuple(
+        (name, frozenset(t if isinstance(t, tuple) else (t,))) for name, t in fields.items()
+    )
+    for kind, fields in _FIELDS.items()
 }
 
 _OPTS = orjson.OPT_NON_STR_KEYS
@@ -216,16 +226,34 @@ def decode_entry(run_id: str, position: int, data: bytes) -> list[Record]:
     for record in records:
         if not isinstance(record, dict) or not isinstance(record.get("k"), str):
             raise CorruptRecord(run_id, position, "each record must be an object with a 'k' kind")
-        fields = _FIELDS.get(record["k"])
+        fields = _EXACT.get(record["k"])
         if fields is None:
             raise CorruptRecord(run_id, position, f"unknown record kind {record['k']!r}")
-        for name, kind in fields.items():
-            value = record.get(name)
-            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        for name, types in fields:
+            if type(record.get(name)) not in types:
                 raise CorruptRecord(
                     run_id, position, f"a {record['k']!r} record needs a valid {name!r} field"
                 )
     return records
+
+
+def decode_log(
+    run_id: str, start: int, entries: Iterable[bytes], marks: dict[str, int] | None = None
+) -> list[tuple[int, Record]]:
+    """Decode a run's entries, the first at position ``start``, as (position, record) pairs.
+
+    With ``marks``, the index (in the returned list) of the last record of
+    each kind already in ``marks`` is filled in: replay asks where the last
+    snapshot is and whether there is any repair, and one pass answers both.
+    """
+    out: list[tuple[int, Record]] = []
+    append = out.append
+    for position, data in enumerate(entries, start):
+        for record in decode_entry(run_id, position, data):
+            if marks is not None and record["k"] in marks:
+                marks[record["k"]] = len(out)
+            append((position, record))
+    return out
 
 
 #: orjson's limit on nesting; deeper values (or values that contain themselves) fail.

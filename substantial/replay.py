@@ -135,12 +135,17 @@ class Execution:
         if kind == "event":
             self.seen_ids[record["id"]] = None
         c = record.get("c")
-        if isinstance(c, int):
-            self.history_end = max(self.history_end, c + 1)
+        if type(c) is int:  # decoded JSON: a bool is never taken for an int here
+            if c >= self.history_end:
+                self.history_end = c + 1
             known = self.recorded.get(c)
             if known is None:
-                command, name = command_of(record)
-                known = self.recorded[c] = Recorded(command, name, position)
+                if kind == "step":
+                    known = Recorded("step", record["name"], position, [])
+                else:
+                    command, name = command_of(record)
+                    known = Recorded(command, name, position, [])
+                self.recorded[c] = known
             if kind in ACTIVATIONS:
                 known.completed = True
             else:

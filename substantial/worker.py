@@ -37,7 +37,7 @@ from substantial.errors import (
     InvalidArgument,
     ProtocolMismatch,
 )
-from substantial.records import Record, decode_entry, encode_value, start_record
+from substantial.records import Record, decode_entry, decode_log, encode_value, start_record
 from substantial.replay import Evicted, Execution, Fenced
 from substantial.workflow import Registry
 
@@ -300,16 +300,19 @@ class Worker:
             # Created by a start that has not written its first entry yet, or never will.
             self._skip_until[run_id] = _clock.now() + 1.0
             return
-        first = decode_entry(run_id, start_at, entries[0])
-        _check_protocol(run_id, first)  # before the rest: older records are not corrupt, only old
-        records: list[tuple[int, Record]] = [(start_at, r) for r in first]
-        for i, data in enumerate(entries[1:], start=1):
-            records.extend((start_at + i, r) for r in decode_entry(run_id, start_at + i, data))
+        # The first entry alone, first: older records are not corrupt, only old.
+        _check_protocol(run_id, decode_entry(run_id, start_at, entries[0]))
+        marks = {"snapshot": -1, "repair": -1}
+        records = decode_log(run_id, start_at, entries, marks)
         next_position = start_at + len(entries)
-        records, resumed = effective(records)  # a resume voids what ended the run before it
-        snapshot_index = max(
-            (i for i, (_, r) in enumerate(records) if r["k"] == "snapshot"), default=None
-        )
+        if marks["repair"] >= 0:  # a resume voids what ended the run before it
+            records, resumed = effective(records)
+            marks["snapshot"] = max(
+                (i for i, (_, r) in enumerate(records) if r["k"] == "snapshot"), default=-1
+            )
+        else:
+            resumed = None
+        snapshot_index = marks["snapshot"] if marks["snapshot"] >= 0 else None
         if snapshot_index is not None:
             snap = records[snapshot_index][1]
             start = snap["start"]
