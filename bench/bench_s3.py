@@ -81,17 +81,19 @@ def _in_thread(coro_fn: Any) -> Any:
 
 async def _raw_puts(n: int, *, conditional: bool = True) -> float:
     backend = S3Backend.from_url(server_url(f"floor-{uuid.uuid4().hex[:8]}"))
-    client = await backend._open()
+    client = await backend._objects.open()
     body = encode_entry([{"k": "step", "name": "charge", "value": {"n": 0, "ok": True}}])
     md5 = _content_md5(body)
     prefix = backend.key_prefix
     try:
-        await client.list_objects_v2(Bucket=backend.bucket, Prefix=prefix, MaxKeys=1)  # connect
+        await client.list_objects_v2(
+            Bucket=backend._objects.bucket, Prefix=prefix, MaxKeys=1
+        )  # connect
         t0 = time.perf_counter()
         for i in range(n):
             if conditional:
                 await client.put_object(
-                    Bucket=backend.bucket,
+                    Bucket=backend._objects.bucket,
                     Key=f"{prefix}f/{i:010d}",
                     Body=body,
                     ContentMD5=md5,
@@ -99,7 +101,10 @@ async def _raw_puts(n: int, *, conditional: bool = True) -> float:
                 )
             else:
                 await client.put_object(
-                    Bucket=backend.bucket, Key=f"{prefix}f/{i:010d}", Body=body, ContentMD5=md5
+                    Bucket=backend._objects.bucket,
+                    Key=f"{prefix}f/{i:010d}",
+                    Body=body,
+                    ContentMD5=md5,
                 )
         return time.perf_counter() - t0
     finally:
@@ -108,13 +113,13 @@ async def _raw_puts(n: int, *, conditional: bool = True) -> float:
 
 async def _raw_gets(n: int) -> float:
     backend = S3Backend.from_url(server_url(f"floor-{uuid.uuid4().hex[:8]}"))
-    client = await backend._open()
+    client = await backend._objects.open()
     key = f"{backend.key_prefix}f/0"
     try:
-        await client.put_object(Bucket=backend.bucket, Key=key, Body=b"[1]")
+        await client.put_object(Bucket=backend._objects.bucket, Key=key, Body=b"[1]")
         t0 = time.perf_counter()
         for _ in range(n):
-            resp = await client.get_object(Bucket=backend.bucket, Key=key)
+            resp = await client.get_object(Bucket=backend._objects.bucket, Key=key)
             await resp["Body"].read()
         return time.perf_counter() - t0
     finally:
@@ -149,10 +154,13 @@ async def floor_ms(n: int = 200) -> float:
 async def _contend(n: int, same_key: bool) -> tuple[float, list[float], int]:
     """Send n conditional PUTs at once; return (wall seconds, each one's latency, winners)."""
     backend = S3Backend.from_url(server_url(f"contend-{uuid.uuid4().hex[:8]}"))
-    client = await backend._open()
+    client = await backend._objects.open()
     # Open n connections first, so the n PUTs leave together instead of one per handshake.
     await asyncio.gather(
-        *(client.list_objects_v2(Bucket=backend.bucket, Prefix="x", MaxKeys=1) for _ in range(n))
+        *(
+            client.list_objects_v2(Bucket=backend._objects.bucket, Prefix="x", MaxKeys=1)
+            for _ in range(n)
+        )
     )
     times: list[float] = []
     winners = 0
@@ -163,7 +171,7 @@ async def _contend(n: int, same_key: bool) -> tuple[float, list[float], int]:
         body = f"v{i}".encode()
         try:
             await client.put_object(
-                Bucket=backend.bucket,
+                Bucket=backend._objects.bucket,
                 Key=key,
                 Body=body,
                 ContentMD5=_content_md5(body),

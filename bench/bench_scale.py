@@ -236,6 +236,8 @@ async def w5(s: Sitting) -> dict[str, Any]:
     }
     if not right:
         # A wrong page is a wrong result: no time for it.
+        for key in ("cli_list_ms", "cli_startup_ms"):
+            list_line.pop(key, None)
         list_line["error"] = (
             f"runs list did not return the 50 newest runs: it read {listed['list_scanned']} "
             f"of {s.n + 2 * ROUNDS} runs"
