@@ -42,18 +42,25 @@ async def store_run(backend: Backend, info: RunInfo, entry: bytes, due_at: float
     run whose due entry may be missing (nothing recorded after its start).
     """
     validate_id("run id", info.run_id)
-    try:
-        await backend.append(info.run_id, 0, entry)
-    except PositionTaken:
-        existing = await backend.get_run(info.run_id)
-        if existing is None:
+    # Where the store writes all three at once, a new run costs one round trip.
+    created = await backend.start_run(info, entry, due_at)
+    if created is None:
+        try:
+            await backend.append(info.run_id, 0, entry)
+        except PositionTaken:
+            created = False
+        else:
             await asyncio.gather(backend.put_run(info), backend.set_due(info.run_id, due_at))
-        elif existing.status == "active" and not await backend.read_log(info.run_id, 1):
-            # Nothing has run, and with no due entry nothing would: at worst a wake-up.
-            await backend.set_due(info.run_id, due_at)
-        return False
-    await asyncio.gather(backend.put_run(info), backend.set_due(info.run_id, due_at))
-    return True
+            return True
+    if created:
+        return True
+    existing = await backend.get_run(info.run_id)
+    if existing is None:
+        await asyncio.gather(backend.put_run(info), backend.set_due(info.run_id, due_at))
+    elif existing.status == "active" and not await backend.read_log(info.run_id, 1):
+        # Nothing has run, and with no due entry nothing would: at worst a wake-up.
+        await backend.set_due(info.run_id, due_at)
+    return False
 
 
 async def take_lease(backend: Backend, run_id: str, owner: str, ttl: float) -> Lease | None:

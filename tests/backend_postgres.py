@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 
+from substantial.backends.postgres._schema import function_name
 from tests.harness import BadDue, Damage, Harness, bad_due_name, damaged
 from tests.postgres_server import PostgresServer, PostgresServerMissing
 
@@ -105,6 +106,7 @@ class PostgresHarness(Harness):
             await conn.execute(
                 "DROP TABLE IF EXISTS " + ", ".join(self.table(t) for t in TABLES) + " CASCADE"
             )
+            await conn.execute(f"DROP FUNCTION IF EXISTS {function_name(self.prefix)}")
         finally:
             await conn.close()
 

@@ -195,6 +195,17 @@ class Backend(abc.ABC):
         """Return a short human-readable description, e.g. for the CLI."""
         return self.name
 
+    async def start_run(self, info: RunInfo, entry: bytes, due_at: float) -> bool | None:
+        """Write a new run's entry at position 0, metadata and due time as one write, if free.
+
+        A shortcut a store with transactions may offer (one round trip where
+        the contract's methods take two): return True if the run was
+        created, all three written at once; False if position 0 was taken
+        (nothing written). This default returns None: the caller writes the
+        three through the contract (``_runs.store_run``).
+        """
+        return None
+
     # -- built on the contract: a backend never writes these ------------------
 
     @final

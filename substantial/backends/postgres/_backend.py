@@ -33,7 +33,6 @@ from substantial.backends.base import (
     RunInfo,
     validate_id,
 )
-from substantial.backends.postgres._batch import AppendBatcher, Key
 from substantial.backends.postgres._errors import (
     is_connection_error,
     is_connection_lost,
@@ -42,8 +41,24 @@ from substantial.backends.postgres._errors import (
 )
 from substantial.backends.postgres._listen import Listener
 from substantial.backends.postgres._pool import open_pool
-from substantial.backends.postgres._schema import Statements
-from substantial.errors import BackendUnavailable, InvalidArgument, PositionTaken, SubstantialError
+from substantial.backends.postgres._schema import (
+    ACQUIRE,
+    APPEND,
+    GIVE_UP,
+    PUT_RUN,
+    SCHEDULE,
+    SEND,
+    START,
+    UNSCHEDULE,
+    Statements,
+)
+from substantial.backends.postgres._writes import Op, Outcome, WriteBatcher
+from substantial.errors import (
+    BackendUnavailable,
+    InvalidArgument,
+    PositionTaken,
+    SubstantialError,
+)
 
 __all__ = ["PostgresBackend"]
 
@@ -64,7 +79,8 @@ class PostgresBackend(Backend):
     statement after ``command_timeout``, then the call raises
     :class:`BackendUnavailable`. ``prefix`` names the application's tables,
     so several applications can share one database. ``group_commit`` sends
-    the appends of one event-loop iteration as one INSERT. Durability is the
+    the writes of one event-loop iteration (appends, leases, metadata, due
+    times and events of many runs) as one transaction. Durability is the
     server's: with the default ``synchronous_commit = on`` an acknowledged
     write survives a crash of the server or its machine.
     """
@@ -95,7 +111,9 @@ class PostgresBackend(Backend):
         self._guard: AsyncGenerator[None, None] | None = None
         self._pool_lock = asyncio.Lock()
         self._closed = False
-        self._batcher = AppendBatcher(self._insert_many) if group_commit else None
+        self._group_commit = group_commit
+        self._batcher = WriteBatcher(self._run, self._sql)
+        self._batcher.enabled = group_commit
         self._listener = Listener(
             self._connect, self._sql.channel, self.waker, self._where, is_connection_error
         )
@@ -155,7 +173,7 @@ class PostgresBackend(Backend):
             raise BackendUnavailable(f"this backend for {self._where} is closed; open a new one")
         async with self._pool_lock:
             if self._pool is None:
-                pool = await open_pool(
+                pool, function = await open_pool(
                     self._dsn,
                     self._sql,
                     size=self.pool_size,
@@ -165,6 +183,7 @@ class PostgresBackend(Backend):
                     where=self._where,
                 )
                 self._pool = pool
+                self._batcher.enabled = function and self._group_commit
                 # Released when this loop shuts down if nobody closes the backend first.
                 self._guard = await release_with_loop(self._release)
         return self._pool
@@ -198,56 +217,24 @@ class PostgresBackend(Backend):
         """Insert the entry; the primary key (run_id, position) refuses a taken position."""
         validate_id("run id", run_id)
         check_position(run_id, position)
-        entry = bytes(entry)
-        if self._batcher is not None:
-            await self._batcher.append(run_id, position, entry)
-            return
-        # Not retried: after a lost reply the retry would find its own row and fail.
-        stored, taken = await self._insert_many([(run_id, position, entry)])
-        if not stored:
-            if taken:
-                raise PositionTaken(run_id, position)
+        outcome = await self._write(Op(APPEND, run_id, position, blob=bytes(entry)))
+        if outcome.state == 1:
+            raise PositionTaken(run_id, position)
+        if outcome.state == 2:
             raise gap_error(run_id, position)
 
-    async def _insert_many(self, rows: list[tuple[str, int, bytes]]) -> tuple[set[Key], set[Key]]:
-        """Insert rows of the log; return the keys stored now, and the refused ones taken.
+    async def start_run(self, info: RunInfo, entry: bytes, due_at: float) -> bool | None:
+        """Insert the entry at 0 and, if it went in, the metadata and due row: one transaction."""
+        validate_id("run id", info.run_id)
+        at = check_due(info.run_id, due_at, None)
+        blob = info.to_bytes()
+        op = Op(START, info.run_id, 0, info.workflow, info.status, bytes(entry), at, blob2=blob)
+        return (await self._write(op)).state == 0
 
-        A row whose predecessor is in the same batch goes in a later statement:
-        a statement does not see its own rows, so it would read as a gap.
-        """
-        waves: list[list[tuple[str, int, bytes]]] = []
-        depth: dict[Key, int] = {}
-        for row in sorted(rows):
-            d = depth[(row[0], row[1])] = depth.get((row[0], row[1] - 1), -1) + 1
-            if d == len(waves):
-                waves.append([])
-            waves[d].append(row)
+    # -- writes, alone or together (group commit) -------------------------
 
-        async def insert(conn: Conn) -> tuple[set[Key], set[Key]]:
-            stored: set[Key] = set()
-            for wave in waves:
-                if len(wave) == 1:
-                    run_id, position, entry = wave[0]
-                    status = await conn.execute(self._sql["append"], run_id, position, entry)
-                    if str(status).endswith(" 1"):
-                        stored.add((run_id, position))
-                    continue
-                found = await conn.fetch(
-                    self._sql["append_many"],
-                    [r[0] for r in wave],
-                    [r[1] for r in wave],
-                    [r[2] for r in wave],
-                )
-                stored.update((r[0], r[1]) for r in found)
-            refused = [r for r in rows if (r[0], r[1]) not in stored]
-            if not refused:
-                return stored, set()
-            found = await conn.fetch(
-                self._sql["taken"], [r[0] for r in refused], [r[1] for r in refused]
-            )
-            return stored, {(r[0], r[1]) for r in found}
-
-        return await self._run("append", insert, retry=False)
+    async def _write(self, op: Op) -> Outcome:
+        return await self._batcher.write(op)
 
     async def read_log(self, run_id: str, start: int = 0) -> list[bytes]:
         """Select entries from ``start`` in position order and stop at the first gap."""
@@ -282,17 +269,12 @@ class PostgresBackend(Backend):
     ) -> bool:
         """Insert the event, if any, upsert (or delete) the ``due`` row, notify: one statement."""
         at = check_due(run_id, at, event)
-        channel = self._sql.channel
         if event is not None:
             assert at is not None  # check_due refuses an event without a time
-            args = (run_id, event.event_id, bytes(event.data), time.time(), at, channel)
-            row = await self._run("set_due", lambda c: c.fetchrow(self._sql["send_at"], *args))
-            return bool(row[0])
-        if at is None:
-            await self._run("set_due", lambda c: c.execute(self._sql["unschedule"], run_id))
-        else:
-            sql, due_args = self._sql["schedule"], (run_id, at, channel)
-            await self._run("set_due", lambda c: c.execute(sql, *due_args))
+            data = bytes(event.data)
+            op = Op(SEND, run_id, text1=event.event_id, blob=data, num1=time.time(), num2=at)
+            return (await self._write(op)).state == 1
+        await self._write(Op(UNSCHEDULE, run_id) if at is None else Op(SCHEDULE, run_id, num1=at))
         return False
 
     async def due(self, now: float, limit: int = 100) -> DueRuns:
@@ -348,13 +330,13 @@ class PostgresBackend(Backend):
                 lambda c: c.fetchrow(self._sql["get_lease"], run_id),
             )
             return None if found is None else self._check_lease(run_id, found[0], found[1])
-        sql = self._sql["acquire" if ttl > 0 else "give_up"]
-        args: tuple[Any, ...] = (
-            (run_id, owner, ttl, take_from) if ttl > 0 else (run_id, owner, take_from)
-        )
-        # Retrying is safe: a first try that took the lease makes the retry a renewal.
-        row = await self._run("lease", lambda c: c.fetchrow(sql, *args))
-        done, old_owner, old_expiry = row
+        if ttl > 0:
+            got = await self._write(Op(ACQUIRE, run_id, text1=owner, text2=take_from, num1=ttl))
+            done: Any = got.new_expiry
+        else:
+            got = await self._write(Op(GIVE_UP, run_id, text1=owner, text2=take_from))
+            done = got.state == 1
+        old_owner, old_expiry = got.owner, got.old_expiry
         if not done:
             return None if old_owner is None else self._check_lease(run_id, old_owner, old_expiry)
         if old_owner is not None:
@@ -376,8 +358,8 @@ class PostgresBackend(Backend):
     async def put_run(self, info: RunInfo) -> None:
         """Insert or replace the run's row (one statement: readers see old or new)."""
         validate_id("run id", info.run_id)
-        args = (info.run_id, info.workflow, info.status, info.to_bytes())
-        await self._run("put_run", lambda c: c.execute(self._sql["put_run"], *args))
+        op = Op(PUT_RUN, info.run_id, text1=info.workflow, text2=info.status, blob=info.to_bytes())
+        await self._write(op)
 
     async def list_runs(
         self,
@@ -439,8 +421,7 @@ class PostgresBackend(Backend):
     async def _release(self) -> None:
         """Settle queued appends, stop listening, close the pool; a later call reopens."""
         self._guard = None
-        if self._batcher is not None:
-            await self._batcher.drain()
+        await self._batcher.drain()
         await self._listener.stop()
         self._listen_waited = False
         pool, self._pool = self._pool, None
@@ -453,8 +434,7 @@ class PostgresBackend(Backend):
 
     async def close(self) -> None:
         """Settle queued appends, stop listening and close the pool."""
-        if self._batcher is not None:
-            await self._batcher.drain()
+        await self._batcher.drain()
         self._closed = True
         await self._listener.close()
         guard, self._guard = self._guard, None

@@ -24,8 +24,11 @@ async def open_pool(
     command_timeout: float,
     password: str | None,
     where: str,
-) -> Any:
-    """Open a pool of at most ``size`` connections and make sure the prefix's tables exist."""
+) -> tuple[Any, bool]:
+    """Open a pool of at most ``size`` connections and make sure the prefix's tables exist.
+
+    Return the pool, and whether the write function (group commit) is there.
+    """
     try:
         pool = await asyncpg.create_pool(
             dsn,
@@ -41,11 +44,11 @@ async def open_pool(
         raise InvalidArgument(f"invalid Postgres URL {redact_url(dsn)!r}: {detail}") from exc
     try:
         async with pool.acquire() as conn:
-            await ensure_schema(conn, statements, where)
+            function = await ensure_schema(conn, statements, where)
     except BaseException:
         pool.terminate()
         raise
-    return pool
+    return pool, function
 
 
 async def _keep_session(_conn: Conn) -> None:

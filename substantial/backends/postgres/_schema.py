@@ -6,15 +6,46 @@ docs/PROTOCOL.md ("postgres backend") describes the same layout for people.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
+from collections.abc import Callable
 from typing import Any
+
+import asyncpg
 
 from substantial.errors import InvalidArgument, ProtocolMismatch
 
-__all__ = ["SCHEMA_VERSION", "Statements", "ensure_schema", "validate_prefix"]
+__all__ = [
+    "ACQUIRE",
+    "APPEND",
+    "FUNCTION_REVISION",
+    "GIVE_UP",
+    "PUT_RUN",
+    "SCHEDULE",
+    "SCHEMA_VERSION",
+    "SEND",
+    "START",
+    "UNSCHEDULE",
+    "Statements",
+    "ensure_schema",
+    "function_ddl",
+    "function_name",
+    "validate_prefix",
+]
 
-#: The layout version, kept in the ``<prefix>_schema`` table.
+#: The layout version, kept in the ``<prefix>_schema`` table. The write function
+#: (``_writes.py``) is versioned by its name: adding it changes no table, so
+#: clients of earlier versions keep working on a store that has it.
 SCHEMA_VERSION = 1
+
+log = logging.getLogger("substantial.postgres")
+
+#: The revision of the write function; a new revision gets a new name, so clients
+#: of every version can share one database while a fleet is upgraded.
+FUNCTION_REVISION = 1
+
+#: The kinds of write the write function applies.
+APPEND, PUT_RUN, SCHEDULE, UNSCHEDULE, SEND, ACQUIRE, GIVE_UP, START = range(1, 9)
 
 # Table names are "<prefix>_<table>" and Postgres truncates identifiers at 63
 # bytes: the longest suffix below ("_runs_by_workflow") must still fit.
@@ -94,6 +125,8 @@ class Statements:
         self.prefix = validate_prefix(prefix)
         #: The NOTIFY channel of this prefix (unquoted: ``pg_notify`` takes it as text).
         self.channel = f"{prefix}_wake"
+        #: The quoted name of the write function (group commit).
+        self.function = function_name(prefix)
         digest = hashlib.blake2b(f"substantial schema {prefix}".encode(), digest_size=8)
         #: The advisory lock that serializes schema creation for this prefix.
         self.lock_key = int.from_bytes(digest.digest(), "big", signed=True)
@@ -113,13 +146,6 @@ class Statements:
                 "SELECT $1::text, $2::bigint, $3::bytea WHERE $2::bigint = 0 OR EXISTS "
                 f"(SELECT 1 FROM {log} WHERE run_id = $1::text AND position = $2::bigint - 1) "
                 "ON CONFLICT DO NOTHING"
-            ),
-            "append_many": (
-                f"INSERT INTO {log} (run_id, position, entry) "
-                "SELECT r, p, e FROM unnest($1::text[], $2::bigint[], $3::bytea[]) AS t(r, p, e) "
-                f"WHERE p = 0 OR EXISTS (SELECT 1 FROM {log} "
-                "WHERE run_id = r AND position = p - 1) "
-                "ON CONFLICT DO NOTHING RETURNING run_id, position"
             ),
             # Of the given positions, those that hold an entry.
             "taken": (
@@ -190,11 +216,29 @@ class Statements:
                 "(SELECT owner FROM old), (SELECT expires_at FROM old)"
             ),
             "get_lease": f"SELECT owner, expires_at FROM {leases} WHERE run_id = $1::text",
+            # $1 run, $2 entry, $3 workflow, $4 status, $5 info, $6 due at, $7 channel
+            "start": (
+                f"WITH ins AS (INSERT INTO {log} (run_id, position, entry) "
+                "VALUES ($1::text, 0, $2::bytea) ON CONFLICT DO NOTHING RETURNING 1), "
+                f"r AS (INSERT INTO {runs} (run_id, workflow, status, info) "
+                "SELECT $1::text, $3::text, $4::text, $5::bytea WHERE EXISTS (SELECT 1 FROM ins) "
+                f"{upsert_run}), "
+                f"d AS (INSERT INTO {due} (run_id, at) SELECT $1::text, $6::float8 "
+                f"WHERE EXISTS (SELECT 1 FROM ins) {upsert_due}) "
+                "SELECT EXISTS (SELECT 1 FROM ins), "
+                "(SELECT pg_notify($7::text, $6::float8::text) FROM ins)"
+            ),
             "put_run": (
                 f"INSERT INTO {runs} (run_id, workflow, status, info) "
                 f"VALUES ($1::text, $2::text, $3::text, $4::bytea) {upsert_run}"
             ),
             "get_runs": f"SELECT run_id, info FROM {runs} WHERE run_id = ANY($1::text[])",
+            # Writes of many runs in one transaction (group commit, see _writes.py).
+            "write_many": (
+                f"SELECT o_state, o_owner, o_new, o_old FROM {self.function}($1::int[], "
+                "$2::text[], $3::bigint[], $4::text[], $5::text[], $6::bytea[], $7::float8[], "
+                "$8::float8[], $9::bytea[])"
+            ),
         }
 
     def table(self, name: str) -> str:
@@ -215,6 +259,10 @@ class Statements:
             )
         }  # fmt: skip
         return _DDL.format(version=SCHEMA_VERSION, **names)
+
+    def function_ddl(self) -> str:
+        """Return the script that creates (or replaces) the write function."""
+        return function_ddl(self.prefix, self.table, self.channel)
 
     def list_runs(self, status: bool, workflow: bool) -> str:
         """Return the listing query: ``$1`` after, then status and/or workflow, then limit."""
@@ -246,20 +294,147 @@ def _check(version: int | None, where: str, prefix: str) -> None:
         )
 
 
-async def ensure_schema(conn: Any, statements: Statements, where: str) -> None:
-    """Create the prefix's tables unless they exist; refuse a layout newer than ours.
+async def ensure_schema(conn: Any, statements: Statements, where: str) -> bool:
+    """Create the prefix's tables and write function unless they exist; refuse a newer layout.
 
     Many processes may open a new store at once: ``CREATE TABLE IF NOT
     EXISTS`` alone can still fail when two create one table concurrently,
     so creation runs under a transaction-scoped advisory lock of the prefix.
+    A store made by an earlier version has its tables and gets the function
+    here (its own transaction: tables made by an administrator stay usable
+    by a user who may not create functions). Return whether the function
+    is there; without it every write is sent alone.
     """
     version = await stored_version(conn, statements)
     _check(version, where, statements.prefix)
-    if version == SCHEMA_VERSION:
-        return
+    function = statements.function
+    if version == SCHEMA_VERSION and await _has_function(conn, function):
+        return True
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", statements.lock_key)
         version = await stored_version(conn, statements)
         _check(version, where, statements.prefix)
         if version != SCHEMA_VERSION:
             await conn.execute(statements.ddl())
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", statements.lock_key)
+            if not await _has_function(conn, function):
+                await conn.execute(statements.function_ddl())
+    except asyncpg.InsufficientPrivilegeError as exc:
+        log.warning(
+            "cannot create the function %s in %s (%s): each write goes alone, one round "
+            "trip each; grant CREATE on the schema to share commits",
+            function,
+            where,
+            exc,
+        )
+        return False
+    return True
+
+
+async def _has_function(conn: Any, name: str) -> bool:
+    return bool(await conn.fetchval("SELECT to_regproc($1) IS NOT NULL", name))
+
+
+def function_name(prefix: str) -> str:
+    """Return the quoted name of the prefix's write function."""
+    return f'"{prefix}_write_v{FUNCTION_REVISION}"'
+
+
+def function_ddl(prefix: str, table: Callable[[str], str], channel: str) -> str:
+    """Return ``CREATE OR REPLACE FUNCTION`` for the prefix's write function.
+
+    One row per write, in the order given. ``state``: append 0 stored,
+    1 position taken, 2 a gap; send 1 if the event was stored now; give-up
+    1 if the lease was removed. Leases also return the row they found
+    (``owner``, ``old_expiry``) and, when taken, the new expiry. One
+    notification carries the earliest due time the batch set.
+    """
+    log, inbox, due, leases, runs = (table(t) for t in ("log", "inbox", "due", "leases", "runs"))
+    now, unreadable = _NOW, _UNREADABLE
+    # The prefix and channel hold only [A-Za-z0-9_] (validate_prefix): safe to inline.
+    return f"""
+CREATE OR REPLACE FUNCTION {function_name(prefix)}(
+    _k int[], _r text[], _p bigint[], _t1 text[], _t2 text[], _b bytea[],
+    _f1 float8[], _f2 float8[], _b2 bytea[]
+) RETURNS TABLE (o_state int, o_owner text, o_new float8, o_old float8)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    w record;
+    wake float8;
+    now_ float8;
+BEGIN
+    FOR w IN SELECT * FROM unnest(_k, _r, _p, _t1, _t2, _b, _f1, _f2, _b2)
+        AS t(k, r, p, t1, t2, b, f1, f2, b2)
+    LOOP
+        o_state := 0; o_owner := NULL; o_new := NULL; o_old := NULL;
+        IF w.k = {APPEND} THEN
+            -- Only at 0 or right after an entry; the primary key refuses a taken position.
+            INSERT INTO {log} (run_id, position, entry)
+            SELECT w.r, w.p, w.b WHERE w.p = 0 OR EXISTS
+                (SELECT 1 FROM {log} WHERE run_id = w.r AND position = w.p - 1)
+            ON CONFLICT DO NOTHING;
+            IF NOT FOUND THEN
+                o_state := CASE WHEN EXISTS
+                    (SELECT 1 FROM {log} WHERE run_id = w.r AND position = w.p)
+                    THEN 1 ELSE 2 END;
+            END IF;
+        ELSIF w.k = {START} THEN
+            -- A new run: its first entry, metadata and due time, or nothing if it exists.
+            INSERT INTO {log} (run_id, position, entry) VALUES (w.r, 0, w.b)
+            ON CONFLICT DO NOTHING;
+            IF FOUND THEN
+                INSERT INTO {runs} (run_id, workflow, status, info)
+                VALUES (w.r, w.t1, w.t2, w.b2)
+                ON CONFLICT (run_id) DO UPDATE SET workflow = excluded.workflow,
+                    status = excluded.status, info = excluded.info;
+                INSERT INTO {due} (run_id, at) VALUES (w.r, w.f1)
+                ON CONFLICT (run_id) DO UPDATE SET at = excluded.at;
+                wake := least(wake, w.f1);
+            ELSE
+                o_state := 1;
+            END IF;
+        ELSIF w.k = {PUT_RUN} THEN
+            INSERT INTO {runs} (run_id, workflow, status, info) VALUES (w.r, w.t1, w.t2, w.b)
+            ON CONFLICT (run_id) DO UPDATE SET workflow = excluded.workflow,
+                status = excluded.status, info = excluded.info;
+        ELSIF w.k = {SCHEDULE} THEN
+            INSERT INTO {due} (run_id, at) VALUES (w.r, w.f1)
+            ON CONFLICT (run_id) DO UPDATE SET at = excluded.at;
+            wake := least(wake, w.f1);
+        ELSIF w.k = {UNSCHEDULE} THEN
+            DELETE FROM {due} WHERE run_id = w.r;
+        ELSIF w.k = {SEND} THEN
+            INSERT INTO {inbox} (run_id, event_id, data, posted_at) VALUES (w.r, w.t1, w.b, w.f1)
+            ON CONFLICT DO NOTHING;
+            IF FOUND THEN o_state := 1; END IF;
+            INSERT INTO {due} (run_id, at) VALUES (w.r, w.f2)
+            ON CONFLICT (run_id) DO UPDATE SET at = excluded.at;
+            wake := least(wake, w.f2);
+        ELSIF w.k = {ACQUIRE} OR w.k = {GIVE_UP} THEN
+            SELECT owner, expires_at INTO o_owner, o_old FROM {leases} WHERE run_id = w.r;
+            now_ := {now};
+            IF w.k = {ACQUIRE} THEN
+                INSERT INTO {leases} AS l (run_id, owner, expires_at)
+                VALUES (w.r, w.t1, now_ + w.f1)
+                ON CONFLICT (run_id) DO UPDATE
+                SET owner = excluded.owner, expires_at = excluded.expires_at
+                WHERE l.expires_at <= now_ OR l.owner = w.t1 OR l.owner = w.t2 OR {unreadable}
+                RETURNING l.expires_at INTO o_new;
+            ELSE
+                DELETE FROM {leases} AS l WHERE l.run_id = w.r AND (l.expires_at <= now_
+                    OR l.owner = w.t1 OR l.owner = w.t2 OR {unreadable});
+                IF FOUND THEN o_state := 1; END IF;
+            END IF;
+        ELSE
+            RAISE EXCEPTION 'unknown write kind %', w.k;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+    IF wake IS NOT NULL THEN
+        PERFORM pg_notify('{channel}', wake::text);
+    END IF;
+END
+$fn$;
+"""
