@@ -7,6 +7,7 @@ sharded indexes are read and written one slot at a time.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -16,6 +17,8 @@ from redis.crc import key_slot
 
 from substantial.backends.base import Backend
 from substantial.backends.redis import SHARDS
+from substantial.errors import PositionTaken
+from substantial.records import encode_entry
 from substantial.testing.contract import BackendContract, Store
 from tests.harness import Harness
 from tests.redis_server import RedisClusterServers, RedisServerMissing
@@ -98,3 +101,20 @@ async def test_the_due_shards_spread_over_every_node(harness: RedisClusterHarnes
     assert len(owners) == len(harness.cluster.servers)
     slots = {key_slot(f"{{{harness.prefix}:runs:{k}}}".encode()) for k in range(SHARDS)}
     assert len(slots) == SHARDS
+
+
+async def test_a_batch_spread_over_the_nodes_keeps_each_appends_outcome(
+    harness: RedisClusterHarness,
+) -> None:
+    backend = await harness.open()
+    entry = encode_entry([{"k": "step", "c": 0, "name": "s", "value": 1}])
+    await backend.append("taken", 0, entry)
+    # Sixty runs hash to slots on every node: one pipeline per node, side by side.
+    results = await asyncio.gather(
+        *(backend.append(f"r{i}", 0, entry) for i in range(60)),
+        backend.append("taken", 0, entry),
+        return_exceptions=True,
+    )
+    assert results[:60] == [None] * 60
+    assert isinstance(results[60], PositionTaken)
+    assert [len(await backend.read_log(f"r{i}")) for i in range(60)] == [1] * 60

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import time
@@ -37,6 +38,7 @@ from substantial.backends.base import (
 from substantial.backends.redis._connect import describe_client, open_client
 from substantial.backends.redis._errors import Client, Health, log
 from substantial.backends.redis._listen import Listener
+from substantial.backends.redis._pipe import Pipe
 from substantial.backends.redis._scripts import SCRIPTS
 from substantial.errors import BackendError, InvalidArgument, PositionTaken
 
@@ -70,6 +72,7 @@ class RedisBackend(Backend):
         connect_timeout: float = 2.0,
         retries: int = 3,
         max_connections: int = 50,
+        group_commit: bool = True,
     ) -> None:
         """Open a backend on a URL, or on a client the caller owns and closes.
 
@@ -78,6 +81,9 @@ class RedisBackend(Backend):
         most 1 s), then raise :class:`BackendUnavailable`. ``prefix`` names
         the application's namespace: backends with different prefixes never
         see each other's runs. ``cluster`` opens a Redis Cluster client.
+        ``group_commit`` sends the commands that the tasks of this process
+        issue in one event-loop iteration as one pipeline (per node on a
+        cluster): one round trip for many runs' appends, leases and writes.
         """
         super().__init__()
         if not isinstance(prefix, str) or _PREFIX_RE.fullmatch(prefix) is None:
@@ -101,6 +107,9 @@ class RedisBackend(Backend):
             self._owns_client = False
         self._cluster = isinstance(self._client, RedisCluster)
         self._scripts = {name: self._client.register_script(text) for name, text in SCRIPTS.items()}
+        self._pipe = Pipe(self._client, enabled=group_commit)
+        if group_commit:
+            self.capabilities = dataclasses.replace(self.capabilities, group_commit=True)
         self._channel = f"{{{prefix}:wake}}"
         self._due_keys = [f"{{{prefix}:due:{k}}}" for k in range(SHARDS)]
         self._runs_keys = [f"{{{prefix}:runs:{k}}}" for k in range(SHARDS)]
@@ -116,8 +125,8 @@ class RedisBackend(Backend):
     def from_url(cls, url: str, **kwargs: Any) -> RedisBackend:
         """Open ``redis://[user:pass@]host:port/db?prefix=app`` (also ``rediss://``, ``unix://``).
 
-        ``prefix`` and ``cluster=yes`` are read here; every other query
-        parameter goes to redis-py (``socket_timeout=...``, ``ssl_ca_certs=...``).
+        ``prefix``, ``cluster=yes`` and ``group_commit=no`` are read here; every
+        other query parameter goes to redis-py (``socket_timeout=...``, ...).
         """
         try:
             parts = urlsplit(url)
@@ -131,8 +140,8 @@ class RedisBackend(Backend):
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
             if key == "prefix":
                 kwargs["prefix"] = value
-            elif key == "cluster":
-                kwargs["cluster"] = value.lower() in ("1", "yes", "true", "on")
+            elif key in ("cluster", "group_commit"):
+                kwargs[key] = value.lower() in ("1", "yes", "true", "on")
             else:
                 rest.append((key, value))
         return cls(urlunsplit(parts._replace(query=urlencode(rest))), **kwargs)
@@ -148,21 +157,25 @@ class RedisBackend(Backend):
         return f"{{{self.prefix}:{run_id}}}:{kind}"
 
     async def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        return await self._scripts[name](keys=keys, args=args)
+        """Run a script by digest in this iteration's pipeline (loaded if the server lost it)."""
+        script = self._scripts[name]
+        try:
+            return await self._pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except rx.NoScriptError:
+            # Not run: the server was restarted or its script cache flushed.
+            await self._client.script_load(script.script)
+            return await self._pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def _in_order(self, *commands: tuple[Any, ...]) -> list[Any]:
         """Run commands in this order, in one round trip where the connection keeps order.
 
         A single server runs a pipeline's commands in the order sent; a
         cluster pipeline fans out to several nodes, so there they are sent
-        one after the other.
+        one after the other (each in the pipeline of its iteration).
         """
         if self._cluster:
-            return [await self._client.execute_command(*c) for c in commands]
-        pipe = self._client.pipeline(transaction=False)
-        for c in commands:
-            pipe.execute_command(*c)
-        return await pipe.execute()
+            return [await self._pipe.call(*c) for c in commands]
+        return await self._pipe.group(commands)
 
     def _eval(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> tuple[Any, ...]:
         # EVAL with the source, not EVALSHA: in a pipeline, a NOSCRIPT (script cache
@@ -196,7 +209,7 @@ class RedisBackend(Backend):
         key = self._key(run_id, "log")
         check_position(run_id, start, "log start")
         async with self._health.io("read_log"):
-            entries = await self._client.lrange(key, start, -1)
+            entries = await self._pipe.call("LRANGE", key, start, -1)
         return cast(list[bytes], entries)
 
     # -- the inbox --------------------------------------------------------
@@ -211,7 +224,8 @@ class RedisBackend(Backend):
                 items = [(sid, dict(zip(f[::2], f[1::2], strict=True))) for sid, f in found]
             else:
                 items = cast(
-                    list[tuple[bytes, dict[bytes, bytes]]], await self._client.xrange(keys[0])
+                    list[tuple[bytes, dict[bytes, bytes]]],
+                    await self._pipe.call("XRANGE", keys[0], "-", "+"),
                 )
         # A stream id is "<server ms>-<seq>": its time is the arrival time.
         return [
@@ -367,11 +381,10 @@ class RedisBackend(Backend):
             if not ids:
                 return [], False
             async with self._health.io("list_runs"):
-                pipe = self._client.pipeline(transaction=False)
-                for run_id in ids:
-                    pipe.get(self._key(run_id, "meta"))
                 # A key of another type fails alone, not the listing.
-                metas: list[Any] = await pipe.execute(raise_on_error=False)
+                metas = await self._pipe.group(
+                    [("GET", self._key(run_id, "meta")) for run_id in ids], raise_on_error=False
+                )
             page: list[tuple[str, bytes | RunInfo | None]] = []
             for run_id, data in zip(ids, metas, strict=True):
                 # None: indexed by a put_run that crashed before its SET.
