@@ -22,11 +22,13 @@ from substantial.errors import (
     StepTimeout,
     SubstantialError,
     UnknownWorkflow,
+    Unsupported,
     WorkflowFailed,
     WorkflowMisuse,
     WorkflowTimeout,
 )
 from substantial.queues import Queue
+from substantial.retention import PruneReport, Retention
 from substantial.schedules import Cron, Every
 from substantial.workflow import Workflow, workflow
 
@@ -47,9 +49,11 @@ __all__ = [
     "NonDeterminismError",
     "PositionTaken",
     "ProtocolMismatch",
+    "PruneReport",
     "Queue",
     "ReceiveTimeout",
     "ResultTimeout",
+    "Retention",
     "RetryPolicy",
     "Run",
     "RunCancelled",
@@ -61,6 +65,7 @@ __all__ = [
     "StepTimeout",
     "SubstantialError",
     "UnknownWorkflow",
+    "Unsupported",
     "Workflow",
     "WorkflowFailed",
     "WorkflowMisuse",

@@ -178,6 +178,10 @@ class CodecBackend(Backend):
                 out.append(opened)
         return out
 
+    async def delete(self, run_id: str) -> bool:
+        """Delete the run from the store (nothing to open)."""
+        return await self.inner.delete(run_id)
+
     async def wait_for_work(self, timeout: float) -> bool:
         """Wait on the store's own wake-up signal."""
         return await self.inner.wait_for_work(timeout)

@@ -11,6 +11,7 @@ both logs record who did it, when, and from where.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import socket
@@ -18,9 +19,15 @@ import time
 import uuid
 from typing import Any
 
-from substantial._runs import store_run
-from substantial.backends.base import Backend, RunInfo, validate_id
-from substantial.errors import InvalidArgument, PositionTaken, RunConflict, RunNotFound
+from substantial._runs import hold, store_run
+from substantial.backends.base import Backend, RunInfo, make_owner, validate_id
+from substantial.errors import (
+    BackendError,
+    InvalidArgument,
+    PositionTaken,
+    RunConflict,
+    RunNotFound,
+)
 from substantial.records import Record, decode_entry, encode_entry
 from substantial.replay import CANCEL_EVENT
 
@@ -51,6 +58,14 @@ def _voided(records: list[tuple[int, Record]]) -> list[tuple[int, Record]]:
         and not (r["k"] == "event" and r.get("name") == CANCEL_EVENT)
         and not (r["k"] in ("step", "compensated", "attempt") and r.get("c") in failed)
     ]
+
+
+def _refuse_deleting(run_id: str, records: list[tuple[int, Record]]) -> None:
+    """Refuse to repair a run whose delete has begun (its log ends with the delete's fence)."""
+    if records and records[-1][1]["k"] == "repair" and records[-1][1].get("op") == "delete":
+        raise RunNotFound(
+            f"run {run_id!r} is being deleted: nothing to repair (delete it again to finish)"
+        )
 
 
 def effective(records: list[tuple[int, Record]]) -> tuple[list[tuple[int, Record]], Record | None]:
@@ -102,9 +117,20 @@ async def resume_run(
 
     ``deadline`` is the resumed run's new deadline (epoch seconds), None for
     none. ``check``, if given, is awaited with the log replay will see and
-    must raise if the current code cannot replay it.
+    must raise if the current code cannot replay it. The run's lease is held
+    meanwhile, so a delete cannot take the run from under the resume.
     """
-    info = await backend.get_run(validate_id("run id", run_id))
+    owner = make_owner("resume-")
+    await hold(backend, validate_id("run id", run_id), owner)
+    try:
+        return await _resume(backend, run_id, deadline, check)
+    finally:
+        with contextlib.suppress(BackendError):
+            await backend.release_lease(run_id, owner)
+
+
+async def _resume(backend: Backend, run_id: str, deadline: float | None, check: Any) -> RunInfo:
+    info = await backend.get_run(run_id)
     if info is None:
         raise RunNotFound(f"no run with id {run_id!r}: nothing to resume")
     if info.status not in RESUMABLE:
@@ -112,6 +138,7 @@ async def resume_run(
             f"run {run_id!r} is {info.status}: only failed, cancelled or timed-out runs resume"
         )
     entries, records = await _log(backend, run_id)
+    _refuse_deleting(run_id, records)
     record: Record = {"k": "repair", "op": "resume", "by": who(), "at": time.time()}
     record["deadline"] = deadline
     if check is not None:
@@ -154,6 +181,7 @@ async def fork_run(
     arguments.
     """
     entries, records = await _log(backend, validate_id("run id", run_id))
+    _refuse_deleting(run_id, records)
     if at is not None and not 1 <= at <= len(entries):
         raise InvalidArgument(
             f"fork at={at!r}: run {run_id!r} has {len(entries)} log entries; pass 1 to "

@@ -9,13 +9,25 @@ every run begins the same way. Workers take leases through
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from substantial.backends.base import Backend, Lease, RunInfo, host_owner_is_dead, validate_id
 from substantial.errors import CorruptRecord, PositionTaken, RunConflict
 from substantial.records import StartRecord, decode_entry, encode_entry
 
-__all__ = ["create_run", "existing_start", "same_start", "store_run", "take_lease"]
+__all__ = [
+    "HOLD_TTL",
+    "create_run",
+    "existing_start",
+    "hold",
+    "same_start",
+    "store_run",
+    "take_lease",
+]
+
+#: How long a repair or a delete holds a run's lease: far longer than either takes.
+HOLD_TTL = 60.0
 
 
 async def create_run(backend: Backend, start: StartRecord) -> bool:
@@ -74,6 +86,26 @@ async def take_lease(backend: Backend, run_id: str, owner: str, ttl: float) -> L
     if lease is not None and lease.owner != owner and host_owner_is_dead(lease.owner):
         lease = await backend.lease(run_id, owner, ttl, take_from=lease.owner)
     return lease
+
+
+async def hold(backend: Backend, run_id: str, owner: str, wait: float = 5.0) -> None:
+    """Take the run's lease for a repair or a delete, waiting up to ``wait`` seconds for it.
+
+    A worker keeps an ended run's lease a moment after recording its end; a
+    run held longer is busy, and :class:`RunConflict` says so.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        lease = await take_lease(backend, run_id, owner, HOLD_TTL)
+        if lease is not None and lease.owner == owner:
+            return
+        if time.monotonic() >= deadline:
+            holder = f" by {lease.owner}" if lease is not None else ""
+            raise RunConflict(
+                f"run {run_id!r} is held{holder}: a worker (or a resume or delete) is at it; "
+                "try again in a few seconds"
+            )
+        await asyncio.sleep(0.05)
 
 
 async def existing_start(backend: Backend, run_id: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from substantial._cli_repair import (
     restart_command,
     resume_command,
 )
+from substantial._cli_retention import delete_command, prune_command
 from substantial._cli_runs import runs
 from substantial._cli_ui import ui
 from substantial._cli_workers import workers
@@ -123,6 +124,8 @@ runs.add_command(export_command)
 runs.add_command(import_command)
 runs.add_command(fork_command)
 runs.add_command(restart_command)
+runs.add_command(delete_command)
+runs.add_command(prune_command)
 main.add_command(runs)
 main.add_command(replay_command)
 main.add_command(export_command)

@@ -14,6 +14,7 @@ from substantial import _clock, telemetry
 from substantial._codec_backend import CodecBackend
 from substantial._durations import seconds
 from substantial._flow import FlowControl
+from substantial._retention import Pruning
 from substantial._runs import create_run, existing_start, same_start
 from substantial._surgery import Surgery
 from substantial.backends import from_url
@@ -32,6 +33,7 @@ from substantial.errors import (
 from substantial.queues import Queue
 from substantial.records import as_stored, decode_entry, encode_value, start_record
 from substantial.replay import CANCEL_EVENT
+from substantial.retention import Retention
 from substantial.worker import Worker
 from substantial.workflow import Registry, Workflow, timeout_seconds
 
@@ -45,7 +47,7 @@ def _client_timeout(timeout: float | None, what: str) -> float | None:
     return seconds(timeout, what, instead="; pass None to wait without a limit")
 
 
-class Conductor(FlowControl, Surgery):
+class Conductor(FlowControl, Surgery, Pruning):
     """Start and follow runs on one backend, and run workers for registered workflows.
 
     ``backend`` is a :class:`Backend` or a URL such as ``sqlite:///./runs.db``;
@@ -228,6 +230,7 @@ class Conductor(FlowControl, Surgery):
         shutdown_grace: float = 10.0,
         step_threads: int = 64,
         inline_below: float = 0.001,
+        retention: Retention | None = None,
     ) -> Agent:
         """Start a worker in this process; ``agent.cancel(); await agent`` stops it cleanly.
 
@@ -239,7 +242,8 @@ class Conductor(FlowControl, Surgery):
         seconds to finish and be recorded; synchronous step functions run on
         up to ``step_threads`` threads, except those that returned within
         ``inline_below`` seconds last time: they run on the worker's loop,
-        where a thread hop would cost more than the call (0 turns this off).
+        where a thread hop would cost more than the call (0 turns this off);
+        ``retention`` deletes ended runs in the background (docs/retention.md).
         """
         worker = Worker(
             self.registry,
@@ -253,6 +257,7 @@ class Conductor(FlowControl, Surgery):
             shutdown_grace=shutdown_grace,
             step_threads=step_threads,
             inline_below=inline_below,
+            retention=retention,
         )
         agent = Agent(worker)
         self._store_schedules()

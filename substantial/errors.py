@@ -7,7 +7,8 @@
     │   ├── BackendUnavailable       the store is down or timed out; retry later
     │   ├── PositionTaken            another writer extended the log first (fencing)
     │   ├── CorruptRecord            a stored record cannot be decoded
-    │   └── ProtocolMismatch         data written by an incompatible protocol version
+    │   ├── ProtocolMismatch         data written by an incompatible protocol version
+    │   └── Unsupported              the backend lacks an optional capability (delete)
     ├── InvalidArgument              bad input from the caller (also a ValueError)
     ├── SerializationError           a value cannot be stored as JSON (also a TypeError)
     ├── UnknownWorkflow              no registered workflow has that name
@@ -53,6 +54,7 @@ __all__ = [
     "StepTimeout",
     "SubstantialError",
     "UnknownWorkflow",
+    "Unsupported",
     "WorkflowFailed",
     "WorkflowMisuse",
     "WorkflowTimeout",
@@ -105,6 +107,10 @@ class CorruptRecord(BackendError):
 
 class ProtocolMismatch(BackendError):
     """Data was written with a storage protocol this version cannot read."""
+
+
+class Unsupported(BackendError, NotImplementedError):
+    """The backend does not offer an optional capability (see ``Backend.capabilities``)."""
 
 
 class InvalidArgument(SubstantialError, ValueError):

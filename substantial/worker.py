@@ -39,6 +39,7 @@ from substantial.errors import (
 )
 from substantial.records import Record, decode_entry, decode_log, encode_value, start_record
 from substantial.replay import Evicted, Execution, Fenced
+from substantial.retention import Retention, alongside
 from substantial.workflow import Registry
 
 __all__ = ["Worker"]
@@ -83,8 +84,10 @@ class Worker:
         shutdown_grace: float = 10.0,
         step_threads: int = 64,
         inline_below: float = 0.001,
+        retention: Retention | None = None,
     ) -> None:
         self.registry = registry
+        self.retention = retention
         self.backend = backend
         self.on_ended = on_ended or (lambda _run_id: None)
         self.queue_ready = queue_ready  # stores a queue a child is started into
@@ -120,7 +123,7 @@ class Worker:
 
     async def run(self) -> None:
         """Serve due runs until cancelled; on cancellation, hand back what is held."""
-        housekeeping = asyncio.create_task(self._housekeeping())
+        housekeeping = asyncio.create_task(alongside(self._housekeeping(), self))
         try:
             # During an outage: when it began, and the pause before the next try.
             outage: float | None = None

@@ -336,12 +336,15 @@ class Capabilities:
     or a transaction, so many runs' steps cost less than one write each.
     ``server_time``: lease expiry is judged by the store's clock, so
     workers with skewed clocks agree on it.
+    ``delete``: :meth:`Backend.delete` removes a run (retention); without
+    it, deleting raises :class:`~substantial.errors.Unsupported`.
     """
 
     wake_ups: bool = False
     shared: bool = True
     group_commit: bool = False
     server_time: bool = False
+    delete: bool = False
 
 
 def encode_json(obj: Any) -> bytes:

@@ -19,6 +19,9 @@ put_run       replace the run's metadata atomically
 list_runs     metadata by id order, filtered, paged, or by ids
 ============  ===============================================================
 
+One optional method, :meth:`Backend.delete` (retention), is offered where
+``capabilities.delete`` says so; a backend without it still runs workflows.
+
 Every method may raise :class:`BackendUnavailable` when the store cannot
 be reached; a write that raises it either did not happen or can be retried
 as it is. Bad input raises :class:`InvalidArgument` alike on every backend
@@ -52,7 +55,7 @@ from substantial.backends._types import (
     error_info,
     validate_id,
 )
-from substantial.errors import CorruptRecord, InvalidArgument, ProtocolMismatch
+from substantial.errors import CorruptRecord, InvalidArgument, ProtocolMismatch, Unsupported
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -177,6 +180,27 @@ class Backend(abc.ABC):
         that cannot be read lists with status ``corrupt`` instead of failing
         the listing.
         """
+
+    # -- optional: declared in ``capabilities`` --------------------------------
+
+    async def delete(self, run_id: str) -> bool:
+        """Remove the run: its log, inbox, due entry, lease and metadata; return if any was there.
+
+        Idempotent: deleting an unknown or deleted run returns False. A delete
+        checks nothing: whether the run has ended and who holds it is the
+        caller's policy (``Conductor.delete`` takes the lease, checks the run
+        ended and fences its log first). Crash-safe: a delete cut short
+        leaves the run as it was, or gone, or (on stores without
+        transactions) its metadata alone with an empty log and no due entry,
+        never a log prefix a reader could take for a live run; metadata goes
+        last, so such a run still lists and deleting it again finishes it.
+        The run id may be used again afterwards. Declared by
+        ``capabilities.delete``; this default raises :class:`Unsupported`.
+        """
+        raise Unsupported(
+            f"the {self.name!r} backend ({type(self).__name__}) cannot delete runs: implement "
+            "Backend.delete(run_id) and declare Capabilities(delete=True), or keep the runs"
+        )
 
     # -- lifecycle: override what the store has -------------------------------
 

@@ -42,7 +42,7 @@ class MemoryBackend(Backend):
     """Keep everything in dictionaries of this process."""
 
     name = "memory"
-    capabilities = Capabilities(wake_ups=True, shared=False)
+    capabilities = Capabilities(wake_ups=True, shared=False, delete=True)
 
     def __init__(self) -> None:
         super().__init__()
@@ -181,6 +181,15 @@ class MemoryBackend(Backend):
         """Store metadata."""
         validate_id("run id", info.run_id)
         self.runs[info.run_id] = info.to_bytes()
+
+    async def delete(self, run_id: str) -> bool:
+        """Forget everything of the run, in one step no other task can see half of."""
+        validate_id("run id", run_id)
+        found = run_id in self._due_at
+        self._remove_due(run_id)
+        for table in (self.logs, self.inboxes, self.leases, self.runs):
+            found = table.pop(run_id, None) is not None or found
+        return found
 
     async def list_runs(
         self,

@@ -13,8 +13,8 @@ Subclass :class:`BackendContract` in a pytest module and define one fixture,
 
 Every test then runs on that backend: the log's fencing (many appenders at
 one position, in one process and across processes: exactly one wins), the
-inbox, the due index, leases, metadata, wake-ups as the backend declares
-them, and the answers to bad input that every backend gives alike. Tests
+inbox, the due index, leases, metadata, wake-ups and deletes as the
+backend declares them, and the answers to bad input that every backend gives alike. Tests
 that need other processes to open the same store run only when
 ``Store.url`` is set. The suite needs ``pytest`` and ``pytest-asyncio``
 (``pip install 'substantial[testing]'``).
@@ -29,6 +29,7 @@ import pytest
 import pytest_asyncio
 
 from substantial.backends.base import Backend
+from substantial.testing._suite_delete import DeleteTests
 from substantial.testing._suite_index import DueTests, InboxTests
 from substantial.testing._suite_log import LogTests
 from substantial.testing._suite_runs import LeaseTests, LifecycleTests, RunTests
@@ -38,7 +39,9 @@ __all__ = ["BackendContract", "Store"]
 
 
 @pytest.mark.asyncio
-class BackendContract(LogTests, InboxTests, DueTests, LeaseTests, RunTests, LifecycleTests):
+class BackendContract(
+    LogTests, InboxTests, DueTests, LeaseTests, RunTests, LifecycleTests, DeleteTests
+):
     """The conformance suite; subclass it and define the ``store`` fixture."""
 
     @pytest.fixture

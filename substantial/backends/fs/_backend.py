@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,7 +63,7 @@ class FSBackend(Backend):
     """
 
     name = "fs"
-    capabilities = Capabilities(wake_ups=True)
+    capabilities = Capabilities(wake_ups=True, delete=True)
 
     def __init__(self, path: str | os.PathLike[str], *, durability: Durability = "process") -> None:
         super().__init__()
@@ -313,6 +314,38 @@ class FSBackend(Backend):
             ids=ids,
             fetch_ids=fetch_ids,
         )
+
+    # -- retention --------------------------------------------------------
+
+    async def delete(self, run_id: str) -> bool:
+        """Leave the due index, then rename the run's directory into trash/ and remove it there.
+
+        The rename takes the log, inbox, lease and metadata away in one step:
+        no reader sees part of the run. A crash after it leaves a directory
+        in trash/ that no reader looks at; the next delete removes it.
+        """
+        validate_id("run id", run_id)
+        run_dir = f"{self._runs}/{run_id}"
+        trash = f"{self._root}/trash"
+        try:
+            self._index.clear(run_id)
+            if not _exists(run_dir):
+                return False
+            self._files.makedirs(trash)
+            gone = f"{trash}/{run_id}.{os.getpid()}.{time.time_ns()}"
+            try:
+                # No lock: a lease or due update caught in between lands in trash/ too, or
+                # makes a directory without metadata, which listing and due() pass over.
+                os.rename(run_dir, gone)
+            except FileNotFoundError:
+                return False  # another delete won
+            if self._fsync:
+                sync_dir(self._runs)
+            for name in os.listdir(trash):  # this one, and any a crash left behind
+                shutil.rmtree(f"{trash}/{name}", ignore_errors=True)
+        except OSError as exc:
+            raise self._unavailable(exc, f"delete run {run_id!r}") from exc
+        return True
 
     # -- lifecycle and wake-ups -------------------------------------------
 

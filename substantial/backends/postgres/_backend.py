@@ -86,7 +86,7 @@ class PostgresBackend(Backend):
     """
 
     name = "postgres"
-    capabilities = Capabilities(wake_ups=True, group_commit=True, server_time=True)
+    capabilities = Capabilities(wake_ups=True, group_commit=True, server_time=True, delete=True)
 
     def __init__(
         self,
@@ -398,6 +398,21 @@ class PostgresBackend(Backend):
             ids=ids,
             fetch_ids=fetch_ids,
         )
+
+    # -- retention --------------------------------------------------------
+
+    async def delete(self, run_id: str) -> bool:
+        """Delete the run's rows from every table in one statement: all go, or none."""
+        validate_id("run id", run_id)
+        tables = ("due", "leases", "inbox", "log", "runs")
+        parts = [
+            f"d{i} AS (DELETE FROM {self._sql.table(t)} WHERE run_id = $1::text RETURNING 1)"
+            for i, t in enumerate(tables)
+        ]
+        count = " + ".join(f"(SELECT count(*) FROM d{i})" for i in range(len(tables)))
+        sql = f"WITH {', '.join(parts)} SELECT {count}"
+        found = await self._run(f"delete run {run_id!r}", lambda c: c.fetchval(sql, run_id))
+        return bool(found)
 
     # -- lifecycle and wake-ups -------------------------------------------
 

@@ -60,7 +60,7 @@ class RedisBackend(Backend):
     """Store runs in Redis; works on a single server and on Redis Cluster."""
 
     name = "redis"
-    capabilities = Capabilities(wake_ups=True, server_time=True)
+    capabilities = Capabilities(wake_ups=True, server_time=True, delete=True)
 
     def __init__(
         self,
@@ -418,6 +418,24 @@ class RedisBackend(Backend):
                 pipe.zrangebylex(key, low, b"+", start=0, num=count)
             shards: list[list[bytes]] = await pipe.execute()
         return sorted(run_id.decode() for shard in shards for run_id in shard)[:count]
+
+    # -- retention --------------------------------------------------------
+
+    async def delete(self, run_id: str) -> bool:
+        """ZREM the due entry, DEL the run's keys (one slot: atomic), then ZREM its index entry.
+
+        In this order a crash leaves at most an index entry without metadata,
+        which :meth:`list_runs` passes over, and a second delete removes.
+        """
+        keys = [self._key(run_id, k) for k in ("log", "append", "inbox", "events", "lease", "meta")]
+        shard = shard_of(run_id)
+        async with self._health.io("delete"):
+            replies = await self._in_order(
+                ("ZREM", self._due_keys[shard], run_id),
+                ("DEL", *keys),
+                ("ZREM", self._runs_keys[shard], run_id),
+            )
+        return any(int(r) > 0 for r in replies)
 
     # -- wake-ups and lifecycle --------------------------------------------
 

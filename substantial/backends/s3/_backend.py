@@ -84,7 +84,7 @@ class S3Backend(Backend):
     """
 
     name = "s3"
-    capabilities = Capabilities()
+    capabilities = Capabilities(delete=True)
 
     def __init__(
         self,
@@ -428,6 +428,30 @@ class S3Backend(Backend):
         )
 
     # -- lifecycle and wake-ups ----------------------------------------------
+
+    # -- retention --------------------------------------------------------
+
+    async def delete(self, run_id: str) -> bool:
+        """Leave the due index, delete log entry 0, then the run's other objects, metadata last.
+
+        Without entry 0 the log reads as empty, so no reader ever sees a part
+        of it; with the metadata kept to the end, a delete cut short still
+        lists and is finished by the next. DELETE requests are free on AWS.
+        """
+        validate_id("run id", run_id)
+        meta = self._meta_key(run_id)
+        self._log_ends.pop(run_id, None)
+        (_, etag), items, _ = await asyncio.gather(
+            self._objects.head_wid(meta),
+            self._objects.list_all(f"{self.key_prefix}runs/{run_id}/"),
+            self._due.unschedule(run_id),
+        )
+        first = self.entry_key(run_id, 0)
+        await self._objects.delete(first)
+        await self._objects.map(self._objects.delete, [i.key for i in items if i.key != first])
+        await self._objects.delete(meta)
+        self._log_ends.pop(run_id, None)
+        return bool(etag or items)
 
     async def wait_for_work(self, timeout: float) -> bool:
         """Sleep until woken in-process or a poll finds new due work; False on timeout.

@@ -62,7 +62,7 @@ class SQLiteBackend(Backend):
     """
 
     name = "sqlite"
-    capabilities = Capabilities(wake_ups=True, group_commit=True)
+    capabilities = Capabilities(wake_ups=True, group_commit=True, delete=True)
 
     def __init__(
         self,
@@ -331,6 +331,17 @@ class SQLiteBackend(Backend):
             db.execute(PUT_RUN, row)
 
         await self._write(write, single=True)
+
+    async def delete(self, run_id: str) -> bool:
+        """Delete the run's rows from every table in one transaction: all go, or none."""
+        validate_id("run id", run_id)
+
+        def write(db: sqlite3.Connection) -> bool:
+            tables = ("due", "leases", "inbox", "log", "runs")
+            counts = [db.execute(f"DELETE FROM {t} WHERE run_id = ?", (run_id,)) for t in tables]
+            return any(cur.rowcount > 0 for cur in counts)
+
+        return await self._write(write)
 
     async def list_runs(
         self,

@@ -1,0 +1,295 @@
+"""Retention: delete ended runs, one by one or by age, from a client or in a worker.
+
+A delete never races a live run. It takes the run's lease (a worker holding
+the run keeps it), checks under the lease that the run has ended, by its
+metadata and by its log, then appends a ``repair`` record with
+``op: "delete"`` at the end of the log: the fence. A resume that extended
+the log first wins that position and the delete is refused; one that comes
+after finds the record and refuses to resume. Only then does the backend's
+:meth:`~substantial.backends.base.Backend.delete` remove the run. A delete
+cut short is finished by the next one (docs/retention.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from substantial._durations import seconds
+from substantial._repair import effective, who
+from substantial._runs import hold
+from substantial.backends.base import (
+    TERMINAL_STATUSES,
+    Backend,
+    RunInfo,
+    make_owner,
+    validate_id,
+)
+from substantial.errors import (
+    BackendError,
+    BackendUnavailable,
+    CorruptRecord,
+    InvalidArgument,
+    PositionTaken,
+    RunConflict,
+    Unsupported,
+)
+from substantial.records import Record, decode_entry, encode_entry
+
+__all__ = ["PruneReport", "Pruned", "Pruning", "delete_run", "prune_runs", "terminal_statuses"]
+
+#: Runs read per listing page while pruning.
+PAGE = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """A run deleted (or, in a dry run, that would be), and what it held."""
+
+    run_id: str
+    workflow: str
+    status: str
+    updated_at: float
+    #: Bytes of its log entries and metadata as stored (the store's own overhead aside).
+    bytes: int
+
+
+@dataclass(slots=True)
+class PruneReport:
+    """What a prune deleted, or with ``dry_run`` would delete, and what it left and why."""
+
+    dry_run: bool = False
+    runs: list[Pruned] = field(default_factory=list)
+    #: Runs that matched but were not deleted: run id -> why (held by a worker, changed...).
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        """Return how many runs were (or would be) deleted."""
+        return len(self.runs)
+
+    @property
+    def bytes(self) -> int:
+        """Return the bytes of log and metadata of those runs."""
+        return sum(r.bytes for r in self.runs)
+
+
+def terminal_statuses(status: str | Iterable[str] | None) -> frozenset[str]:
+    """Check a status filter of prune: end statuses only; None means every end status."""
+    if status is None:
+        return TERMINAL_STATUSES
+    wanted = frozenset([status] if isinstance(status, str) else status)
+    wrong = sorted(s for s in wanted if s not in TERMINAL_STATUSES)
+    if wrong or not wanted:
+        raise InvalidArgument(
+            f"prune(status=...) takes end statuses ({', '.join(sorted(TERMINAL_STATUSES))}), "
+            f"got {wrong or 'none'}: a run that has not ended is never pruned; cancel it first"
+        )
+    return wanted
+
+
+def _capable(backend: Backend) -> None:
+    if not backend.capabilities.delete:
+        raise Unsupported(
+            f"{backend.describe()} cannot delete runs (its backend does not declare "
+            "capabilities.delete): use a backend that does, or keep the runs"
+        )
+
+
+def _is_tombstone(record: Record) -> bool:
+    return record["k"] == "repair" and record.get("op") == "delete"
+
+
+def _check_ended(run_id: str, info: RunInfo | None, entries: list[bytes]) -> None:
+    """Raise unless the run has ended, by its metadata and by its log."""
+    cancel = (
+        f"cancel it first (await conductor.get({run_id!r}).cancel(), or substantial runs "
+        f"cancel {run_id}) and delete it once it has ended"
+    )
+    if info is not None and info.status not in TERMINAL_STATUSES:
+        raise InvalidArgument(
+            f"run {run_id!r} is {info.status}: only ended runs are deleted; {cancel}"
+        )
+    if not entries:
+        if info is None or info.status not in TERMINAL_STATUSES:
+            raise InvalidArgument(f"run {run_id!r} has no log yet: {cancel}")
+        return  # a delete cut short after the log went: finish it
+    records = [(p, r) for p, data in enumerate(entries) for r in decode_entry(run_id, p, data)]
+    if _is_tombstone(records[-1][1]):
+        return  # a delete began and was cut short: finish it
+    replayed = effective(records)[0]
+    if not replayed or replayed[-1][1]["k"] != "end":
+        what = "was resumed: its log goes on after its end" if info is not None else "is running"
+        raise InvalidArgument(f"run {run_id!r} {what}; {cancel}")
+
+
+async def _look(backend: Backend, run_id: str) -> tuple[RunInfo | None, list[bytes]]:
+    try:
+        info = await backend.get_run(run_id)
+    except CorruptRecord:
+        info = None  # its log tells whether it ended
+    return info, await backend.read_log(run_id)
+
+
+def _pruned(run_id: str, info: RunInfo | None, entries: list[bytes]) -> Pruned:
+    size = sum(len(e) for e in entries) + (len(info.to_bytes()) if info is not None else 0)
+    if info is None:
+        return Pruned(run_id, "?", "ended", 0.0, size)
+    return Pruned(run_id, info.workflow, info.status, info.updated_at, size)
+
+
+async def delete_run(
+    backend: Backend,
+    run_id: str,
+    *,
+    owner: str | None = None,
+    dry_run: bool = False,
+    wait: float = 5.0,
+) -> Pruned | None:
+    """Delete an ended run; return what it held, or None if there was no such run.
+
+    Raises :class:`InvalidArgument` if the run has not ended, and
+    :class:`RunConflict` if it is held longer than ``wait`` seconds (a
+    worker, a resume) or it changed meanwhile.
+    """
+    validate_id("run id", run_id)
+    _capable(backend)
+    info, entries = await _look(backend, run_id)
+    if info is None and not entries:
+        return None
+    _check_ended(run_id, info, entries)
+    if dry_run:
+        return _pruned(run_id, info, entries)
+    owner = owner or make_owner("delete-")
+    await hold(backend, run_id, owner, wait)
+    try:
+        info, entries = await _look(backend, run_id)  # again, now that no one else holds it
+        if info is None and not entries:
+            await backend.delete(run_id)  # another delete finished first: drop our lease
+            return None
+        _check_ended(run_id, info, entries)
+        last = decode_entry(run_id, len(entries) - 1, entries[-1]) if entries else []
+        if last and not _is_tombstone(last[-1]):
+            tombstone: Record = {"k": "repair", "op": "delete", "by": who(), "at": time.time()}
+            try:
+                await backend.append(run_id, len(entries), encode_entry([tombstone]))
+            except PositionTaken as exc:
+                raise RunConflict(
+                    f"run {run_id!r} changed while being deleted (resumed, or a worker wrote "
+                    "to it): look at its status, then delete it again"
+                ) from exc
+        await backend.delete(run_id)  # the lease goes with it
+    except BaseException:
+        with contextlib.suppress(BackendError):
+            await backend.release_lease(run_id, owner)
+        raise
+    return _pruned(run_id, info, entries)
+
+
+async def prune_runs(
+    backend: Backend,
+    *,
+    older_than: timedelta | float,
+    status: str | Iterable[str] | None = None,
+    workflow: str | None = None,
+    dry_run: bool = False,
+    limit: int | None = None,
+    pause: float = 0.0,
+    owner: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> PruneReport:
+    """Delete the ended runs last updated more than ``older_than`` ago; return a report.
+
+    ``status`` (one end status or several) and ``workflow`` narrow the
+    choice; ``limit`` bounds how many are deleted; ``pause`` seconds pass
+    between two deletes. A run that cannot be deleted (held by a worker,
+    changed, unreadable) is skipped with the reason, never stopping the rest.
+    """
+    age = seconds(older_than, "prune(older_than=...)")
+    statuses = terminal_statuses(status)
+    if workflow is not None and not isinstance(workflow, str):
+        raise InvalidArgument(f"prune(workflow=...) takes a workflow name, got {workflow!r}")
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise InvalidArgument(f"prune(limit=...) takes a whole number >= 0, got {limit!r}")
+    _capable(backend)
+    cutoff = time.time() - age
+    owner = owner or make_owner("prune-")
+    report = PruneReport(dry_run=dry_run)
+    # One listing per status where a single one is asked (backends index by status).
+    listings: list[str | None] = [next(iter(statuses))] if len(statuses) == 1 else [None]
+    for listed in listings:
+        after: str | None = None
+        while limit is None or report.count < limit:
+            page = await backend.list_runs(
+                status=listed, workflow=workflow, limit=PAGE, after=after
+            )
+            for info in page:
+                if limit is not None and report.count >= limit:
+                    break
+                if info.status not in statuses or info.updated_at > cutoff:
+                    continue
+                try:
+                    done = await delete_run(
+                        backend, info.run_id, owner=owner, dry_run=dry_run, wait=0.0
+                    )
+                except BackendUnavailable:
+                    raise  # the store is down: every other run would fail alike
+                except (BackendError, InvalidArgument, RunConflict) as exc:
+                    report.skipped[info.run_id] = str(exc)
+                    continue
+                if done is not None:
+                    report.runs.append(done)
+                    if progress is not None:
+                        progress(report.count)
+                    if pause > 0 and not dry_run:
+                        await asyncio.sleep(pause)
+            if len(page) < PAGE:
+                break
+            after = page[-1].run_id
+    return report
+
+
+class Pruning:
+    """Delete and prune, as the Conductor offers them."""
+
+    backend: Backend
+
+    async def delete(self, run_id: str) -> bool:
+        """Delete an ended run: its log, inbox, metadata, due entry and lease.
+
+        Returns False if there was no such run. A run that has not ended
+        raises :class:`InvalidArgument` (cancel it first); one a worker still
+        holds, or that changed meanwhile (a resume), :class:`RunConflict`;
+        a store that cannot delete, :class:`Unsupported`.
+        """
+        return await delete_run(self.backend, run_id) is not None
+
+    async def prune(
+        self,
+        *,
+        older_than: timedelta | float,
+        status: str | Iterable[str] | None = None,
+        workflow: str | None = None,
+        dry_run: bool = False,
+        limit: int | None = None,
+    ) -> PruneReport:
+        """Delete the ended runs last updated more than ``older_than`` ago.
+
+        ``status`` keeps one end status (or several: ``completed``,
+        ``failed``, ``cancelled``, ``timed_out``, ``reverted``,
+        ``continued``), ``workflow`` one workflow; ``dry_run`` deletes
+        nothing and reports what would go. The report lists the runs, their
+        count and bytes (log and metadata), and the runs skipped and why.
+        """
+        return await prune_runs(
+            self.backend,
+            older_than=older_than,
+            status=status,
+            workflow=workflow,
+            dry_run=dry_run,
+            limit=limit,
+        )

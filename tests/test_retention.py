@@ -1,0 +1,292 @@
+"""Retention: delete and prune ended runs through the Conductor, a worker's policy and the CLI.
+
+The backend primitive is in the shipped suite (substantial/testing/_suite_delete.py);
+here is the policy above it, on every backend: only ended runs go, never a
+run a worker or a resume holds, and a delete cut short (SIGKILL) is finished
+by the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from click.testing import CliRunner
+
+from substantial import Conductor, Context, InvalidArgument, RunConflict, RunNotFound, workflow
+from substantial._retention import delete_run
+from substantial._runs import create_run
+from substantial.backends import from_url
+from substantial.backends.base import Backend, Capabilities, RunInfo
+from substantial.backends.memory import MemoryBackend
+from substantial.cli import main
+from substantial.errors import Unsupported
+from substantial.records import decode_entry, encode_entry, start_record
+from substantial.retention import Retention
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def ended(
+    backend: Backend,
+    run_id: str,
+    status: str = "completed",
+    *,
+    age: float = 0.0,
+    workflow_name: str = "wf",
+    steps: int = 2,
+) -> None:
+    """Store a run that ran ``steps`` steps and ended ``age`` seconds ago."""
+    at = time.time() - age
+    await create_run(backend, start_record(run_id, workflow_name, None, {"n": 1}, at))
+    for c in range(steps):
+        step = {"k": "step", "c": c, "name": "s", "value": "x" * 100}
+        await backend.append(run_id, 1 + c, encode_entry([step]))
+    end = {"k": "end", "status": status, "value": 1}
+    await backend.append(run_id, 1 + steps, encode_entry([end]))
+    info = RunInfo(run_id, workflow_name, status, at, at)  # type: ignore[arg-type]
+    await backend.put_run(info)
+    await backend.unschedule(run_id)
+
+
+async def gone(backend: Backend, run_id: str) -> bool:
+    return (
+        await backend.get_run(run_id) is None
+        and await backend.read_log(run_id) == []
+        and await backend.read_inbox(run_id) == []
+        and await backend.lease(run_id) is None
+    )
+
+
+async def test_delete_takes_only_ended_runs_and_says_what_to_do(backend: Backend) -> None:
+    conductor = Conductor(backend)
+    await ended(backend, "done")
+    await create_run(backend, start_record("live", "wf", None, {}, time.time()))
+    assert await conductor.delete("done") is True
+    assert await gone(backend, "done")
+    assert await conductor.delete("done") is False
+    with pytest.raises(InvalidArgument, match=r"'live' is active.*cancel it first"):
+        await conductor.delete("live")
+    assert (await backend.get_run("live")) is not None
+    assert len(await backend.read_log("live")) == 1  # untouched
+    # A worker holding an ended run (finishing it) keeps it from the delete.
+    await ended(backend, "held")
+    await backend.lease("held", "some-worker", 30)
+    with pytest.raises(RunConflict, match="held by some-worker"):
+        await delete_run(backend, "held", wait=0.2)
+    assert len(await backend.read_log("held")) == 4
+
+
+async def test_prune_filters_reports_bytes_and_dry_runs(backend: Backend) -> None:
+    conductor = Conductor(backend)
+    for i in range(3):
+        await ended(backend, f"old-ok-{i}", age=3600)
+    await ended(backend, "old-failed", "failed", age=3600)
+    await ended(backend, "old-other", age=3600, workflow_name="other")
+    await ended(backend, "new-ok")
+    await create_run(backend, start_record("old-live", "wf", None, {}, time.time() - 3600))
+    dry = await conductor.prune(older_than=60, dry_run=True)
+    assert dry.dry_run and sorted(r.run_id for r in dry.runs) == [
+        "old-failed",
+        "old-ok-0",
+        "old-ok-1",
+        "old-ok-2",
+        "old-other",
+    ]
+    sizes = [sum(map(len, await backend.read_log(r.run_id))) for r in dry.runs]
+    assert all(r.bytes > size > 300 for r, size in zip(dry.runs, sizes, strict=True))
+    assert dry.bytes == sum(r.bytes for r in dry.runs)
+    assert len(await backend.list_runs()) == 7  # nothing went
+    only = await conductor.prune(older_than=60, status="completed", workflow="wf")
+    assert sorted(r.run_id for r in only.runs) == ["old-ok-0", "old-ok-1", "old-ok-2"]
+    assert only.count == 3 and not only.skipped
+    rest = await conductor.prune(older_than=60)
+    assert sorted(r.run_id for r in rest.runs) == ["old-failed", "old-other"]
+    assert sorted(i.run_id for i in await backend.list_runs()) == ["new-ok", "old-live"]
+    with pytest.raises(InvalidArgument, match="cancel it first"):
+        await conductor.prune(older_than=0, status="active")
+    with pytest.raises(InvalidArgument, match="older_than"):
+        await conductor.prune(older_than=-1)
+
+
+async def test_many_deleters_racing_a_resume_never_leave_half_a_run(backend: Backend) -> None:
+    """Either the resume wins and the run is whole and active, or the deletes win and it is gone."""
+    conductor = Conductor(backend)
+    outcomes = set()
+    for round_ in range(3):
+        run_id = f"race-{round_}"
+        await ended(backend, run_id, "failed")
+
+        async def later(coro: object, pause: float) -> object:
+            await asyncio.sleep(pause)
+            return await coro  # type: ignore[misc]
+
+        resume_at = 0.002 * round_  # the resume starts before, with, or after the deletes
+        results = await asyncio.gather(
+            *(conductor.delete(run_id) for _ in range(5)),
+            later(conductor.resume(run_id), resume_at),
+            return_exceptions=True,
+        )
+        deletes, resumed = results[:5], results[5]
+        for outcome in results:
+            if isinstance(outcome, BaseException):
+                assert isinstance(outcome, RunConflict | RunNotFound | InvalidArgument), outcome
+        info = await backend.get_run(run_id)
+        if isinstance(resumed, BaseException):
+            assert True in deletes
+            assert await gone(backend, run_id)
+            outcomes.add("deleted")
+        else:
+            assert True not in deletes
+            assert info is not None and info.status == "active"
+            log = await backend.read_log(run_id)
+            last = decode_entry(run_id, len(log) - 1, log[-1])[-1]
+            assert len(log) == 5 and last["op"] == "resume"
+            assert await backend.lease(run_id) is None  # the resume gave it up: workers may go
+            outcomes.add("resumed")
+    assert outcomes  # which won is timing; that nothing is ever half done is the test
+
+
+async def test_a_store_that_cannot_delete_says_so() -> None:
+    class NoDelete(MemoryBackend):
+        name = "nodelete"
+        capabilities = Capabilities(wake_ups=True, shared=False)
+
+    backend = NoDelete()
+    await ended(backend, "r")
+    with pytest.raises(Unsupported, match="cannot delete runs"):
+        await Conductor(backend).delete("r")
+    with pytest.raises(Unsupported, match="cannot delete runs"):
+        await Conductor(backend).prune(older_than=0)
+    assert len(await backend.read_log("r")) == 4  # and nothing was written
+
+
+@workflow(name="retained")
+async def retained(c: Context, fail: bool = False) -> int:
+    value = await c.save(lambda: 7)
+    if fail:
+        raise ValueError("failed on purpose")
+    return value
+
+
+async def test_a_worker_prunes_by_policy_and_one_bad_run_does_not_stop_it(tmp_path: Path) -> None:
+    backend = from_url(f"sqlite:///{tmp_path / 'runs.db'}")
+    conductor = Conductor(backend)
+    conductor.register(retained)
+    # Unreadable: metadata says completed, the log cannot be decoded.
+    await backend.append("bad", 0, b"not json")
+    await backend.put_run(RunInfo("bad", "retained", "completed", 0.0, 0.0))
+    policy = Retention(completed=0.2, every=0.05, pause=0)
+    agent = conductor.run(poll_interval=0.1, retention=policy)
+    runs = [await conductor.start(retained, {"fail": i == 0}) for i in range(4)]
+    failed = runs[0].run_id
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        left = {i.run_id: i.status for i in await backend.list_runs()}
+        if left == {"bad": "completed", failed: "failed"}:
+            break
+        await asyncio.sleep(0.05)
+    # The completed runs went; the failed one stays (no age for failures), the bad one too.
+    assert left == {"bad": "completed", failed: "failed"}
+    assert not agent.done()
+    agent.cancel()
+    await agent
+    await backend.close()
+    with pytest.raises(InvalidArgument, match=r"Retention\(failed=\.\.\.\)"):
+        Retention(failed=-1)
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, ["runs", *args], env={"COLUMNS": "250"})
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_the_cli_deletes_and_prunes_with_a_dry_run(tmp_path: Path) -> None:
+    url = f"file://{tmp_path / 'store'}"
+
+    async def fill() -> None:
+        backend = from_url(url)
+        for i in range(3):
+            await ended(backend, f"old-{i}", age=10 * 86400)
+        await ended(backend, "old-failed", "failed", age=10 * 86400)
+        await ended(backend, "recent", age=3600)
+        await create_run(backend, start_record("live", "wf", None, {}, time.time() - 86400 * 30))
+        await backend.close()
+
+    asyncio.run(fill())
+    code, out, _ = cli("prune", "--older-than", "7d", "--dry-run", "--backend", url)
+    assert code == 0
+    assert out.count("would delete old-") == 4 and "recent" not in out and "live" not in out
+    assert "would delete 4 run(s)" in out
+    code, out, _ = cli("prune", "--older-than", "7d", "--status", "failed", "--backend", url)
+    assert code == 0 and "deleted old-failed" in out and "deleted 1 run(s)" in out
+    code, out, _ = cli("prune", "--older-than", "1w", "--json", "--backend", url)
+    report = orjson.loads(out)
+    assert report["count"] == 3 and report["bytes"] > 0 and not report["dry_run"]
+    code, out, err = cli("delete", "recent", "live", "nothing", "--backend", url)
+    assert code == 1
+    assert "deleted recent" in out and "no run nothing" in out
+    assert "'live' is active" in err and "cancel it first" in err
+    code, _, err = cli("prune", "--older-than", "soon", "--backend", url)
+    assert code == 2 and "--older-than" in err
+    code, _, err = cli("prune", "--older-than", "1d", "--status", "active", "--backend", url)
+    assert code == 2
+    assert os.listdir(tmp_path / "store" / "runs") == ["live"]
+
+
+CRASH_PRUNE = """
+import asyncio, sys
+from substantial._retention import prune_runs
+from substantial.backends import from_url
+
+async def main() -> None:
+    backend = from_url(sys.argv[1])
+    print("ready", flush=True)
+    await prune_runs(backend, older_than=0)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("kind", ["fs", "sqlite"])
+async def test_a_prune_killed_midway_is_finished_by_the_next(tmp_path: Path, kind: str) -> None:
+    """SIGKILL mid-prune: every run is whole, or metadata only with no log and no due, or gone."""
+    url = f"file://{tmp_path / 'store'}" if kind == "fs" else f"sqlite:///{tmp_path / 'r.db'}"
+    backend = from_url(url)
+    n = 150
+    for i in range(n):
+        await ended(backend, f"k{i:03d}", steps=3)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CRASH_PRUNE, url],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout is not None
+    assert (await asyncio.to_thread(proc.stdout.readline)).strip() == b"ready"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(await backend.list_runs(limit=n)) > n * 2 // 3:
+        await asyncio.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    await asyncio.to_thread(proc.wait)
+    proc.stdout.close()
+    listed = await backend.list_runs(limit=n)
+    assert 0 < len(listed) < n  # killed mid-way
+    for info in listed:
+        assert info.status == "completed"
+        log = await backend.read_log(info.run_id)
+        assert len(log) in (0, 5, 6), (info.run_id, len(log))  # whole (+ the fence), or none
+    assert await backend.next_due_at() is None
+    report = await Conductor(backend).prune(older_than=0)
+    assert report.count == len(listed) and not report.skipped
+    assert await backend.list_runs() == []
+    await backend.close()
+    if kind == "fs":
+        root = tmp_path / "store"
+        assert os.listdir(root / "runs") == [] and os.listdir(root / "trash") == []
