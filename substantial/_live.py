@@ -177,11 +177,16 @@ class Driver:
             for record in items:
                 if x.main.done() or x.failure is not None:
                     break
-                if record["k"] in ACTIVATIONS:
-                    if not self._wanted(record):
+                kind = record["k"]
+                if kind in ACTIVATIONS:
+                    if kind == "step":  # the common case of _wanted, inlined
+                        command = x.commands.get(record["c"])
+                        if command is None or command.done:
+                            continue
+                    elif not self._wanted(record):
                         continue
                     x.pending.append(record)
-                    if record["k"] == "event":
+                    if kind == "event":
                         x.to_ack.append(record["id"])
                     x.apply(record)
                     self.step()
