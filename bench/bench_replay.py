@@ -19,7 +19,7 @@ from typing import Any
 from bench._harness import Sitting
 from substantial import Conductor, Context, workflow
 from substantial.checker import check_store
-from substantial.portable import migrate
+from substantial.portable import JOBS, migrate
 
 
 @workflow()
@@ -85,6 +85,7 @@ async def mg(s: Sitting) -> dict[str, Any]:
         "runs_per_s": round(s.n / migrate_s, 1),
         "ok": moved.ok and moved.copied == s.n,
         "ratio": None,
+        "jobs": JOBS,
         "note": "migrate to a fresh store of the same kind, every log read back and checksummed",
     }
 

@@ -279,6 +279,7 @@ def restart_command(run_id: str, url: str | None, new_id: str | None) -> None:
 @click.option("--to", "target_url", required=True, metavar="URL", help="Store to copy into.")
 @click.option("--status", help="Only runs with this status (e.g. completed).")
 @click.option(
+    "-j",
     "--jobs",
     type=click.IntRange(min=1),
     default=JOBS,

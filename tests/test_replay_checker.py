@@ -188,7 +188,17 @@ async def test_migrate_copies_every_run_verified_and_resumes_after_an_interrupti
     await agent
     await clash.close()
     proc = subprocess.run(
-        [sys.executable, "-m", "substantial.cli", "migrate", "--from", url, "--to", clash_url],
+        [
+            sys.executable,
+            "-m",
+            "substantial.cli",
+            "migrate",
+            "--from",
+            url,
+            "--to",
+            clash_url,
+            "-j3",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
