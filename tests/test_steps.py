@@ -121,3 +121,40 @@ async def test_a_sync_step_returning_an_awaitable_is_awaited_wherever_it_ran() -
     async with running(awaitable_results) as conductor:
         got = await (await conductor.start(awaitable_results)).result(timeout=10)
     assert got == [0, 2, 4, 6]
+
+
+calls: list[int] = []
+
+
+async def counted() -> int:
+    calls.append(1)
+    return len(calls)
+
+
+@workflow()
+async def one_async_step(c: Context) -> int:
+    return await c.save(counted)
+
+
+async def test_a_command_whose_work_dies_unexpectedly_hands_the_run_back(
+    monkeypatch: Any, caplog: Any
+) -> None:
+    """A bug outside the step function (here the step-call hook) must not leave the run
+    waiting forever for a completion that will never come: the run is handed back,
+    taken up again, and finishes."""
+    import substantial._steps as steps_module
+
+    calls.clear()
+    broken: list[int] = []
+
+    def hook(run_id: str, c: int, name: str | None) -> None:
+        if not broken:
+            broken.append(1)
+            raise RuntimeError("broken hook")
+
+    monkeypatch.setattr(steps_module, "watch", hook)
+    async with running(one_async_step, poll_interval=0.05) as conductor:
+        got = await (await conductor.start(one_async_step)).result(timeout=20)
+    assert got == 1  # the step function itself ran once: the hook failed before it
+    assert broken == [1]
+    assert any("failed unexpectedly" in r.getMessage() for r in caplog.records)
