@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import abc
 import bisect
-import os
 import sqlite3
 from pathlib import Path
 from typing import Literal
@@ -133,10 +132,15 @@ class FSHarness(Harness):
 
     async def corrupt_entry(self, run_id: str, position: int) -> None:
         from substantial.backends.fs import FSBackend
+        from substantial.backends.fs._segment import HEADER_SIZE, frame, parse
 
-        path = FSBackend(self.root).entry_path(run_id, position)
-        os.chmod(path, 0o644)
-        path.write_bytes(b"\x00{not json")
+        # Garbage stored as the entry, in a well-formed record: what a buggy writer leaves.
+        path = FSBackend(self.root).segment_path(run_id)
+        data = path.read_bytes()
+        found = parse(data[HEADER_SIZE:], HEADER_SIZE, 0)
+        entries = [data[at : at + n] for at, n in found.records]
+        entries[position] = b"\x00{not json"
+        path.write_bytes(data[:HEADER_SIZE] + b"".join(frame(e) for e in entries))
 
     async def corrupt_lease(self, run_id: str, form: Damage) -> None:
         run_dir = self.root / "runs" / run_id

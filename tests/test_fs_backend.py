@@ -6,7 +6,6 @@ import asyncio
 import os
 import shutil
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from substantial.backends import from_url
 from substantial.backends._wake import wake_dir_for
 from substantial.backends.base import RunInfo
 from substantial.backends.fs import FSBackend
+from substantial.backends.fs._segment import HEADER_SIZE, MAGIC, parse
 from substantial.errors import BackendUnavailable, PositionTaken
 from substantial.records import decode_entry, encode_entry
 
@@ -61,16 +61,23 @@ async def test_fsync_mode_stores_and_reads_everything(store: Path) -> None:
     await backend.close()
 
 
-async def test_entries_are_complete_read_only_files_named_by_position(store: Path) -> None:
+async def test_the_log_is_one_segment_of_checksummed_records(store: Path) -> None:
     backend = FSBackend(store)
     for i in range(3):
         await backend.append("r", i, entry(i))
-    path = backend.entry_path("r", 2)
-    assert path == store / "runs" / "r" / "log" / "000000000002"
-    assert stat.S_IMODE(path.stat().st_mode) == 0o444
-    assert decode_entry("r", 2, path.read_bytes())[0]["value"] == 2
-    # Nothing else in the directory: no temporaries left behind.
-    assert sorted(os.listdir(path.parent)) == [f"{i:012d}" for i in range(3)]
+    path = backend.segment_path("r")
+    assert path == store / "runs" / "r" / "log.seg"
+    data = path.read_bytes()
+    assert data.startswith(MAGIC)
+    found = parse(data[HEADER_SIZE:], HEADER_SIZE, 0)
+    assert (found.end, found.bad, found.damage) == (len(data), [], None)
+    values = [
+        decode_entry("r", i, data[at : at + n])[0]["value"]
+        for i, (at, n) in enumerate(found.records)
+    ]
+    assert values == [0, 1, 2]
+    # Nothing else in the run's directory: no file per entry, no temporaries.
+    assert os.listdir(path.parent) == ["log.seg"]
 
 
 async def test_named_temporaries_work_where_o_tmpfile_does_not(store: Path) -> None:
@@ -83,7 +90,6 @@ async def test_named_temporaries_work_where_o_tmpfile_does_not(store: Path) -> N
     assert not await backend.post_event("r", "e", b"y")
     (stored,) = await backend.read_log("r")
     assert decode_entry("r", 0, stored)[0]["value"] == 0
-    assert os.listdir(store / "runs" / "r" / "log") == ["000000000000"]
     assert os.listdir(store / "runs" / "r" / "inbox") == ["e"]
 
 
@@ -91,7 +97,6 @@ async def test_temporaries_left_by_a_crash_are_ignored(store: Path) -> None:
     backend = FSBackend(store)
     await backend.append("r", 0, entry(0))
     await backend.post_event("r", "e1", b"1")
-    (store / "runs" / "r" / "log" / ".000000000001.123-abcd.tmp").write_bytes(b"[half")
     (store / "runs" / "r" / "inbox" / ".e2.123-abcd.tmp").write_bytes(b"12")
     (store / "runs" / "r" / ".meta.json.123-abcd.tmp").write_bytes(b"{")
     assert len(await backend.read_log("r")) == 1

@@ -60,7 +60,7 @@ async def test_a_full_disk_backs_off_without_rerunning_the_step_and_others_go_on
     conductor = Conductor(backend)
     conductor.register(one_step)
     run = await conductor.start(one_step, {"tag": "full"}, run_id="full")
-    log_dir = str(backend.entry_path("full", 0).parent)
+    log_file = str(backend.segment_path("full"))
     refused: list[float] = []
     disk_full = True
     real_open = os.open
@@ -68,8 +68,8 @@ async def test_a_full_disk_backs_off_without_rerunning_the_step_and_others_go_on
     def open_on_a_full_disk(
         path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None
     ) -> int:
-        # Every new file of this run's log fails as on a full file system.
-        if disk_full and str(path).startswith(log_dir) and flags & (os.O_WRONLY | os.O_RDWR):
+        # Every write to this run's log fails as on a full file system.
+        if disk_full and str(path) == log_file and flags & (os.O_WRONLY | os.O_RDWR):
             refused.append(time.monotonic())
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real_open(path, flags, mode, dir_fd=dir_fd)

@@ -39,10 +39,12 @@ from substantial.backends.base import (
 )
 from substantial.backends.fs._due import DueIndex, key_us
 from substantial.backends.fs._files import Files, arrival_ns, read_fd, read_file, sync_dir
-from substantial.errors import CorruptRecord, PositionTaken
+from substantial.backends.fs._segment import Replaced, Segments
+from substantial.errors import BackendUnavailable, CorruptRecord, PositionTaken
 
 __all__ = ["FSBackend"]
 
+# Layout 1 named one file per entry by its zero-padded position.
 _POSITION_DIGITS = 12
 
 
@@ -73,6 +75,7 @@ class FSBackend(Backend):
         self._runs = f"{self._root}/runs"
         self._fsync = durability == "fsync"
         self._files = Files(self._root, fsync=self._fsync)
+        self._segments = Segments(self._files, self._runs)
         self._index = DueIndex(self._files, self._runs, f"{self._root}/due", self)
         self._wake = WakeChannel(f"{self._root}/wake", self.waker)
         self._unavailable = self._files.unavailable
@@ -87,47 +90,75 @@ class FSBackend(Backend):
         """Return the backend name and its directory."""
         return f"fs {self._root} (durability={self.durability})"
 
-    def entry_path(self, run_id: str, position: int) -> Path:
-        """Return the file that holds one log entry (it need not exist)."""
+    def segment_path(self, run_id: str) -> Path:
+        """Return the file that holds the run's log (it need not exist)."""
         validate_id("run id", run_id)
-        return Path(self._runs, run_id, "log", f"{position:0{_POSITION_DIGITS}d}")
+        return Path(self._segments.path(run_id))
 
     # -- the log ----------------------------------------------------------
 
     async def append(self, run_id: str, position: int, entry: bytes) -> None:
-        """Store the entry if the position is free, by linking a complete file to its name."""
+        """Store the entry if the position is free, under the lock of the run's segment."""
         validate_id("run id", run_id)
         check_position(run_id, position)
-        log_dir = f"{self._runs}/{run_id}/log"
+        entry = bytes(entry)
         try:
-            # Entries are never removed: once the one before exists, it stays.
-            if position and not _exists(f"{log_dir}/{position - 1:0{_POSITION_DIGITS}d}"):
-                raise gap_error(run_id, position)
-            self._files.publish(log_dir, f"{position:0{_POSITION_DIGITS}d}", entry)
-        except FileExistsError:
-            raise PositionTaken(run_id, position) from None
+            for _ in range(3):
+                fd = self._segments.open_for_append(run_id, position, self._has_legacy_log)
+                if fd is None:
+                    return self._legacy_append(run_id, position, entry)
+                try:
+                    self._segments.append(run_id, fd, position, entry)
+                    return None
+                except Replaced:
+                    continue  # deleted meanwhile: look again
+                finally:
+                    os.close(fd)
+            raise BackendUnavailable(
+                f"cannot append to run {run_id!r}: its log file keeps being replaced; "
+                "stop whatever deletes or rewrites it, then retry"
+            )
         except OSError as exc:
             raise self._unavailable(exc, f"append to run {run_id!r}") from exc
 
     async def read_log(self, run_id: str, start: int = 0) -> list[bytes]:
-        """Read entry files from ``start`` until the first missing one."""
+        """Read the run's segment from ``start`` up to its last whole record."""
         validate_id("run id", run_id)
-        position = check_position(run_id, start, "log start")
-        log_dir = f"{self._runs}/{run_id}/log"
-        out: list[bytes] = []
+        check_position(run_id, start, "log start")
         try:
-            while True:
-                try:
-                    fd = os.open(f"{log_dir}/{position:0{_POSITION_DIGITS}d}", os.O_RDONLY)
-                except FileNotFoundError:
-                    return out
-                try:
-                    out.append(read_fd(fd))
-                finally:
-                    os.close(fd)
-                position += 1
+            entries = self._segments.read(run_id, start)
+            return self._legacy_read(run_id, start) if entries is None else entries
         except OSError as exc:
             raise self._unavailable(exc, f"read the log of run {run_id!r}") from exc
+
+    # -- logs of layout 1: one file per entry, read and extended as they are ----
+
+    def _has_legacy_log(self, run_id: str) -> bool:
+        return _exists(f"{self._runs}/{run_id}/log/{0:0{_POSITION_DIGITS}d}")
+
+    def _legacy_append(self, run_id: str, position: int, entry: bytes) -> None:
+        log_dir = f"{self._runs}/{run_id}/log"
+        # Entries are never removed: once the one before exists, it stays.
+        if position and not _exists(f"{log_dir}/{position - 1:0{_POSITION_DIGITS}d}"):
+            raise gap_error(run_id, position)
+        try:
+            self._files.publish(log_dir, f"{position:0{_POSITION_DIGITS}d}", entry)
+        except FileExistsError:
+            raise PositionTaken(run_id, position) from None
+
+    def _legacy_read(self, run_id: str, position: int) -> list[bytes]:
+        log_dir = f"{self._runs}/{run_id}/log"
+        out: list[bytes] = []
+        while True:
+            try:
+                fd = os.open(f"{log_dir}/{position:0{_POSITION_DIGITS}d}", os.O_RDONLY)
+            except FileNotFoundError:
+                return out
+            try:
+                out.append(read_fd(fd))
+            finally:
+                os.close(fd)
+            position += 1
 
     # -- the inbox --------------------------------------------------------
 
