@@ -160,6 +160,9 @@ async def delete_run(
     _capable(backend)
     info, entries = await _look(backend, run_id)
     if info is None and not entries:
+        if not dry_run:
+            # No run, but maybe what late senders left: an event, a due entry, a lease.
+            await backend.delete(run_id)
         return None
     _check_ended(run_id, info, entries)
     if dry_run:

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
@@ -30,6 +31,8 @@ from substantial.cli import main
 from substantial.errors import Unsupported
 from substantial.records import decode_entry, encode_entry, start_record
 from substantial.retention import Retention
+from tests.conftest import BACKENDS
+from tests.harness import Harness
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,6 +75,12 @@ async def test_delete_takes_only_ended_runs_and_says_what_to_do(backend: Backend
     assert await conductor.delete("done") is True
     assert await gone(backend, "done")
     assert await conductor.delete("done") is False
+    # A late sender (a child ending after its parent went) leaves an event and a due entry:
+    # deleting the id again clears them, so no worker keeps looking at it.
+    await backend.send_event("done", "child-ended.x", b"{}")
+    assert await conductor.delete("done") is False
+    assert await gone(backend, "done")
+    assert "done" not in [r for r, _ in await backend.due(time.time() + 60)]
     with pytest.raises(InvalidArgument, match=r"'live' is active.*cancel it first"):
         await conductor.delete("live")
     assert (await backend.get_run("live")) is not None
@@ -84,7 +93,16 @@ async def test_delete_takes_only_ended_runs_and_says_what_to_do(backend: Backend
     assert len(await backend.read_log("held")) == 4
 
 
-async def test_prune_filters_reports_bytes_and_dry_runs(backend: Backend) -> None:
+@pytest.fixture(params=[b for b in ("memory", "sqlite") if b in BACKENDS])
+async def local(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    """A store of this machine: for what is the same on every store (the primitive is not)."""
+    harness: Harness = request.getfixturevalue(f"{request.param}_harness")
+    yield await harness.open()
+    await harness.aclose()
+
+
+async def test_prune_filters_reports_bytes_and_dry_runs(local: Backend) -> None:
+    backend = local
     conductor = Conductor(backend)
     for i in range(3):
         await ended(backend, f"old-ok-{i}", age=3600)
@@ -120,7 +138,7 @@ async def test_many_deleters_racing_a_resume_never_leave_half_a_run(backend: Bac
     """Either the resume wins and the run is whole and active, or the deletes win and it is gone."""
     conductor = Conductor(backend)
     outcomes = set()
-    for round_ in range(3):
+    for round_ in range(2):
         run_id = f"race-{round_}"
         await ended(backend, run_id, "failed")
 
@@ -128,13 +146,13 @@ async def test_many_deleters_racing_a_resume_never_leave_half_a_run(backend: Bac
             await asyncio.sleep(pause)
             return await coro  # type: ignore[misc]
 
-        resume_at = 0.002 * round_  # the resume starts before, with, or after the deletes
+        resume_at = 0.003 * round_  # the resume starts with the deletes, or after
         results = await asyncio.gather(
-            *(conductor.delete(run_id) for _ in range(5)),
+            *(conductor.delete(run_id) for _ in range(4)),
             later(conductor.resume(run_id), resume_at),
             return_exceptions=True,
         )
-        deletes, resumed = results[:5], results[5]
+        deletes, resumed = results[:4], results[4]
         for outcome in results:
             if isinstance(outcome, BaseException):
                 assert isinstance(outcome, RunConflict | RunNotFound | InvalidArgument), outcome
@@ -260,7 +278,7 @@ async def test_a_prune_killed_midway_is_finished_by_the_next(tmp_path: Path, kin
     """SIGKILL mid-prune: every run is whole, or metadata only with no log and no due, or gone."""
     url = f"file://{tmp_path / 'store'}" if kind == "fs" else f"sqlite:///{tmp_path / 'r.db'}"
     backend = from_url(url)
-    n = 150
+    n = 100
     for i in range(n):
         await ended(backend, f"k{i:03d}", steps=3)
     proc = subprocess.Popen(
