@@ -1,8 +1,10 @@
 """Child processes the backend suite starts: racing appenders, and appenders killed mid-write.
 
-``python -m substantial.testing._children append-race URL RUN POSITION TAG START_AT``
-appends one entry at a fixed position once the wall clock reaches START_AT
-and prints ``won`` or ``lost``.
+:func:`race` starts processes that each connect to the store, wait at one
+barrier, then append one entry at one position: it returns each one's
+``won`` or ``lost``. They are forked from a server process that has
+imported substantial once (``forkserver``), so a race of 32 processes does
+not pay for 32 interpreters importing the package and the store's driver.
 
 ``python -m substantial.testing._children append-forever URL RUN`` appends
 large entries until it is killed, at most :data:`MAX_ENTRIES` of them: a
@@ -13,13 +15,30 @@ that grows faster than it reads would never reach its end).
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import queue
 import sys
-import time
+import traceback
+from collections.abc import Sequence
+from multiprocessing.synchronize import Event as EventType
+from typing import Any
 
 from substantial.backends import from_url
 from substantial.errors import PositionTaken
 
-__all__ = ["MAX_ENTRIES", "big_entry", "race_entry"]
+__all__ = ["MAX_ENTRIES", "big_entry", "race", "race_entry"]
+
+#: What the processes of a race import: the stores shipped, and their drivers.
+_PRELOAD = [
+    "__main__",  # else each process imports the parent's main module (pytest) again
+    "substantial.testing._children",
+    "substantial.backends.fs",
+    "substantial.backends.sqlite",
+    "substantial.backends.redis",
+    "substantial.backends.s3",
+    "substantial.backends.postgres",
+    "aiobotocore.session",
+]
 
 #: How many entries one ``append-forever`` child writes before it only waits to be killed.
 MAX_ENTRIES = 100
@@ -35,20 +54,70 @@ def big_entry(position: int) -> bytes:
     return b"%d:" % position + b"x" * 200_000
 
 
-async def _append_race(url: str, run_id: str, position: int, tag: str, start_at: float) -> None:
+async def _append_race(url: str, run_id: str, position: int, tag: str, go: EventType) -> str:
     backend = from_url(url)
     try:
         await backend.read_log(run_id)  # connect before the start line
-        delay = start_at - time.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        go.wait()  # every process waits here; blocking the loop a moment harms nothing
         try:
             await backend.append(run_id, position, race_entry(tag))
-            print("won", flush=True)
+            return "won"
         except PositionTaken:
-            print("lost", flush=True)
+            return "lost"
     finally:
         await backend.close()
+
+
+def _race_child(
+    url: str, run_id: str, position: int, tag: str, ready: Any, go: EventType, out: Any
+) -> None:
+    try:
+        ready.put(tag)
+        out.put((tag, asyncio.run(_append_race(url, run_id, position, tag, go))))
+    except BaseException:
+        out.put((tag, traceback.format_exc()))
+
+
+def race(
+    url: str, run_id: str, position: int, n: int, timeout: float, preload: Sequence[str] = ()
+) -> list[str]:
+    """Release ``n`` processes at once to append at ``position``; return each one's outcome.
+
+    Process ``i`` writes :func:`race_entry` of ``p{i}``; its outcome is
+    ``won``, ``lost``, or the traceback of what went wrong. ``preload``
+    names modules the processes need (the store's backend module). Blocking:
+    call it from a thread in async code.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    # Imported once by the server, before its first fork; a module that is not installed
+    # is skipped. The server lives as long as this process, so the first race's store
+    # module is the one added.
+    ctx.set_forkserver_preload([*_PRELOAD, *preload])
+    ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    procs = [
+        ctx.Process(target=_race_child, args=(url, run_id, position, f"p{i}", ready, go, out))
+        for i in range(n)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        for _ in range(n):
+            ready.get(timeout=timeout)
+        go.set()
+        outcomes = dict(out.get(timeout=timeout) for _ in range(n))
+    except queue.Empty:
+        raise AssertionError(f"the racing processes did not all report within {timeout}s") from None
+    finally:
+        go.set()
+        for proc in procs:
+            proc.join(timeout)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for q in (ready, out):
+            q.close()
+            q.join_thread()
+    return [outcomes[f"p{i}"] for i in range(n)]
 
 
 async def _append_forever(url: str, run_id: str) -> None:
@@ -63,9 +132,7 @@ async def _append_forever(url: str, run_id: str) -> None:
 def main() -> None:
     """Run one child command from the command line."""
     cmd, *args = sys.argv[1:]
-    if cmd == "append-race":
-        asyncio.run(_append_race(args[0], args[1], int(args[2]), args[3], float(args[4])))
-    elif cmd == "append-forever":
+    if cmd == "append-forever":
         asyncio.run(_append_forever(args[0], args[1]))
     else:
         raise SystemExit(f"unknown command {cmd!r}")
