@@ -26,6 +26,7 @@ DOCS = [
     "queues",
     "versioning",
     "repair",
+    "retention",
     "testing",
     "codecs",
     "SECURITY",
