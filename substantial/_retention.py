@@ -222,9 +222,9 @@ async def prune_runs(
     cutoff = time.time() - age
     owner = owner or make_owner("prune-")
     report = PruneReport(dry_run=dry_run)
-    # One listing per status where a single one is asked (backends index by status).
-    listings: list[str | None] = [next(iter(statuses))] if len(statuses) == 1 else [None]
-    for listed in listings:
+    # One listing per end status: backends index runs by status, so the runs still
+    # going (most of a busy store) are never read.
+    for listed in sorted(statuses):
         after: str | None = None
         while limit is None or report.count < limit:
             page = await backend.list_runs(

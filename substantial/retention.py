@@ -89,8 +89,11 @@ class Retention:
             reports.append(report)
         return reports
 
-    async def keep_applying(self, backend: Backend, owner: str) -> None:
+    async def keep_applying(self, backend: Backend) -> None:
         """Apply the policy every ``every`` seconds (jittered) until cancelled."""
+        # An owner of its own: under the worker's, a run the worker is still finishing
+        # would count as held by us.
+        owner = make_owner("retention-")
         period = seconds(self.every, "Retention(every=...)", positive=True)
         if not backend.capabilities.delete:
             logger.error("retention is off: %s cannot delete runs", backend.describe())
@@ -115,7 +118,6 @@ class Retention:
 class _Holder(Protocol):
     retention: Retention | None
     backend: Backend
-    owner: str
 
 
 async def alongside(main: Coroutine[Any, Any, None], worker: _Holder) -> None:
@@ -123,7 +125,7 @@ async def alongside(main: Coroutine[Any, Any, None], worker: _Holder) -> None:
     if worker.retention is None:
         await main
         return
-    pruning = asyncio.ensure_future(worker.retention.keep_applying(worker.backend, worker.owner))
+    pruning = asyncio.ensure_future(worker.retention.keep_applying(worker.backend))
     try:
         await main
     finally:

@@ -28,6 +28,7 @@ from substantial.backends import from_url
 from substantial.backends.base import Backend, Capabilities, RunInfo
 from substantial.backends.memory import MemoryBackend
 from substantial.cli import main
+from substantial.codecs import Compress
 from substantial.errors import Unsupported
 from substantial.records import decode_entry, encode_entry, start_record
 from substantial.retention import Retention
@@ -170,6 +171,20 @@ async def test_many_deleters_racing_a_resume_never_leave_half_a_run(backend: Bac
             assert await backend.lease(run_id) is None  # the resume gave it up: workers may go
             outcomes.add("resumed")
     assert outcomes  # which won is timing; that nothing is ever half done is the test
+
+
+async def test_a_delete_cut_short_after_its_fence_is_finished_and_never_resumed() -> None:
+    backend = MemoryBackend()
+    conductor = Conductor(backend, codec=Compress())
+    await ended(conductor.backend, "cut", "failed")
+    fence = {"k": "repair", "op": "delete", "by": "someone", "at": time.time()}
+    await conductor.backend.append("cut", 4, encode_entry([fence]))  # then the deleter died
+    with pytest.raises(RunNotFound, match="being deleted"):
+        await conductor.resume("cut")
+    with pytest.raises(RunNotFound, match="being deleted"):
+        await conductor.fork("cut")
+    assert await conductor.delete("cut") is True  # through the codec, to the store
+    assert await gone(backend, "cut")
 
 
 async def test_a_store_that_cannot_delete_says_so() -> None:
