@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -13,7 +11,7 @@ import pytest
 from substantial.backends import from_url
 from substantial.backends.base import Backend, RunInfo
 
-__all__ = ["CHILD_TIMEOUT", "NEVER_CLOSED", "Opener", "Store", "child", "info", "url_of"]
+__all__ = ["CHILD_TIMEOUT", "NEVER_CLOSED", "Opener", "Store", "info", "url_of"]
 
 #: How long a child process of a race or crash test may take (a loaded machine is slow).
 CHILD_TIMEOUT = 90.0
@@ -47,18 +45,6 @@ def url_of(store: Store) -> str:
     if store.url is None:
         pytest.skip("Store.url is not set: other processes cannot open this store")
     return store.url
-
-
-async def child(*args: str) -> asyncio.subprocess.Process:
-    """Start ``python -m substantial.testing._children ARGS``, its output piped."""
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "substantial.testing._children",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
 
 
 def info(run_id: str, workflow: str = "wf", status: str = "active") -> RunInfo:
