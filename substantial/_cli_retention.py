@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import click
 import orjson
@@ -13,9 +15,10 @@ from substantial._cli_common import backend_option, console, open_backend, plain
 from substantial._cli_repair import parse_since
 from substantial._retention import PruneReport, delete_run, prune_runs
 from substantial.backends.base import TERMINAL_STATUSES
-from substantial.errors import BackendUnavailable, SubstantialError, Unsupported
+from substantial.errors import BackendUnavailable, InvalidArgument, SubstantialError, Unsupported
+from substantial.retention import Retention
 
-__all__ = ["delete_command", "prune_command"]
+__all__ = ["delete_command", "keep_option", "prune_command"]
 
 
 def _size(n: int) -> str:
@@ -38,6 +41,39 @@ def _age(value: str) -> float:
         ) from None
     assert since is not None
     return max(now - since, 0.0)
+
+
+def _keep(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> Any:
+    """Read ``--keep STATUS=AGE`` options into a :class:`Retention`, or None."""
+    if not values:
+        return None
+    ages: dict[str, float] = {}
+    for value in values:
+        status, sep, age = value.partition("=")
+        if not sep or status not in TERMINAL_STATUSES:
+            raise click.BadParameter(
+                f"{value!r}: use STATUS=AGE with an end status "
+                f"({', '.join(sorted(TERMINAL_STATUSES))}), e.g. completed=7d",
+                param_hint="--keep",
+            )
+        ages[status] = _age(age)
+    try:
+        return Retention(**ages)  # type: ignore[arg-type]
+    except InvalidArgument as exc:
+        raise click.BadParameter(str(exc), param_hint="--keep") from None
+
+
+def keep_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--keep STATUS=AGE`` (repeatable) to the worker command: its retention policy."""
+    return click.option(
+        "--keep",
+        "retention",
+        multiple=True,
+        metavar="STATUS=AGE",
+        callback=_keep,
+        help="Delete runs that ended so once this old, e.g. --keep completed=7d "
+        "--keep failed=30d (docs/retention.md).",
+    )(fn)
 
 
 @click.command("delete")

@@ -22,11 +22,12 @@ from substantial._cli_repair import (
     restart_command,
     resume_command,
 )
-from substantial._cli_retention import delete_command, prune_command
+from substantial._cli_retention import delete_command, keep_option, prune_command
 from substantial._cli_runs import runs
 from substantial._cli_ui import ui
 from substantial._cli_workers import workers
 from substantial.errors import SubstantialError
+from substantial.retention import Retention
 
 DEFAULT_BACKEND = "sqlite://./.substantial/substantial.db"
 BACKEND_HELP = (
@@ -83,6 +84,7 @@ def demo(url: str | None, sleep_s: float) -> None:
     show_default=True,
     help="json: one object per line, with run_id, workflow, step and attempt fields.",
 )
+@keep_option
 def worker(
     target: str,
     concurrency: int,
@@ -90,6 +92,7 @@ def worker(
     idle_timeout: float,
     verbose: bool,
     log_format: str,
+    retention: Retention | None,
 ) -> None:
     """Run a worker for the Conductor TARGET, given as MODULE:ATTRIBUTE.
 
@@ -107,7 +110,10 @@ def worker(
 
     async def serve() -> None:
         agent = conductor.run(
-            concurrency=concurrency, lease_ttl=lease_ttl, idle_timeout=idle_timeout
+            concurrency=concurrency,
+            lease_ttl=lease_ttl,
+            idle_timeout=idle_timeout,
+            retention=retention,
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -22,6 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from substantial import Conductor, Context, InvalidArgument, RunConflict, RunNotFound, workflow
+from substantial._cli_retention import _keep
 from substantial._retention import delete_run
 from substantial._runs import create_run
 from substantial.backends import from_url
@@ -272,6 +273,11 @@ def test_the_cli_deletes_and_prunes_with_a_dry_run(tmp_path: Path) -> None:
     code, _, err = cli("prune", "--older-than", "1d", "--status", "active", "--backend", url)
     assert code == 2
     assert os.listdir(tmp_path / "store" / "runs") == ["live"]
+    # The worker's policy from the command line.
+    result = CliRunner().invoke(main, ["worker", "app:conductor", "--keep", "active=1d"])
+    assert result.exit_code == 2 and "use STATUS=AGE with an end status" in result.stderr
+    policy = _keep(None, None, ("completed=7d", "failed=2w"))  # type: ignore[arg-type]
+    assert policy.ages() == pytest.approx({"completed": 7 * 86400, "failed": 14 * 86400})
 
 
 CRASH_PRUNE = """
