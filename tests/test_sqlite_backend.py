@@ -181,6 +181,53 @@ async def test_a_held_lock_gives_backend_unavailable_and_nothing_written(db_path
     await backend.close()
 
 
+async def test_writers_queue_on_the_writer_lock_and_go_on_without_it_when_it_is_held_too_long(
+    db_path: Path,
+) -> None:
+    """Another process's writer holds ``<db>.lock`` (a second open file stands in for it): a
+    write waits for it, and once the lock is given up the write goes through at once; a
+    lock held past the timeout no longer stops writes (SQLite's own locks still apply)."""
+    import fcntl
+    import os
+
+    backend = SQLiteBackend(db_path, timeout=0.3)
+    await backend.append("r", 0, entry(0))
+    other = os.open(f"{db_path}.lock", os.O_RDWR)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    try:
+        waiting = asyncio.ensure_future(asyncio.to_thread(backend._writer.acquire))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # queued behind the holder
+        fcntl.flock(other, fcntl.LOCK_UN)
+        assert await asyncio.wait_for(waiting, 5) is True
+        backend._writer.release()
+        fcntl.flock(other, fcntl.LOCK_EX)
+        started = time.monotonic()
+        await backend.append("r", 1, entry(1))  # held past the timeout: written anyway
+        assert time.monotonic() - started >= 0.3
+    finally:
+        os.close(other)
+    assert len(await backend.read_log("r")) == 2
+    await backend.close()
+
+
+def test_a_forked_child_takes_the_writer_lock_as_its_own_process(db_path: Path) -> None:
+    """flock belongs to an open file: a child that kept its parent's would share its lock."""
+    import os
+
+    from substantial.backends.sqlite._writer_lock import WriterLock
+
+    lock = WriterLock(db_path, timeout=0.2)
+    assert lock.acquire()
+    pid = os.fork()
+    if pid == 0:  # the child: the parent holds the lock, so this must time out
+        os._exit(0 if lock.acquire() is False else 1)
+    _, status = os.waitpid(pid, 0)
+    lock.release()
+    lock.close()
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 async def test_a_path_under_a_file_is_unavailable_with_advice(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

@@ -45,6 +45,7 @@ from substantial.backends.sqlite._schema import (
     SCHEDULE,
     setup,
 )
+from substantial.backends.sqlite._writer_lock import WriterLock
 from substantial.errors import BackendUnavailable, PositionTaken
 
 __all__ = ["SQLiteBackend"]
@@ -78,8 +79,13 @@ class SQLiteBackend(Backend):
         self._db: sqlite3.Connection | None = None
         self._closed = False
         self._wake = WakeChannel(f"{self.path}.wake", self.waker)
+        self._writer = WriterLock(self.path, timeout)
         self._batch = GroupCommit(
-            lambda: self._db, self._unavailable, self._closed_error, self._wake.broadcast
+            lambda: self._db,
+            self._unavailable,
+            self._closed_error,
+            self._wake.broadcast,
+            self._writer,
         )
 
     @classmethod
@@ -401,6 +407,7 @@ class SQLiteBackend(Backend):
         await self._batch.settle()
         self._closed = True
         self._wake.close()
+        self._writer.close()
         if self._db is not None:
             self._db.close()
             self._db = None

@@ -14,6 +14,7 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
+from substantial.backends.sqlite._writer_lock import WriterLock
 from substantial.errors import BackendUnavailable
 
 __all__ = ["GroupCommit", "Write"]
@@ -44,8 +45,10 @@ class GroupCommit:
         unavailable: Callable[[sqlite3.Error | OSError, str], BackendUnavailable],
         closed: Callable[[], BackendUnavailable],
         wake: Callable[[], None],
+        lock: WriterLock | None = None,
     ) -> None:
         self._connection = connection
+        self._lock = lock
         self._unavailable = unavailable
         self._closed = closed
         self._wake = wake
@@ -118,10 +121,20 @@ class GroupCommit:
         return mine
 
     def _commit(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
-        """Run the batch in one transaction; each op's own failure is its outcome."""
+        """Run the batch in one transaction, holding the store's writer lock meanwhile."""
         db = self._connection()
         if db is None:
             raise self._closed()
+        held = self._lock is not None and self._lock.acquire()
+        try:
+            return self._transaction(db, batch)
+        finally:
+            if held:
+                assert self._lock is not None
+                self._lock.release()
+
+    def _transaction(self, db: sqlite3.Connection, batch: list[_Op]) -> list[tuple[bool, Any]]:
+        """Run the batch in one transaction; each op's own failure is its outcome."""
         if len(batch) == 1 and batch[0].single:
             # One statement is a transaction by itself (autocommit): skip BEGIN/COMMIT.
             try:
