@@ -289,9 +289,18 @@ async def test_replay_after_compaction_reads_from_the_snapshot(harness: Harness)
     agent = conductor.run(poll_interval=0.1, idle_timeout=0.05)
     try:
         run = await conductor.start(tally, run_id="tally")
+        snapshot = 0
         for n in (1, 2, 3):
             await run.send("n", n)
-            await asyncio.sleep(0.3)  # compacted, then evicted while waiting
+            # Compacted again, then evicted while it waits for the next "n".
+            for _ in range(3000):
+                info = await backend.get_run("tally")
+                if info and info.log_start > snapshot and "tally" not in agent.worker.runs:
+                    snapshot = info.log_start
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                pytest.fail(f"the run was not compacted and evicted after n={n}")
         reads.clear()
         await run.send("n", None)
         assert await run.result(timeout=10) == 6
