@@ -17,6 +17,7 @@ import pytest
 
 from substantial.backends.base import RunInfo
 from substantial.backends.redis import RedisBackend
+from substantial.backends.redis._pipe import MAX_IN_FLIGHT
 from substantial.errors import BackendError, BackendUnavailable, InvalidArgument, PositionTaken
 from substantial.records import encode_entry
 from tests.backend_redis import RedisHarness
@@ -134,6 +135,10 @@ class Cutter:
         self.cut_reply = False
         #: Refuse every new connection (the server seems down).
         self.down = False
+        #: Seconds each reply chunk is held back, as on a slower network.
+        self.delay = 0.0
+        #: Connections accepted so far.
+        self.accepted = 0
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -146,6 +151,7 @@ class Cutter:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self.accepted += 1
         try:
             if self.down:
                 return
@@ -153,6 +159,8 @@ class Cutter:
 
             async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, flag: str) -> None:
                 while data := await src.read(65536):
+                    if flag == "cut_reply" and self.delay:
+                        await asyncio.sleep(self.delay)
                     if getattr(self, flag) and len(data) > 1:
                         setattr(self, flag, False)
                         dst.write(data[: len(data) // 2])
@@ -291,3 +299,26 @@ async def test_the_url_reads_group_commit() -> None:
     assert on._pipe.enabled and not off._pipe.enabled
     await on.close()
     await off.close()
+
+
+async def test_a_burst_on_a_slow_network_takes_a_bounded_number_of_connections(
+    store: RedisHarness, cutter: Cutter
+) -> None:
+    backend = through(store, cutter)
+    try:
+        await backend.append("warm", 0, entry(0))
+        cutter.delay = 0.02
+        before = cutter.accepted
+        # A few appends per loop iteration, far sooner than a round trip: a batch waits
+        # for a round trip to end rather than opening a connection of its own.
+        tasks = []
+        for i in range(200):
+            tasks.append(asyncio.create_task(backend.append(f"r{i}", 0, entry(i))))
+            if i % 2:
+                await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+        assert cutter.accepted - before <= MAX_IN_FLIGHT
+    finally:
+        await backend.close()
+    reader = await store.open()
+    assert [await reader.read_log(f"r{i}") for i in range(200)] == [[entry(i)] for i in range(200)]

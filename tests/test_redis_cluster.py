@@ -118,3 +118,21 @@ async def test_a_batch_spread_over_the_nodes_keeps_each_appends_outcome(
     assert results[:60] == [None] * 60
     assert isinstance(results[60], PositionTaken)
     assert [len(await backend.read_log(f"r{i}")) for i in range(60)] == [1] * 60
+
+
+async def test_a_burst_that_finds_the_scripts_gone_loads_them_once(
+    harness: RedisClusterHarness,
+) -> None:
+    backend = await harness.open()
+    entry = encode_entry([{"k": "step", "c": 0, "name": "s", "value": 1}])
+    raw = harness.raw()
+    try:
+        await raw.initialize()
+        for node in raw.get_nodes():  # as after a restart
+            await raw.execute_command("SCRIPT", "FLUSH", target_nodes=node)
+    finally:
+        await raw.aclose()
+    # Each append finds its script missing; one SCRIPT LOAD per script serves them all,
+    # where one each would exhaust a node's connections (MaxConnectionsError).
+    await asyncio.gather(*(backend.append(f"r{i}", 0, entry) for i in range(300)))
+    assert [len(await backend.read_log(f"r{i}")) for i in range(300)] == [1] * 300

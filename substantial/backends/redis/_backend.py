@@ -163,7 +163,7 @@ class RedisBackend(Backend):
             return await self._pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
         except rx.NoScriptError:
             # Not run: the server was restarted or its script cache flushed.
-            await self._client.script_load(script.script)
+            await self._pipe.load_script(script.sha, script.script)
             return await self._pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def _in_order(self, *commands: tuple[Any, ...]) -> list[Any]:
