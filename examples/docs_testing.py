@@ -1,54 +1,32 @@
-"""docs/testing.md: a user's tests of a 30-day trial, with the substantial_env fixture.
+"""docs/testing.md: run examples/trial_tests.py under pytest; print each test's outcome.
 
-The fixture comes with substantial (a pytest plugin, loaded by pytest); the
-async tests run under pytest-asyncio in auto mode here (anyio works too).
-``python -m examples.docs_testing`` runs this file under pytest.
+pytest's own report goes to stderr; stdout gets one line per test.
 """
 
-from datetime import timedelta
+import contextlib
+import sys
+from pathlib import Path
+from typing import Any
 
-from substantial import Context, ReceiveTimeout, workflow
-from substantial.testing import WorkflowEnv
+import pytest
 
-DAY = timedelta(days=1)
-
-
-@workflow()
-async def trial(c: Context, user: str) -> str:
-    started = c.now()
-    try:
-        plan = await c.receive("upgrade", timeout=30 * DAY)
-    except ReceiveTimeout:
-        await c.save(lambda: f"mail {user}: your trial has ended", name="notify")
-        return f"{user}: trial ended on day {(c.now() - started).days}"
-    return f"{user}: upgraded to {plan} on day {(c.now() - started).days}"
+TESTS = Path(__file__).with_name("trial_tests.py")
 
 
-async def test_the_trial_ends_after_thirty_days(substantial_env: WorkflowEnv) -> None:
-    run = await substantial_env.start(trial, {"user": "ada"})
-    assert await substantial_env.result(run) == "ada: trial ended on day 30"  # in milliseconds
-    steps = [r["name"] for r in await substantial_env.records(run) if r["k"] == "step"]
-    assert steps == ["notify"]
+class Outcomes:
+    """A pytest plugin that keeps each test's outcome."""
 
+    def __init__(self) -> None:
+        self.lines: list[str] = []
 
-async def test_an_upgrade_on_day_ten(substantial_env: WorkflowEnv) -> None:
-    run = await substantial_env.start(trial, {"user": "bob"})
-    await substantial_env.skip(10 * DAY)  # the run sees ten days pass
-    await substantial_env.send(run, "upgrade", "pro")
-    assert await substantial_env.result(run) == "bob: upgraded to pro on day 10"
+    def pytest_runtest_logreport(self, report: Any) -> None:
+        if report.when == "call" or report.failed:
+            self.lines.append(f"{report.nodeid.split('::')[-1]}: {report.outcome}")
 
 
 if __name__ == "__main__":
-    import subprocess
-    import sys
-
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-v", "-p", "no:cacheprovider"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    for line in out.stdout.splitlines():
-        if "::test_" in line:  # "path::test_name PASSED [ 50%]"
-            print(" ".join(line.split("::")[1].split()[:2]))
-    print("exit status:", out.returncode)
+    outcomes = Outcomes()
+    with contextlib.redirect_stdout(sys.stderr):
+        status = pytest.main([str(TESTS), "-p", "no:cacheprovider"], plugins=[outcomes])
+    print(*outcomes.lines, sep="\n")
+    print("exit status:", int(status))

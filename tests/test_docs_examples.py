@@ -148,8 +148,8 @@ EXPECTED: dict[str, list[str]] = {
         "  12: end",
     ],
     "docs_testing": [
-        "test_the_trial_ends_after_thirty_days PASSED",
-        "test_an_upgrade_on_day_ten PASSED",
+        "test_the_trial_ends_after_thirty_days: passed",
+        "test_an_upgrade_on_day_ten: passed",
         "exit status: 0",
     ],
     "docs_versions": [
