@@ -18,8 +18,10 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 from substantial._durations import seconds
+from substantial._outcome import _event_id
 from substantial._repair import effective, who
 from substantial._runs import hold
 from substantial.backends.base import (
@@ -38,7 +40,8 @@ from substantial.errors import (
     RunConflict,
     Unsupported,
 )
-from substantial.records import Record, decode_entry, encode_entry
+from substantial.records import Record, decode_entry, encode_entry, encode_value
+from substantial.replay import CANCEL_EVENT, CHILD_EVENT
 
 __all__ = ["PruneReport", "Pruned", "Pruning", "delete_run", "prune_runs", "terminal_statuses"]
 
@@ -127,6 +130,45 @@ def _check_ended(run_id: str, info: RunInfo | None, entries: list[bytes]) -> Non
         raise InvalidArgument(f"run {run_id!r} {what}; {cancel}")
 
 
+async def _going(backend: Backend, run_id: str) -> bool:
+    with contextlib.suppress(CorruptRecord):
+        info = await backend.get_run(run_id)
+        return info is not None and info.status not in TERMINAL_STATUSES
+    return False
+
+
+async def _tell_others(backend: Backend, run_id: str, entries: list[bytes]) -> None:
+    """Repeat what the ended run told its parent and children, to those still going.
+
+    Its worker may have died between recording the end and posting the
+    child's end to the parent (or the cancel to the children); a worker
+    repeats that when it finds the run again, which it no longer will once
+    the run is gone. Each event has a fixed id, so one already delivered is
+    not delivered twice; a run that has ended or gone is told nothing.
+    """
+    records = effective(
+        [(p, r) for p, data in enumerate(entries) for r in decode_entry(run_id, p, data)]
+    )[0]
+    first, end = records[0][1], records[-1][1]
+    start = first.get("start") if first["k"] == "snapshot" else first
+    if not isinstance(start, dict) or end["k"] != "end":
+        return
+    status = end["status"]
+    parent = start.get("parent")
+    if isinstance(parent, str) and status != "continued" and await _going(backend, parent):
+        reported: dict[str, Any] = {"run_id": start.get("reports_as", run_id), "status": status}
+        if status == "completed":
+            reported["value"] = end.get("value")
+        elif "error" in end:
+            reported["error"] = end["error"]
+        body = encode_value({"name": CHILD_EVENT, "value": reported})
+        await backend.send_event(parent, _event_id("child-ended", run_id), body)
+    for child in end.get("cancel_children", ()):
+        if await _going(backend, child):
+            body = encode_value({"name": CANCEL_EVENT, "value": None})
+            await backend.send_event(child, _event_id("parent-ended", run_id), body)
+
+
 async def _look(backend: Backend, run_id: str) -> tuple[RunInfo | None, list[bytes]]:
     try:
         info = await backend.get_run(run_id)
@@ -177,6 +219,7 @@ async def delete_run(
         _check_ended(run_id, info, entries)
         last = decode_entry(run_id, len(entries) - 1, entries[-1]) if entries else []
         if last and not _is_tombstone(last[-1]):
+            await _tell_others(backend, run_id, entries)
             tombstone: Record = {"k": "repair", "op": "delete", "by": who(), "at": time.time()}
             try:
                 await backend.append(run_id, len(entries), encode_entry([tombstone]))

@@ -188,6 +188,30 @@ async def test_a_delete_cut_short_after_its_fence_is_finished_and_never_resumed(
     assert await gone(backend, "cut")
 
 
+async def test_a_deleted_child_has_told_its_waiting_parent_and_a_parent_its_children() -> None:
+    """What a dead worker may not have posted (a child's end, a cancel) is posted first, once."""
+    backend = MemoryBackend()
+    conductor = Conductor(backend)
+    for run_id in ("parent", "left-child"):
+        await create_run(backend, start_record(run_id, "wf", None, {}, time.time()))
+    await create_run(backend, start_record("child", "wf", None, {}, time.time(), parent="parent"))
+    done = {"k": "end", "status": "completed", "value": 5}
+    await backend.append("child", 1, encode_entry([done]))
+    await backend.put_run(RunInfo("child", "wf", "completed", 0.0, 0.0))
+    assert await conductor.delete("child") is True
+    (told,) = await backend.read_inbox("parent")
+    assert told.event_id == "child-ended.child"
+    reported = orjson.loads(told.data)["value"]
+    assert reported == {"run_id": "child", "status": "completed", "value": 5}
+    # A parent that ended without cancelling its children (its worker died) cancels them now.
+    end = {"k": "end", "status": "failed", "error": {}, "cancel_children": ["left-child", "gone"]}
+    await backend.append("parent", 1, encode_entry([end]))
+    await backend.put_run(RunInfo("parent", "wf", "failed", 0.0, 0.0))
+    assert await conductor.delete("parent") is True
+    assert [e.event_id for e in await backend.read_inbox("left-child")] == ["parent-ended.parent"]
+    assert await backend.read_inbox("gone") == []  # nothing posted to a run that is not there
+
+
 async def test_a_store_that_cannot_delete_says_so() -> None:
     class NoDelete(MemoryBackend):
         name = "nodelete"
@@ -288,7 +312,8 @@ from substantial.backends import from_url
 async def main() -> None:
     backend = from_url(sys.argv[1])
     print("ready", flush=True)
-    await prune_runs(backend, older_than=0)
+    # Each delete says so at once; a short pause leaves the killer time to act mid-way.
+    await prune_runs(backend, older_than=0, pause=0.002, progress=lambda n: print(n, flush=True))
 
 asyncio.run(main())
 """
@@ -309,9 +334,8 @@ async def test_a_prune_killed_midway_is_finished_by_the_next(tmp_path: Path, kin
     )
     assert proc.stdout is not None
     assert (await asyncio.to_thread(proc.stdout.readline)).strip() == b"ready"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(await backend.list_runs(limit=n)) > n * 2 // 3:
-        await asyncio.sleep(0.002)
+    while int(await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)) < n // 4:
+        pass
     proc.send_signal(signal.SIGKILL)
     await asyncio.to_thread(proc.wait)
     proc.stdout.close()
