@@ -287,6 +287,9 @@ async def prune_runs(
                 except (BackendError, InvalidArgument, RunConflict) as exc:
                     report.skipped[info.run_id] = str(exc)
                     continue
+                except Exception as exc:  # a record no check foresaw: skip it, go on
+                    report.skipped[info.run_id] = f"{type(exc).__name__}: {exc}"
+                    continue
                 if done is not None:
                     report.runs.append(done)
                     if progress is not None:
