@@ -101,7 +101,13 @@ async def _log(backend: Backend, run_id: str) -> tuple[list[bytes], list[tuple[i
 async def _note(backend: Backend, run_id: str, record: Record) -> None:
     """Append a repair note to a log, at its end whatever a worker writes meanwhile."""
     for _ in range(20):
-        position = len(await backend.read_log(run_id))
+        entries = await backend.read_log(run_id)
+        position = len(entries)
+        if position == 0:
+            return  # deleted meanwhile: a note alone would be a log that starts with no run
+        last = decode_entry(run_id, position - 1, entries[-1])[-1]
+        if last["k"] == "repair" and last.get("op") == "delete":
+            return  # being deleted: the note would go with it
         try:
             await backend.append(run_id, position, encode_entry([record]))
             return
