@@ -69,6 +69,8 @@ class PruneReport:
     runs: list[Pruned] = field(default_factory=list)
     #: Runs that matched but were not deleted: run id -> why (held by a worker, changed...).
     skipped: dict[str, str] = field(default_factory=dict)
+    #: With ``scan``: the id to go on after next time, or None if the listing ended.
+    resume_after: str | None = None
 
     @property
     def count(self) -> int:
@@ -247,6 +249,8 @@ async def prune_runs(
     pause: float = 0.0,
     owner: str | None = None,
     progress: Callable[[int], None] | None = None,
+    after: str | None = None,
+    scan: int | None = None,
 ) -> PruneReport:
     """Delete the ended runs last updated more than ``older_than`` ago; return a report.
 
@@ -254,6 +258,8 @@ async def prune_runs(
     choice; ``limit`` bounds how many are deleted; ``pause`` seconds pass
     between two deletes. A run that cannot be deleted (held by a worker,
     changed, unreadable) is skipped with the reason, never stopping the rest.
+    ``after`` starts the listing after that run id and ``scan`` bounds the
+    runs read; ``report.resume_after`` says where to go on (one status).
     """
     age = seconds(older_than, "prune(older_than=...)")
     statuses = terminal_statuses(status)
@@ -267,15 +273,23 @@ async def prune_runs(
     report = PruneReport(dry_run=dry_run)
     # One listing per end status: backends index runs by status, so the runs still
     # going (most of a busy store) are never read.
+    read = 0
     for listed in sorted(statuses):
-        after: str | None = None
-        while limit is None or report.count < limit:
+        cursor = after
+        while True:
+            # Every run listed is a metadata read (a GET on S3): list no more than scanned.
+            size = PAGE if scan is None else max(1, min(PAGE, scan - read))
             page = await backend.list_runs(
-                status=listed, workflow=workflow, limit=PAGE, after=after
+                status=listed, workflow=workflow, limit=size, after=cursor
             )
             for info in page:
-                if limit is not None and report.count >= limit:
-                    break
+                if (limit is not None and report.count >= limit) or (
+                    scan is not None and read >= scan
+                ):
+                    report.resume_after = cursor
+                    return report
+                read += 1
+                cursor = info.run_id
                 if info.status not in statuses or info.updated_at > cutoff:
                     continue
                 try:
@@ -296,9 +310,8 @@ async def prune_runs(
                         progress(report.count)
                     if pause > 0 and not dry_run:
                         await asyncio.sleep(pause)
-            if len(page) < PAGE:
+            if len(page) < size:
                 break
-            after = page[-1].run_id
     return report
 
 

@@ -35,9 +35,12 @@ Age = timedelta | float | None
 class Retention:
     """How long a worker keeps ended runs, per end status; None keeps them forever.
 
-    ``every``: the pause between two passes over the store; ``per_pass``:
-    at most this many runs deleted per status and pass; ``pause``: seconds
-    between two deletes, so pruning stays a trickle beside the real work.
+    Each pass reads at most ``scan`` runs of each status (going on where
+    the last pass stopped, and from the start once through), deletes at most
+    ``per_pass`` of them, ``pause`` seconds apart, so pruning stays a
+    trickle beside the real work; passes come ``every`` seconds, and at once
+    while a backlog fills whole passes. Listing is the cost: a store holding
+    N ended runs of a status is read through once every N / ``scan`` passes.
     """
 
     completed: Age = None
@@ -46,8 +49,9 @@ class Retention:
     timed_out: Age = None
     reverted: Age = None
     continued: Age = None
-    every: timedelta | float = 600.0
-    per_pass: int = 100
+    every: timedelta | float = 300.0
+    per_pass: int = 1000
+    scan: int = 5000
     pause: float = 0.01
 
     def __post_init__(self) -> None:
@@ -55,9 +59,9 @@ class Retention:
             seconds(age, f"Retention({status}=...)")
         seconds(self.every, "Retention(every=...)", positive=True)
         seconds(self.pause, "Retention(pause=...)")
-        n = self.per_pass
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise InvalidArgument(f"Retention(per_pass=...) takes a whole number >= 1, got {n!r}")
+        for name, n in (("per_pass", self.per_pass), ("scan", self.scan)):
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise InvalidArgument(f"Retention({name}=...) takes a whole number >= 1, got {n!r}")
 
     def ages(self) -> dict[str, timedelta | float]:
         """Return the age after which runs of each status go, for the statuses given one."""
@@ -71,9 +75,19 @@ class Retention:
         }
         return {status: age for status, age in named.items() if age is not None}
 
-    async def apply(self, backend: Backend, owner: str | None = None) -> list[PruneReport]:
-        """Make one pass over the store: delete what this policy no longer keeps."""
+    async def apply(
+        self,
+        backend: Backend,
+        owner: str | None = None,
+        cursors: dict[str, str | None] | None = None,
+    ) -> list[PruneReport]:
+        """Make one pass over the store: delete what this policy no longer keeps.
+
+        ``cursors`` (status -> run id) say where the last pass stopped; they
+        are updated for the next one.
+        """
         owner = owner or make_owner("retention-")
+        cursors = {} if cursors is None else cursors
         reports = []
         for status, age in self.ages().items():
             report = await prune_runs(
@@ -83,7 +97,10 @@ class Retention:
                 limit=self.per_pass,
                 pause=self.pause,
                 owner=owner,
+                after=cursors.get(status),
+                scan=self.scan,
             )
+            cursors[status] = report.resume_after
             for run_id, why in report.skipped.items():
                 logger.info("retention left run %s: %s", run_id, why)
             reports.append(report)
@@ -98,17 +115,21 @@ class Retention:
         if not backend.capabilities.delete:
             logger.error("retention is off: %s cannot delete runs", backend.describe())
             return
+        cursors: dict[str, str | None] = {}
+        backlog = False
         while True:
-            # Workers started together do not all scan the store together.
-            await asyncio.sleep(period * random.uniform(0.5, 1.0))
+            # Jittered: workers started together do not all scan the store together.
+            await asyncio.sleep((min(period, 1.0) if backlog else period) * random.uniform(0.5, 1))
+            backlog = False
             try:
-                reports = await self.apply(backend, owner)
+                reports = await self.apply(backend, owner, cursors)
             except BackendError as exc:
                 logger.warning("retention pass failed, next one in about %.0fs: %s", period, exc)
                 continue
             except Exception:  # a bug must not take the worker down with it
                 logger.exception("retention pass failed")
                 continue
+            backlog = any(r.count >= self.per_pass for r in reports)  # more wait: go on soon
             deleted = sum(r.count for r in reports)
             if deleted:
                 freed = sum(r.bytes for r in reports)

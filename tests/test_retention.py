@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from substantial import Conductor, Context, InvalidArgument, RunConflict, RunNotFound, workflow
 from substantial._cli_retention import _keep
-from substantial._retention import delete_run
+from substantial._retention import delete_run, prune_runs
 from substantial._runs import create_run
 from substantial.backends import from_url
 from substantial.backends.base import Backend, Capabilities, RunInfo
@@ -134,6 +134,29 @@ async def test_prune_filters_reports_bytes_and_dry_runs(local: Backend) -> None:
         await conductor.prune(older_than=0, status="active")
     with pytest.raises(InvalidArgument, match="older_than"):
         await conductor.prune(older_than=-1)
+
+
+async def test_a_policy_reads_a_bounded_slice_of_the_store_per_pass() -> None:
+    """``scan`` bounds the runs read per pass; the next pass goes on from there, then wraps."""
+    backend = MemoryBackend()
+    for i in range(5):
+        await ended(backend, f"r{i}", age=60)
+    await ended(backend, "r2-young")  # read, not old enough: kept
+    policy = Retention(completed=30, scan=2, per_pass=10)
+    cursors: dict[str, str | None] = {}
+    passes = []
+    for _ in range(4):
+        (report,) = await policy.apply(backend, cursors=cursors)
+        passes.append(([r.run_id for r in report.runs], cursors["completed"]))
+    assert passes == [
+        (["r0", "r1"], "r1"),
+        (["r2"], "r2-young"),
+        (["r3", "r4"], None),  # the end of the listing: the next pass starts over
+        ([], None),
+    ]
+    assert [i.run_id for i in await backend.list_runs()] == ["r2-young"]
+    limited = await prune_runs(backend, older_than=0, limit=0)
+    assert limited.count == 0 and limited.resume_after is None
 
 
 async def test_many_deleters_racing_a_resume_never_leave_half_a_run(backend: Backend) -> None:
