@@ -246,3 +246,36 @@ async def test_without_the_right_to_create_functions_writes_go_alone(
         await conn.execute(f"REVOKE ALL ON {tables} FROM {role}")
         await conn.execute(f"DROP ROLE IF EXISTS {role}")
         await conn.close()
+
+
+async def test_more_calls_than_connections_take_turns_on_kept_connections(
+    store: PostgresHarness,
+) -> None:
+    backend = await open_backend(store, pool_size=2, group_commit=False)
+    await backend.append("r", 0, entry(0))
+    # Twenty calls at once on two connections: each waits for one to be kept again.
+    logs = await asyncio.gather(*(backend.read_log("r") for _ in range(20)))
+    assert logs == [[entry(0)]] * 20
+    # A failed call gives its connection back to the pool; the next calls still get one.
+    with pytest.raises(PositionTaken):
+        await backend.append("r", 0, entry("again"))
+    conn = await store.raw()
+    try:
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'substantial' AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await conn.close()
+    # The kept connections were cut: a call may still meet one before the driver has
+    # seen it closed (and fail); the connection then goes back and is replaced.
+    for _ in range(100):
+        try:
+            await backend.read_log("r")
+            break
+        except BackendError:
+            await asyncio.sleep(0.05)
+    results = await asyncio.gather(*(backend.read_log("r") for _ in range(6)))
+    assert results == [[entry(0)]] * 6
+    await backend.append("r", 1, entry(1))
+    assert await backend.read_log("r") == [entry(0), entry(1)]

@@ -40,7 +40,7 @@ from substantial.backends.postgres._errors import (
     translate,
 )
 from substantial.backends.postgres._listen import Listener
-from substantial.backends.postgres._pool import open_pool
+from substantial.backends.postgres._pool import Held, open_pool
 from substantial.backends.postgres._schema import (
     ACQUIRE,
     APPEND,
@@ -108,6 +108,7 @@ class PostgresBackend(Backend):
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self._pool: Any = None
+        self._held: Held | None = None
         self._guard: AsyncGenerator[None, None] | None = None
         self._pool_lock = asyncio.Lock()
         self._closed = False
@@ -166,9 +167,9 @@ class PostgresBackend(Backend):
             server_settings={"application_name": "substantial listener"},
         )
 
-    async def _get_pool(self) -> Any:
-        if self._pool is not None:
-            return self._pool
+    async def _get_pool(self) -> Held:
+        if self._held is not None:
+            return self._held
         if self._closed:
             raise BackendUnavailable(f"this backend for {self._where} is closed; open a new one")
         async with self._pool_lock:
@@ -183,15 +184,17 @@ class PostgresBackend(Backend):
                     where=self._where,
                 )
                 self._pool = pool
+                self._held = Held(pool, self.pool_size, self.connect_timeout)
                 self._batcher.enabled = function and self._group_commit
                 # Released when this loop shuts down if nobody closes the backend first.
                 self._guard = await release_with_loop(self._release)
-        return self._pool
+        assert self._held is not None
+        return self._held
 
     async def _run(
         self, action: str, fn: Callable[[Conn], Awaitable[T]], *, retry: bool = True
     ) -> T:
-        """Run ``fn`` on a pooled connection, translating driver errors (the one place).
+        """Run ``fn`` on a connection of the pool, translating driver errors (the one place).
 
         A connection found broken (the server restarted since it was last
         used) is replaced and the call tried once more, unless ``retry`` is
@@ -200,9 +203,15 @@ class PostgresBackend(Backend):
         attempts = 2 if retry else 1
         for attempt in range(attempts):
             try:
-                pool = await self._get_pool()
-                async with pool.acquire(timeout=self.connect_timeout) as conn:
-                    return await fn(conn)
+                held = await self._get_pool()
+                conn = await held.take()
+                try:
+                    result = await fn(conn)
+                except BaseException:
+                    await held.give_back(conn)
+                    raise
+                await held.keep(conn)
+                return result
             except SubstantialError:
                 raise
             except Exception as exc:
@@ -440,6 +449,9 @@ class PostgresBackend(Backend):
         await self._listener.stop()
         self._listen_waited = False
         pool, self._pool = self._pool, None
+        held, self._held = self._held, None
+        if held is not None:
+            await held.give_all_back()
         if pool is not None:
             try:
                 async with asyncio.timeout(5):
