@@ -193,24 +193,32 @@ async def delete_run(
     owner: str | None = None,
     dry_run: bool = False,
     wait: float = 5.0,
+    listed: RunInfo | None = None,
 ) -> Pruned | None:
     """Delete an ended run; return what it held, or None if there was no such run.
 
     Raises :class:`InvalidArgument` if the run has not ended, and
     :class:`RunConflict` if it is held longer than ``wait`` seconds (a
-    worker, a resume) or it changed meanwhile.
+    worker, a resume) or it changed meanwhile. ``listed``: the run's
+    metadata as a listing just gave it, which says it ended; the log is
+    then read once, under the lease, instead of before it too.
     """
     validate_id("run id", run_id)
     _capable(backend)
-    info, entries = await _look(backend, run_id)
-    if info is None and not entries:
-        if not dry_run:
-            # No run, but maybe what late senders left: an event, a due entry, a lease.
-            await backend.delete(run_id)
-        return None
-    _check_ended(run_id, info, entries)
-    if dry_run:
-        return _pruned(run_id, info, entries)
+    if listed is None or dry_run:
+        # Checked before taking the lease: taking a live run's lease, even for a moment,
+        # would keep a worker from it.
+        info, entries = await _look(backend, run_id)
+        if info is None and not entries:
+            if not dry_run:
+                # No run, but maybe what late senders left: an event, a due entry, a lease.
+                await backend.delete(run_id)
+            return None
+        _check_ended(run_id, info, entries)
+        if dry_run:
+            return _pruned(run_id, info, entries)
+    elif listed.status not in TERMINAL_STATUSES:
+        raise InvalidArgument(f"run {run_id!r} is {listed.status}: only ended runs are deleted")
     owner = owner or make_owner("delete-")
     await hold(backend, run_id, owner, wait)
     try:
@@ -294,7 +302,7 @@ async def prune_runs(
                     continue
                 try:
                     done = await delete_run(
-                        backend, info.run_id, owner=owner, dry_run=dry_run, wait=0.0
+                        backend, info.run_id, owner=owner, dry_run=dry_run, wait=0.0, listed=info
                     )
                 except BackendUnavailable:
                     raise  # the store is down: every other run would fail alike
