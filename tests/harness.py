@@ -145,7 +145,7 @@ class FSHarness(Harness):
     async def corrupt_lease(self, run_id: str, form: Damage) -> None:
         run_dir = self.root / "runs" / run_id
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "lease").write_bytes(damaged(form))
+        (run_dir / "lock").write_bytes(damaged(form))  # the lock file holds the lease
 
     async def corrupt_meta(self, run_id: str, form: Damage) -> None:
         (self.root / "runs" / run_id / "meta.json").write_bytes(damaged(form))

@@ -313,6 +313,26 @@ def lease_race(url: str, processes: int = 12) -> list[str]:
     return outputs
 
 
+async def test_the_lease_is_rewritten_in_place_in_the_run_lock_file(store: Path) -> None:
+    backend = FSBackend(store)
+    run_dir = store / "runs" / "r"
+    assert await backend.acquire_lease("r", "me", 30)
+    lock = run_dir / "lock"
+    inode = lock.stat().st_ino
+    assert os.listdir(run_dir) == ["lock"]  # no lease file, no temporaries
+    assert await backend.acquire_lease("r", "me", 60)  # renewed
+    assert not await backend.acquire_lease("r", "other", 30)
+    lease = await FSBackend(store).get_lease("r")
+    assert lease is not None and lease.owner == "me" and lease.expires_at > time.time() + 50
+    await backend.release_lease("r", "me")
+    assert await backend.get_lease("r") is None
+    assert lock.stat().st_ino == inode and lock.read_bytes() == b""
+    # A lease file of layout 1 is not read: leases only save work, the log fences.
+    (run_dir / "lease").write_bytes(b'{"owner": "old", "expires_at": 9999999999}')
+    assert await backend.get_lease("r") is None
+    assert await backend.acquire_lease("r", "me", 30)
+
+
 async def test_one_lease_holder_among_processes(store: Path) -> None:
     outputs = lease_race(f"file://{store}")
     assert outputs.count("won") == 1, outputs

@@ -5,8 +5,7 @@ Layout (docs/PROTOCOL.md, "fs backend", is normative)::
     <root>/runs/<run_id>/log.seg            the run's log: checksummed records, appended
     <root>/runs/<run_id>/inbox/<event_id>   arrival time in ns, a newline, event data
     <root>/runs/<run_id>/meta.json          run metadata, replaced atomically
-    <root>/runs/<run_id>/lease              {"owner", "expires_at"}, replaced atomically
-    <root>/runs/<run_id>/lock               flock()ed around lease and schedule updates
+    <root>/runs/<run_id>/lock               the lease, rewritten in place under its flock()
     <root>/runs/<run_id>/due                symlink to the run's current due key
     <root>/due/<hour>/<at µs>-<run_id>      the due index, one empty file per run
     <root>/wake/<pid>-<random>              unix datagram sockets of waiting clients

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import time
@@ -38,7 +39,14 @@ from substantial.backends.base import (
     validate_id,
 )
 from substantial.backends.fs._due import DueIndex, key_us
-from substantial.backends.fs._files import Files, arrival_ns, read_fd, read_file, sync_dir
+from substantial.backends.fs._files import (
+    Files,
+    arrival_ns,
+    fdatasync,
+    read_fd,
+    read_file,
+    sync_dir,
+)
 from substantial.backends.fs._segment import Replaced, Segments
 from substantial.errors import BackendUnavailable, CorruptRecord, PositionTaken
 
@@ -235,10 +243,22 @@ class FSBackend(Backend):
 
     # -- leases -----------------------------------------------------------
 
+    # The lease is the content of the run's lock file, rewritten in place under its
+    # exclusive lock and read under a shared one: no file to create, rename or remove.
+
     def _read_lease(self, run_id: str) -> Lease | None:
         try:
-            raw = read_file(f"{self._runs}/{run_id}/lease")
+            fd = os.open(f"{self._runs}/{run_id}/lock", os.O_RDONLY)
         except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # never sees a rewrite half-way
+            return self._parse_lease(run_id, read_fd(fd))
+        finally:
+            os.close(fd)
+
+    def _parse_lease(self, run_id: str, raw: bytes) -> Lease | None:
+        if not raw:
             return None
         try:
             obj = orjson.loads(raw)
@@ -258,7 +278,7 @@ class FSBackend(Backend):
         *,
         take_from: str | None = None,
     ) -> Lease | None:
-        """Read, or compare-and-set under the run's lock, the lease file."""
+        """Read, or compare-and-set under the run's lock, the lease held in the lock file."""
         validate_id("run id", run_id)
         ttl = check_ttl(ttl)
         run_dir = f"{self._runs}/{run_id}"
@@ -266,19 +286,20 @@ class FSBackend(Backend):
             lease = self._read_lease(run_id)
             if owner is None or (lease is None and ttl <= 0):
                 return lease  # do not create the run's directory for a lock to read
-            with self._files.locked(run_dir):
+            with self._files.locked(run_dir) as fd:
                 now = time.time()
-                lease = self._read_lease(run_id)
+                # From the locked descriptor: a second one's shared lock would wait on ours.
+                lease = self._parse_lease(run_id, os.pread(fd, 1 << 16, 0))
                 holder, expires_at = (lease.owner, lease.expires_at) if lease else (None, 0.0)
                 if not lease_takable(holder, expires_at, owner, take_from, now):
                     return lease
-                if ttl <= 0:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(f"{run_dir}/lease")
-                    return None
-                data = encode_json({"owner": owner, "expires_at": now + ttl})
-                self._files.replace(run_dir, "lease", data)
-                return Lease(run_id, owner, now + ttl)
+                # Emptied first: a writer killed in between leaves the lease free, never mixed.
+                os.ftruncate(fd, 0)
+                if ttl > 0:
+                    os.pwrite(fd, encode_json({"owner": owner, "expires_at": now + ttl}), 0)
+                if self._fsync:
+                    fdatasync(fd)
+                return Lease(run_id, owner, now + ttl) if ttl > 0 else None
         except OSError as exc:
             raise self._unavailable(exc, f"take the lease of run {run_id!r}") from exc
 

@@ -16,7 +16,10 @@ from collections.abc import Iterator
 
 from substantial.errors import BackendUnavailable
 
-__all__ = ["Files", "arrival_ns", "read_fd", "read_file", "sync_dir", "tmp_name"]
+__all__ = ["Files", "arrival_ns", "fdatasync", "read_fd", "read_file", "sync_dir", "tmp_name"]
+
+#: Flushes a file's data and what is needed to read it back (its size), not its times.
+fdatasync = getattr(os, "fdatasync", os.fsync)
 
 # Reading /proc/self/fd/N through linkat(AT_SYMLINK_FOLLOW) gives an O_TMPFILE
 # file its name; Python only uses linkat (not link) when a dir fd is passed.
@@ -215,16 +218,22 @@ class Files:
             return
 
     @contextlib.contextmanager
-    def locked(self, run_dir: str) -> Iterator[None]:
-        """Hold the run's lock file: serializes lease and schedule updates across processes."""
+    def locked(self, run_dir: str) -> Iterator[int]:
+        """Hold the run's lock file (it holds the lease): serializes lease and schedule updates."""
+        path = f"{run_dir}/lock"
         try:
-            fd = os.open(f"{run_dir}/lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
-            self.makedirs(run_dir)
-            fd = os.open(f"{run_dir}/lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:
+                self.makedirs(run_dir)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            if self.fsync:
+                sync_dir(run_dir)  # it holds the lease: its name must survive power loss too
         try:
             # Held for a few syscalls only, so blocking the event loop here is brief.
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            yield fd
         finally:
             os.close(fd)  # closing the last descriptor releases the lock

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from substantial.backends._common import gap_error
-from substantial.backends.fs._files import Files, read_fd, sync_dir
+from substantial.backends.fs._files import Files, fdatasync, read_fd, sync_dir
 from substantial.errors import CorruptRecord, PositionTaken
 
 __all__ = ["HEADER_SIZE", "MAGIC", "SEGMENT", "Parsed", "Replaced", "Segments", "frame", "parse"]
@@ -50,7 +50,6 @@ _RECORD_HEAD = _HEAD.size + 4
 _CRC = struct.Struct("<I")
 # Per-run cache entries are tiny; the bound only stops a long-lived worker from growing.
 _CACHE_RUNS = 4096
-_fdatasync = getattr(os, "fdatasync", os.fsync)
 
 
 def frame(entry: bytes) -> bytes:
@@ -197,7 +196,7 @@ class Segments:
                 n = os.pwrite(fd, view, at)
                 view, at = view[n:], at + n
             if self._files.fsync:
-                _fdatasync(fd)
+                fdatasync(fd)
         except OSError:
             # A write that failed half-way leaves a torn tail: cut it now if the disk lets us.
             with contextlib.suppress(OSError):
