@@ -1,7 +1,8 @@
 """Retention: does a store's size come back after pruning? (workload PR)
 
-``python -m bench.bench_prune [--backend fs,sqlite] [--runs 1000] [--steps 5]``
-prints one JSON line per store. A worker runs ``--runs`` workflows of
+``python -m bench.bench_prune [--backend fs,sqlite,s3] [--runs 1000] [--steps 5]``
+prints one JSON line per store (S3: the requests a prune sends per run,
+on a private SeaweedFS server, instead of bytes on disk). A worker runs ``--runs`` workflows of
 ``--steps`` steps to completion on a fresh store; the store's bytes on disk
 are measured empty, full, after ``conductor.prune(older_than=0)``, after the
 same runs are stored again and pruned again, and (SQLite) after a
@@ -149,15 +150,53 @@ async def one(kind: str, runs: int, n: int) -> dict[str, Any]:
         return line
 
 
+async def s3_requests(runs: int, n: int) -> dict[str, Any]:
+    """S3 has no disk to measure: count the requests a prune sends per run, by operation."""
+    from collections import Counter
+
+    from bench.bench_s3 import server_url
+    from substantial.backends.s3 import S3Backend
+
+    url = server_url(f"prune-{os.getpid()}-{time.time_ns()}")
+    await fill(url, runs, n)
+    backend = S3Backend.from_url(url)
+    conductor = Conductor(backend)
+    before = Counter(backend.requests)
+    t0 = time.perf_counter()
+    report = await conductor.prune(older_than=0)
+    seconds = time.perf_counter() - t0
+    sent = Counter(backend.requests) - before
+    left = len(await conductor.list(limit=10))
+    await conductor.close()
+    per_run = {op: round(count / max(report.count, 1), 2) for op, count in sorted(sent.items())}
+    return {
+        "workload": "PR",
+        "backend": "s3",
+        "n": runs,
+        "steps": n,
+        "seconds": round(seconds, 4),
+        "runs_per_s": round(runs / seconds, 1),
+        "deleted": report.count,
+        "requests_per_run": per_run,
+        "requests_per_run_total": round(sum(sent.values()) / max(report.count, 1), 2),
+        "ok": report.count == runs and left == 0,
+    }
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--backend", default="fs,sqlite", help="Comma-separated: fs, sqlite.")
+    parser.add_argument(
+        "--backend", default="fs,sqlite", help="Comma-separated: fs, sqlite, s3 (requests)."
+    )
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     for kind in args.backend.split(","):
         try:
-            line = await one(kind, args.runs, args.steps)
+            if kind == "s3":
+                line = await s3_requests(args.runs, args.steps)
+            else:
+                line = await one(kind, args.runs, args.steps)
         except Exception as exc:  # a failure is a line of its own, never a time
             line = {"workload": "PR", "backend": kind, "ok": False, "error": repr(exc)}
         sys.stdout.write(json.dumps(line) + "\n")

@@ -134,6 +134,9 @@ def delete_command(run_ids: tuple[str, ...], url: str | None) -> None:
 )
 @click.option("--workflow", help="Only runs of this workflow.")
 @click.option("--limit", type=click.IntRange(min=0), help="Delete at most this many runs.")
+@click.option(
+    "--jobs", type=click.IntRange(min=1), default=8, show_default=True, help="Deletes at once."
+)
 @click.option("--dry-run", is_flag=True, help="Delete nothing: print what would go.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @backend_option
@@ -142,6 +145,7 @@ def prune_command(
     statuses: tuple[str, ...],
     workflow: str | None,
     limit: int | None,
+    jobs: int,
     dry_run: bool,
     as_json: bool,
     url: str | None,
@@ -163,6 +167,7 @@ def prune_command(
                 workflow=workflow,
                 dry_run=dry_run,
                 limit=limit,
+                jobs=jobs,
             )
         finally:
             await backend.close()

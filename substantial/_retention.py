@@ -259,6 +259,7 @@ async def prune_runs(
     progress: Callable[[int], None] | None = None,
     after: str | None = None,
     scan: int | None = None,
+    jobs: int = 1,
 ) -> PruneReport:
     """Delete the ended runs last updated more than ``older_than`` ago; return a report.
 
@@ -268,6 +269,7 @@ async def prune_runs(
     changed, unreadable) is skipped with the reason, never stopping the rest.
     ``after`` starts the listing after that run id and ``scan`` bounds the
     runs read; ``report.resume_after`` says where to go on (one status).
+    ``jobs`` runs are deleted at once (each delete is several round trips).
     """
     age = seconds(older_than, "prune(older_than=...)")
     statuses = terminal_statuses(status)
@@ -275,6 +277,8 @@ async def prune_runs(
         raise InvalidArgument(f"prune(workflow=...) takes a workflow name, got {workflow!r}")
     if limit is not None and (not isinstance(limit, int) or limit < 0):
         raise InvalidArgument(f"prune(limit=...) takes a whole number >= 0, got {limit!r}")
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise InvalidArgument(f"prune(jobs=...) takes a whole number >= 1, got {jobs!r}")
     _capable(backend)
     cutoff = time.time() - age
     owner = owner or make_owner("prune-")
@@ -282,6 +286,29 @@ async def prune_runs(
     # One listing per end status: backends index runs by status, so the runs still
     # going (most of a busy store) are never read.
     read = 0
+    gate = asyncio.Semaphore(jobs)
+
+    async def one(info: RunInfo) -> None:
+        async with gate:
+            try:
+                done = await delete_run(
+                    backend, info.run_id, owner=owner, dry_run=dry_run, wait=0.0, listed=info
+                )
+            except BackendUnavailable:
+                raise  # the store is down: every other run would fail alike
+            except (BackendError, InvalidArgument, RunConflict) as exc:
+                report.skipped[info.run_id] = str(exc)
+                return
+            except Exception as exc:  # a record no check foresaw: skip it, go on
+                report.skipped[info.run_id] = f"{type(exc).__name__}: {exc}"
+                return
+            if done is not None:
+                report.runs.append(done)
+                if progress is not None:
+                    progress(report.count)
+                if pause > 0 and not dry_run:
+                    await asyncio.sleep(pause)
+
     for listed in sorted(statuses):
         cursor = after
         while True:
@@ -290,34 +317,24 @@ async def prune_runs(
             page = await backend.list_runs(
                 status=listed, workflow=workflow, limit=size, after=cursor
             )
+            batch: list[RunInfo] = []
+            stop = False
             for info in page:
-                if (limit is not None and report.count >= limit) or (
-                    scan is not None and read >= scan
-                ):
-                    report.resume_after = cursor
-                    return report
+                full = limit is not None and report.count + len(batch) >= limit
+                if full or (scan is not None and read >= scan):
+                    stop = True
+                    break
                 read += 1
                 cursor = info.run_id
-                if info.status not in statuses or info.updated_at > cutoff:
-                    continue
-                try:
-                    done = await delete_run(
-                        backend, info.run_id, owner=owner, dry_run=dry_run, wait=0.0, listed=info
-                    )
-                except BackendUnavailable:
-                    raise  # the store is down: every other run would fail alike
-                except (BackendError, InvalidArgument, RunConflict) as exc:
-                    report.skipped[info.run_id] = str(exc)
-                    continue
-                except Exception as exc:  # a record no check foresaw: skip it, go on
-                    report.skipped[info.run_id] = f"{type(exc).__name__}: {exc}"
-                    continue
-                if done is not None:
-                    report.runs.append(done)
-                    if progress is not None:
-                        progress(report.count)
-                    if pause > 0 and not dry_run:
-                        await asyncio.sleep(pause)
+                if info.status in statuses and info.updated_at <= cutoff:
+                    batch.append(info)
+            failed = await asyncio.gather(*(one(i) for i in batch), return_exceptions=True)
+            for outcome in failed:
+                if isinstance(outcome, BaseException):
+                    raise outcome  # the store went down: the others have finished meanwhile
+            if stop:
+                report.resume_after = cursor
+                return report
             if len(page) < size:
                 break
     return report
@@ -346,14 +363,16 @@ class Pruning:
         workflow: str | None = None,
         dry_run: bool = False,
         limit: int | None = None,
+        jobs: int = 8,
     ) -> PruneReport:
         """Delete the ended runs last updated more than ``older_than`` ago.
 
         ``status`` keeps one end status (or several: ``completed``,
         ``failed``, ``cancelled``, ``timed_out``, ``reverted``,
         ``continued``), ``workflow`` one workflow; ``dry_run`` deletes
-        nothing and reports what would go. The report lists the runs, their
-        count and bytes (log and metadata), and the runs skipped and why.
+        nothing and reports what would go; ``jobs`` runs are deleted at
+        once. The report lists the runs, their count and bytes (log and
+        metadata), and the runs skipped and why.
         """
         return await prune_runs(
             self.backend,
@@ -362,4 +381,5 @@ class Pruning:
             workflow=workflow,
             dry_run=dry_run,
             limit=limit,
+            jobs=jobs,
         )
