@@ -279,3 +279,42 @@ async def test_more_calls_than_connections_take_turns_on_kept_connections(
     assert results == [[entry(0)]] * 6
     await backend.append("r", 1, entry(1))
     assert await backend.read_log("r") == [entry(0), entry(1)]
+
+
+async def test_reads_of_one_iteration_each_get_their_own_rows(store: PostgresHarness) -> None:
+    backend = await open_backend(store)
+    for run_id, n in (("a", 3), ("b", 1)):
+        assert await store_run(backend, info(run_id), entry("start"), time.time())
+        for position in range(1, n):
+            await backend.append(run_id, position, entry(position))
+    await backend.send_event("a", "e1", b"1")
+    await backend.send_event("a", "e2", b"2")
+    await backend.send_event("b", "e3", b"3")
+    # Issued in one iteration: one query per kind, each caller its own rows.
+    logs, inboxes, infos = await asyncio.gather(
+        asyncio.gather(
+            backend.read_log("a"),
+            backend.read_log("a", 2),
+            backend.read_log("b"),
+            backend.read_log("none"),
+            backend.read_log("a", 9),
+        ),
+        asyncio.gather(backend.read_inbox("a"), backend.read_inbox("b"), backend.read_inbox("x")),
+        asyncio.gather(
+            backend.get_run("a"), backend.get_run("none"), backend.list_runs(ids=["b", "a"])
+        ),
+    )
+    assert logs == [
+        [entry("start"), entry(1), entry(2)],
+        [entry(2)],
+        [entry("start")],
+        [],
+        [],
+    ]
+    assert [[(e.event_id, e.data) for e in inbox] for inbox in inboxes] == [
+        [("e1", b"1"), ("e2", b"2")],
+        [("e3", b"3")],
+        [],
+    ]
+    assert infos[0] is not None and infos[0].run_id == "a" and infos[1] is None
+    assert [i.run_id for i in infos[2]] == ["a", "b"]

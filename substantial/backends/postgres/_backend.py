@@ -41,6 +41,7 @@ from substantial.backends.postgres._errors import (
 )
 from substantial.backends.postgres._listen import Listener
 from substantial.backends.postgres._pool import Held, open_pool
+from substantial.backends.postgres._reads import Reads
 from substantial.backends.postgres._schema import (
     ACQUIRE,
     APPEND,
@@ -115,6 +116,7 @@ class PostgresBackend(Backend):
         self._group_commit = group_commit
         self._batcher = WriteBatcher(self._run, self._sql)
         self._batcher.enabled = group_commit
+        self._reads = Reads(self._run, self._sql)
         self._listener = Listener(
             self._connect, self._sql.channel, self.waker, self._where, is_connection_error
         )
@@ -249,10 +251,7 @@ class PostgresBackend(Backend):
         """Select entries from ``start`` in position order and stop at the first gap."""
         validate_id("run id", run_id)
         check_position(run_id, start, "log start")
-        rows = await self._run(
-            f"read the log of run {run_id!r}",
-            lambda c: c.fetch(self._sql["read_log"], run_id, start),
-        )
+        rows = await self._reads.log(run_id, start)
         out: list[bytes] = []
         for expected, (position, entry) in enumerate(rows, start):
             if position != expected:
@@ -266,9 +265,13 @@ class PostgresBackend(Backend):
         """Delete the acknowledged events and select the rest in ``seq`` order: one statement."""
         validate_id("run id", run_id)
         ids = ack_ids(ack)
-        sql = self._sql["ack_read" if ids else "read_inbox"]
-        args: tuple[Any, ...] = (run_id, ids) if ids else (run_id,)
-        rows = await self._run(f"read the inbox of run {run_id!r}", lambda c: c.fetch(sql, *args))
+        if ids:
+            sql = self._sql["ack_read"]
+            rows = await self._run(
+                f"read the inbox of run {run_id!r}", lambda c: c.fetch(sql, run_id, ids)
+            )
+        else:
+            rows = await self._reads.inbox(run_id)
         return [Event(event_id, bytes(data), posted_at) for event_id, data, posted_at in rows]
 
     # -- the due index ----------------------------------------------------
@@ -391,9 +394,7 @@ class PostgresBackend(Backend):
             return [(run_id, bytes(data)) for run_id, data in rows], len(rows) >= n
 
         async def fetch_ids(wanted: list[str]) -> Page:
-            sql = self._sql["get_runs"]
-            rows = await self._run("read run metadata", lambda c: c.fetch(sql, wanted))
-            found = {run_id: bytes(data) for run_id, data in rows}
+            found = await self._reads.runs(wanted)
             return [(r, found.get(r)) for r in wanted], False
 
         return await filtered_runs(

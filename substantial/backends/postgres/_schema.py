@@ -157,6 +157,16 @@ class Statements:
                 f"SELECT position, entry FROM {log} WHERE run_id = $1::text "
                 "AND position >= $2::bigint ORDER BY position"
             ),
+            # Many runs' logs from a position each (coalesced reads); $1 runs, $2 starts.
+            "read_logs": (
+                "SELECT q.i, l.position, l.entry FROM unnest($1::text[], $2::bigint[]) "
+                f"WITH ORDINALITY AS q(r, s, i) JOIN {log} l "
+                "ON l.run_id = q.r AND l.position >= q.s ORDER BY q.i, l.position"
+            ),
+            "read_inboxes": (
+                f"SELECT run_id, event_id, data, posted_at FROM {inbox} "
+                "WHERE run_id = ANY($1::text[]) ORDER BY run_id, seq"
+            ),
             "read_inbox": (
                 f"SELECT event_id, data, posted_at FROM {inbox} WHERE run_id = $1::text "
                 "ORDER BY seq"
