@@ -258,8 +258,8 @@ class FSBackend(Backend):
             os.close(fd)
 
     def _parse_lease(self, run_id: str, raw: bytes) -> Lease | None:
-        if not raw:
-            return None
+        if not raw.strip():
+            return None  # never taken, or released
         try:
             obj = orjson.loads(raw)
             lease = _hostile.lease_or_none(run_id, obj.get("owner"), obj.get("expires_at"))
@@ -289,16 +289,21 @@ class FSBackend(Backend):
             with self._files.locked(run_dir) as fd:
                 now = time.time()
                 # From the locked descriptor: a second one's shared lock would wait on ours.
-                lease = self._parse_lease(run_id, os.pread(fd, 1 << 16, 0))
+                raw = os.pread(fd, 1 << 16, 0)
+                lease = self._parse_lease(run_id, raw)
                 holder, expires_at = (lease.owner, lease.expires_at) if lease else (None, 0.0)
                 if not lease_takable(holder, expires_at, owner, take_from, now):
                     return lease
-                # Emptied first: a writer killed in between leaves the lease free, never mixed.
-                os.ftruncate(fd, 0)
-                if ttl > 0:
-                    os.pwrite(fd, encode_json({"owner": owner, "expires_at": now + ttl}), 0)
-                if self._fsync:
-                    fdatasync(fd)
+                data = encode_json({"owner": owner, "expires_at": now + ttl}) if ttl > 0 else b""
+                # Overwritten in place, padded with spaces (JSON whitespace) to the old
+                # length: ext4 flushes a file truncated to 0 and written again at close,
+                # 100x the cost of the write.
+                if len(data) < len(raw):
+                    data = data.ljust(len(raw))
+                if data:
+                    os.pwrite(fd, data, 0)
+                    if self._fsync:
+                        fdatasync(fd)
                 return Lease(run_id, owner, now + ttl) if ttl > 0 else None
         except OSError as exc:
             raise self._unavailable(exc, f"take the lease of run {run_id!r}") from exc
