@@ -46,8 +46,9 @@ MAGIC = b"\x89SBLOG1\n"
 #: held the run's log before it (a deleted run's inode may be reused).
 HEADER_SIZE = len(MAGIC) + 8
 _HEAD = struct.Struct("<II")
-_RECORD_HEAD = _HEAD.size + 4
 _CRC = struct.Struct("<I")
+_RECORD = struct.Struct("<III")
+_RECORD_HEAD = _RECORD.size
 # Per-run cache entries are tiny; the bound only stops a long-lived worker from growing.
 _CACHE_RUNS = 4096
 
@@ -81,22 +82,28 @@ def parse(data: bytes | memoryview, offset: int, first_position: int) -> Parsed:
     bad: list[int] = []
     at = 0
     damage = None
-    unpack_head, unpack_crc, crc = _HEAD.unpack_from, _CRC.unpack_from, zlib.crc32
+    unpack, crc, add = _RECORD.unpack_from, zlib.crc32, records.append
     while size - at >= _RECORD_HEAD:
-        length, entry_crc = unpack_head(view, at)
-        if crc(view[at : at + 8]) != unpack_crc(view, at + 8)[0]:
-            if any(view[at:]):
-                damage = f"its header at byte {offset + at} does not check out"
-            break  # zeros: space a crash extended the file by, never written
+        length, entry_crc, head_crc = unpack(view, at)
         body = at + _RECORD_HEAD
         stop = body + length
+        # The common case: a non-empty entry that checks out also proves its length
+        # (a wrong one would not), so the header's own checksum is left for the rest.
+        if length and stop <= size and crc(view[body:stop]) == entry_crc:
+            add((offset + body, length))
+            at = stop
+            continue
+        if crc(view[at : at + 8]) != head_crc:
+            if view[at:].tobytes().strip(b"\x00"):
+                damage = f"its header at byte {offset + at} does not check out"
+            break  # zeros: space a crash extended the file by, never written
         if stop > size:
             break  # the rest of a record that was being written
         if crc(view[body:stop]) != entry_crc:
             if stop == size:
                 break  # the last record, only partly written
             bad.append(first_position + len(records))
-        records.append((offset + body, length))
+        add((offset + body, length))
         at = stop
     return Parsed(records, bad, offset + at, damage)
 
