@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from substantial import Conductor
 from tests.harness import FSHarness, Harness, MemoryHarness, SQLiteHarness
 
 # Each server backend lives in tests/backend_<name>.py (its server fixture and harness).
@@ -82,3 +83,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+# A client of the harness's store, and a worker serving it (a module may define its own).
+@pytest.fixture
+async def conductor(harness: Harness) -> AsyncIterator[Conductor]:
+    c = Conductor(await harness.open())
+    yield c
+
+
+@pytest.fixture
+async def agent(conductor: Conductor) -> AsyncIterator[None]:
+    a = conductor.run(poll_interval=0.5)
+    yield
+    a.cancel()
+    await a

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,7 +23,6 @@ from substantial import (
 )
 from substantial.backends.base import Backend
 from substantial.records import decode_entry
-from tests.harness import Harness
 
 
 async def records_of(backend: Backend, run_id: str) -> list[dict[str, Any]]:
@@ -36,20 +34,6 @@ async def records_of(backend: Backend, run_id: str) -> list[dict[str, Any]]:
 
 def kinds(records: list[dict[str, Any]]) -> list[str]:
     return [r["k"] for r in records]
-
-
-@pytest.fixture
-async def conductor(harness: Harness) -> AsyncIterator[Conductor]:
-    c = Conductor(await harness.open())
-    yield c
-
-
-@pytest.fixture
-async def agent(conductor: Conductor) -> AsyncIterator[None]:
-    a = conductor.run(poll_interval=0.5)
-    yield
-    a.cancel()
-    await a
 
 
 # -- save ----------------------------------------------------------------------

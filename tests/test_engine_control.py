@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -22,21 +21,6 @@ from substantial import (
 )
 from tests.harness import Harness
 from tests.test_engine import Opaque, add_steps, greeter, kinds, records_of
-
-
-@pytest.fixture
-async def conductor(harness: Harness) -> AsyncIterator[Conductor]:
-    c = Conductor(await harness.open())
-    yield c
-
-
-@pytest.fixture
-async def agent(conductor: Conductor) -> AsyncIterator[None]:
-    a = conductor.run(poll_interval=0.5)
-    yield
-    a.cancel()
-    await a
-
 
 # -- revert, continue, compact, cancel ------------------------------------------------
 
