@@ -129,7 +129,12 @@ async def test_eviction_does_not_record_from_finally_blocks(harness: Harness) ->
     agent = conductor.run(poll_interval=0.1, idle_timeout=0.05)
     try:
         run = await conductor.start(careful)
-        await asyncio.sleep(0.5)
+        # Taken, then evicted while it waits for "go": handed back with no due time.
+        for _ in range(3000):
+            due = await conductor.backend.due(time.time() + 86400, 10)
+            if not agent.worker.runs and run.run_id not in {r for r, _ in due}:
+                break
+            await asyncio.sleep(0.01)
         assert agent.worker.runs == {}, "the idle run should have left memory"
         await run.send("go", "now")
         assert await run.result(timeout=10) == "now"
