@@ -159,7 +159,13 @@ async def test_a_step_returns_the_same_value_live_and_on_replay() -> None:
     agent = conductor.run(poll_interval=0.1, idle_timeout=0.05)
     try:
         run = await conductor.start(shapes)
-        await asyncio.sleep(0.3)
+        # Evicted while it waits for "go", so that "again" runs after a replay of "first".
+        for _ in range(3000):
+            due = await conductor.backend.due(time.time() + 86400, 10)
+            if not agent.worker.runs and run.run_id not in {r for r, _ in due}:
+                break
+            await asyncio.sleep(0.01)
+        assert agent.worker.runs == {}, "the idle run should have left memory"
         await run.send("go")
         assert await run.result(timeout=10) == [[1, 2], [1, 2], True]
     finally:
