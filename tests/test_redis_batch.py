@@ -322,3 +322,30 @@ async def test_a_burst_on_a_slow_network_takes_a_bounded_number_of_connections(
         await backend.close()
     reader = await store.open()
     assert [await reader.read_log(f"r{i}") for i in range(200)] == [[entry(i)] for i in range(200)]
+
+
+def test_a_backend_outlives_a_loop_that_ended_with_commands_queued(
+    redis_server: RedisServer,
+) -> None:
+    backend = RedisBackend.from_url(f"{redis_server.url}?prefix=loops")
+
+    async def first(k: int) -> None:
+        await backend.append(f"warm{k}", 0, entry(0))
+        left = [asyncio.create_task(backend.append(f"r{k}-{i}", 0, entry(i))) for i in range(8)]
+        await asyncio.sleep(0)  # queued; the loop ends before their batch comes back
+        assert not any(task.done() for task in left)
+
+    async def second() -> None:
+        try:
+            # A batch or a count of round trips left by the old loop must not hold this one.
+            await asyncio.wait_for(backend.append("after", 0, entry(1)), 5)
+            await asyncio.wait_for(
+                asyncio.gather(*(backend.append(f"s{i}", 0, entry(i)) for i in range(8))), 5
+            )
+            assert await backend.read_log("after") == [entry(1)]
+        finally:
+            await backend.close()
+
+    for k in range(MAX_IN_FLIGHT):  # each may leave a round trip that never came back
+        asyncio.run(first(k))
+    asyncio.run(second())

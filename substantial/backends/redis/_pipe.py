@@ -64,6 +64,7 @@ class Pipe:
         self._waiting = False
         self._batch: list[_Item] | None = None
         self._flushes: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._loading: dict[str, asyncio.Task[Any]] = {}
 
     async def call(self, *command: Any) -> Any:
@@ -109,6 +110,11 @@ class Pipe:
 
     def _alone(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Return whether to send a call at once rather than with a batch."""
+        if loop is not self._loop:
+            # A loop that ended may have left a batch that never left, or a count
+            # of round trips that never landed: they belong to it, not to this one.
+            self._loop, self._batch, self._waiting, self._in_flight = loop, None, False, 0
+            self._flushes = set()
         if not self.enabled:
             return True
         return (
