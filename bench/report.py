@@ -87,7 +87,11 @@ def _column(r: dict[str, Any]) -> str:
     return r["backend"] if durability == "process" else f"{r['backend']} ({durability})"
 
 
-def _cell(r: dict[str, Any]) -> str:
+#: Workloads whose headline is not a time per operation: their ratio to the floor would mislead.
+NO_FLOOR_RATIO = {"W5", "W6", "W7", "W8"}
+
+
+def _cell(r: dict[str, Any], mixed_sizes: bool = False) -> str:
     if r.get("skipped"):
         return "n/a"
     if r.get("ok") is not True:
@@ -98,7 +102,9 @@ def _cell(r: dict[str, Any]) -> str:
     except (KeyError, TypeError, ValueError):
         value = _num(r["per_op_ms"])
     ratio = r.get("ratio")
-    return f"{value} ({_num(ratio)}x)" if ratio is not None else value
+    if ratio is not None and r["workload"] not in NO_FLOOR_RATIO:
+        value = f"{value} ({_num(ratio)}x)"
+    return f"{value} at n={r['n']:,}" if mixed_sizes else value
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -112,7 +118,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     ]
     for w in workloads:
         sizes = sorted({at[w, c]["n"] for c in columns if (w, c) in at})
-        cells = [_cell(at[w, c]) if (w, c) in at else "" for c in columns]
+        cells = [_cell(at[w, c], len(sizes) > 1) if (w, c) in at else "" for c in columns]
         unit = HEADLINES.get(w, ("ms/op", None))[0]
         out.append(f"| {w} | {unit} | {', '.join(f'{n:,}' for n in sizes)} | {' | '.join(cells)} |")
     floors = []
@@ -132,6 +138,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 def plot(rows: list[dict[str, Any]]) -> str:
     """Render the SVG: per-operation time of each right measurement beside its floor."""
     rows = [r for r in rows if r.get("ok") is True and r.get("per_op_ms") and r.get("floor_ms")]
+    # One workload's stores side by side.
+    order = {w: i for i, w in enumerate(dict.fromkeys(r["workload"] for r in rows))}
+    rows.sort(key=lambda r: order[r["workload"]])
     bar_h, gap, left, width = 12, 4, 210, 520
     values = [max(float(r["per_op_ms"]), 1e-5) for r in rows] or [1.0]
     floors = [max(float(r["floor_ms"]), 1e-5) for r in rows] or [1.0]
