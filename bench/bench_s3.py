@@ -289,9 +289,8 @@ def main() -> None:
 
     if args.endpoint:
         bench_s3._external.update(endpoint=args.endpoint, bucket=args.bucket)
-    bench_s3_main = bench_s3.main_async
     if any(w in S3_ONLY for w in chosen):
-        asyncio.run(bench_s3_main(args, chosen))
+        asyncio.run(bench_s3.main_async(args, chosen))
     others = [w for w in chosen if w not in S3_ONLY]
     if others:
         from bench.__main__ import main as bench_main
