@@ -15,8 +15,9 @@ memory store. Redis, S3 and Postgres servers are private ones started on
 first use (bench_redis, bench_s3, bench_backends) and stopped at exit.
 
 ``--report`` regenerates docs/BENCHMARKS.md's "Engine workloads" table and
-docs/bench.svg from the lines of this run (``python -m bench.report
-results.jsonl`` does it from saved lines).
+docs/bench.svg from the lines of this run, or with ``--out`` from every line
+of that file, the latest of each (workload, store, durability) winning
+(``python -m bench.report results.jsonl`` does it from saved lines).
 """
 
 from __future__ import annotations
@@ -128,9 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     lines = asyncio.run(run(args))
     if args.report:
-        from bench.report import regenerate
+        from bench.report import load, regenerate
 
-        regenerate(lines)
+        # With --out, the file's earlier lines too (other stores, other sittings); the latest wins.
+        regenerate(load([args.out]) if args.out else lines)
     if any(line.get("ok") is False for line in lines):
         sys.exit(1)
 
