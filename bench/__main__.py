@@ -13,6 +13,8 @@ gives ``"ok": false`` and an ``"error"``, never a time. Workloads that need
 other processes to open the store (W3e, W4, W5, W6) are ``"skipped"`` on the
 memory store. Redis, S3 and Postgres servers are private ones started on
 first use (bench_redis, bench_s3, bench_backends) and stopped at exit.
+``--durability`` selects fs and SQLite's mode (and their floors'); the
+servers keep their own settings (Redis: AOF, fsync every second).
 
 ``--report`` regenerates docs/BENCHMARKS.md's "Engine workloads" table and
 docs/bench.svg from the lines of this run, or with ``--out`` from every line
