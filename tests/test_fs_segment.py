@@ -121,6 +121,35 @@ async def test_every_kind_of_torn_tail_reads_as_the_end_and_is_cut(store: Path, 
     assert values("r", await backend.read_log("r")) == [*expected, "next"]
 
 
+async def test_a_read_from_late_in_a_long_log_starts_near_it(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer, reader = FSBackend(store), FSBackend(store)  # as two processes
+    for i in range(1000):
+        await writer.append("r", i, entry(i))
+    assert values("r", await reader.read_log("r")) == list(range(1000))
+    for start in (1, 255, 256, 257, 700, 999, 1000):
+        assert values("r", await reader.read_log("r", start), start) == list(range(start, 1000))
+    read: list[int] = []
+    real = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, at: read.append(n) or real(fd, n, at))
+    whole = (store / "runs" / "r" / "log.seg").stat().st_size
+    for client in (reader, writer):
+        read.clear()
+        assert values("r", await client.read_log("r", 990), 990) == list(range(990, 1000))
+        # From the mark at 768: a quarter of the file, not all of it (the header aside).
+        assert sum(read) < whole / 3, (read, whole)
+    # Entries appended by another client are found, and marks go on past them.
+    for i in range(1000, 1300):
+        await writer.append("r", i, entry(i))
+    assert values("r", await reader.read_log("r", 1290), 1290) == list(range(1290, 1300))
+    # A log deleted and started again under the same id is read afresh.
+    shutil.rmtree(store / "runs" / "r")
+    await writer.append("r", 0, entry("new"))
+    assert values("r", await reader.read_log("r")) == ["new"]
+    assert await reader.read_log("r", 990) == []
+
+
 # -- damage ------------------------------------------------------------------------
 
 

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from substantial.backends._common import gap_error
-from substantial.backends.fs._files import Files, fdatasync, read_fd, sync_dir
+from substantial.backends.fs._files import Files, fdatasync, sync_dir
 from substantial.errors import CorruptRecord, PositionTaken
 
 __all__ = ["HEADER_SIZE", "MAGIC", "SEGMENT", "Parsed", "Replaced", "Segments", "frame", "parse"]
@@ -49,8 +49,10 @@ _HEAD = struct.Struct("<II")
 _CRC = struct.Struct("<I")
 _RECORD = struct.Struct("<III")
 _RECORD_HEAD = _RECORD.size
-# Per-run cache entries are tiny; the bound only stops a long-lived worker from growing.
+# Per-run cache entries are small; the bound only stops a long-lived worker from growing.
 _CACHE_RUNS = 4096
+# A read starts at the last remembered record start at or before its first position.
+_MARK_EVERY = 256
 
 
 def frame(entry: bytes) -> bytes:
@@ -108,18 +110,61 @@ def parse(data: bytes | memoryview, offset: int, first_position: int) -> Parsed:
     return Parsed(records, bad, offset + at, damage)
 
 
+@dataclass
+class _Seen:
+    """What this process knows of one segment: records before ``end`` are whole for good."""
+
+    file_id: bytes
+    end: int
+    count: int
+    #: marks[i]: where record i * _MARK_EVERY begins, for the records before ``end``.
+    marks: list[int]
+
+    def extend(self, found: Parsed, first_position: int) -> None:
+        """Take in what a scan from a record at or before ``end`` found."""
+        marks = self.marks
+        # marks holds one offset per _MARK_EVERY records before ``count``, no more.
+        for i, (at, _) in enumerate(found.records):
+            if len(marks) * _MARK_EVERY == first_position + i:
+                marks.append(at - _RECORD_HEAD)
+        self.end = found.end
+        self.count = first_position + len(found.records)
+
+
 class Segments:
     """Append to and read the runs' segment files under ``runs``."""
 
     def __init__(self, files: Files, runs: str) -> None:
         self._files = files
         self._runs = runs
-        # run id -> (file id, end offset, entry count) of its segment, as last seen.
-        self._known: OrderedDict[str, tuple[bytes, int, int]] = OrderedDict()
+        # run id -> what this process last saw of its segment (readers and appenders alike).
+        self._seen: OrderedDict[str, _Seen] = OrderedDict()
 
     def path(self, run_id: str) -> str:
         """Return the run's segment file name."""
         return f"{self._runs}/{run_id}/{SEGMENT}"
+
+    def _known(self, run_id: str, file_id: bytes, size: int) -> _Seen:
+        """Return what is known of this very file (none of a file it replaced)."""
+        seen = self._seen.get(run_id)
+        # Records once whole are never cut (only a torn tail after them), so a size
+        # below ``end`` can only be another file: the file id tells (an inode may be reused).
+        if seen is None or seen.file_id != file_id or seen.end > size:
+            seen = _Seen(file_id, HEADER_SIZE, 0, [])
+        return self._keep(run_id, seen)
+
+    def _keep(self, run_id: str, seen: _Seen) -> _Seen:
+        self._seen[run_id] = seen
+        self._seen.move_to_end(run_id)
+        if len(self._seen) > _CACHE_RUNS:
+            self._seen.popitem(last=False)
+        return seen
+
+    def _head(self, run_id: str, fd: int) -> bytes:
+        head = os.pread(fd, HEADER_SIZE, 0)
+        if head[: len(MAGIC)] != MAGIC:
+            raise CorruptRecord(run_id, 0, f"{self.path(run_id)} is not a log segment")
+        return head[len(MAGIC) :]
 
     # -- reading -------------------------------------------------------------
 
@@ -130,20 +175,26 @@ class Segments:
         except FileNotFoundError:
             return None
         try:
-            data = read_fd(fd)
+            size = os.fstat(fd).st_size
+            if size < HEADER_SIZE:
+                return []  # created, first record not written yet (or torn)
+            seen = self._known(run_id, self._head(run_id, fd), size)
+            # Start at the last mark at or before ``start``: a compacted run's load
+            # reads what follows its snapshot, not its whole history (once seen here).
+            mark = min(start // _MARK_EVERY, len(seen.marks) - 1)
+            first, at = (mark * _MARK_EVERY, seen.marks[mark]) if mark >= 0 else (0, HEADER_SIZE)
+            data = os.pread(fd, size - at, at)
         finally:
             os.close(fd)
-        if len(data) < HEADER_SIZE:
-            return []  # created, first record not written yet (or torn)
-        if data[: len(MAGIC)] != MAGIC:
-            raise CorruptRecord(run_id, 0, f"{self.path(run_id)} is not a log segment")
-        found = parse(memoryview(data)[HEADER_SIZE:], HEADER_SIZE, 0)
+        found = parse(data, at, first)
         for position in found.bad:
             if position >= start:
                 raise CorruptRecord(run_id, position, "its checksum does not match its bytes")
         if found.damage is not None:
-            raise CorruptRecord(run_id, len(found.records), found.damage)
-        return [data[at : at + length] for at, length in found.records[start:]]
+            raise CorruptRecord(run_id, first + len(found.records), found.damage)
+        if found.end > seen.end and not found.bad:
+            seen.extend(found, first)
+        return [data[o - at : o - at + n] for o, n in found.records[start - first :]]
 
     # -- appending -----------------------------------------------------------
 
@@ -190,15 +241,16 @@ class Segments:
             raise Replaced from None
         if (here.st_dev, here.st_ino) != (st.st_dev, st.st_ino):
             raise Replaced  # deleted (and maybe started again) since fd was opened
-        file_id, end, count = self._end(run_id, fd, st.st_size)
-        if position < count:
+        seen = self._end(run_id, fd, st.st_size)
+        if position < seen.count:
             raise PositionTaken(run_id, position)
-        if position > count:
+        if position > seen.count:
             raise gap_error(run_id, position)
-        data = frame(entry) if end else MAGIC + file_id + frame(entry)
+        end = seen.end
+        data = frame(entry) if end > HEADER_SIZE else MAGIC + seen.file_id + frame(entry)
+        at = end if end > HEADER_SIZE else 0
         try:
             view = memoryview(data)
-            at = end
             while view:
                 n = os.pwrite(fd, view, at)
                 view, at = view[n:], at + n
@@ -207,49 +259,34 @@ class Segments:
         except OSError:
             # A write that failed half-way leaves a torn tail: cut it now if the disk lets us.
             with contextlib.suppress(OSError):
-                os.ftruncate(fd, end)
-            self._known.pop(run_id, None)
+                os.ftruncate(fd, end if end > HEADER_SIZE else 0)
+            self._seen.pop(run_id, None)
             raise
-        self._remember(run_id, file_id, end + len(data), count + 1)
+        if len(seen.marks) * _MARK_EVERY == seen.count:
+            seen.marks.append(at - _RECORD_HEAD - len(entry))  # where this record begins
+        seen.end, seen.count = at, seen.count + 1
 
-    def _end(self, run_id: str, fd: int, size: int) -> tuple[bytes, int, int]:
-        """Return the file's id, the offset after its last whole record and the count.
+    def _end(self, run_id: str, fd: int, size: int) -> _Seen:
+        """Return what is known of the file once its records to the end are read.
 
         Cuts a torn tail off (the caller holds the lock, so no writer is half-way).
+        An empty file (or one whose first write was torn) starts again with a new id.
         """
         if size < HEADER_SIZE:
             if size:
-                os.ftruncate(fd, 0)  # a torn first write: start the file again
-            return os.urandom(8), 0, 0
-        head = os.pread(fd, HEADER_SIZE, 0)
-        if head[: len(MAGIC)] != MAGIC:
-            raise CorruptRecord(run_id, 0, f"{self.path(run_id)} is not a log segment")
-        file_id = head[len(MAGIC) :]
-        known = self._known.get(run_id)
-        # The file id tells this file from one deleted before it (its inode may be reused).
-        if known is not None and known[0] == file_id and known[1] <= size:
-            # Records once whole are never cut: only what follows them can have changed.
-            _, end, count = known
-            if end == size:
-                return file_id, end, count
-        else:
-            end, count = HEADER_SIZE, 0
-        found = parse(os.pread(fd, size - end, end), end, count)
+                os.ftruncate(fd, 0)
+            return self._keep(run_id, _Seen(os.urandom(8), HEADER_SIZE, 0, []))
+        seen = self._known(run_id, self._head(run_id, fd), size)
+        if seen.end == size:
+            return seen
+        found = parse(os.pread(fd, size - seen.end, seen.end), seen.end, seen.count)
         if found.damage is not None:
             # Appending after damage would put the entry at a position no reader can reach.
-            raise CorruptRecord(run_id, count + len(found.records), found.damage)
-        count += len(found.records)
+            raise CorruptRecord(run_id, seen.count + len(found.records), found.damage)
         if found.end < size:
             os.ftruncate(fd, found.end)  # a torn tail
-        self._remember(run_id, file_id, found.end, count)
-        return file_id, found.end, count
-
-    def _remember(self, run_id: str, file_id: bytes, end: int, count: int) -> None:
-        known = self._known
-        known[run_id] = (file_id, end, count)
-        known.move_to_end(run_id)
-        if len(known) > _CACHE_RUNS:
-            known.popitem(last=False)
+        seen.extend(found, seen.count)
+        return seen
 
 
 class Replaced(Exception):
