@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -117,6 +118,8 @@ class PostgresBackend(Backend):
         self._batcher = WriteBatcher(self._run, self._sql)
         self._batcher.enabled = group_commit
         self._reads = Reads(self._run, self._sql)
+        #: Statements sent (round trips), by what they did: what a workload costs the server.
+        self.requests: Counter[str] = Counter()
         self._listener = Listener(
             self._connect, self._sql.channel, self.waker, self._where, is_connection_error
         )
@@ -204,6 +207,8 @@ class PostgresBackend(Backend):
         """
         attempts = 2 if retry else 1
         for attempt in range(attempts):
+            # "read the log of run 'x'" counts as "read the log of run".
+            self.requests[action.partition(" '")[0]] += 1
             try:
                 held = await self._get_pool()
                 conn = await held.take()

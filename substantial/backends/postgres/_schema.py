@@ -315,10 +315,16 @@ async def ensure_schema(conn: Any, statements: Statements, where: str) -> bool:
     by a user who may not create functions). Return whether the function
     is there; without it every write is sent alone.
     """
-    version = await stored_version(conn, statements)
-    _check(version, where, statements.prefix)
     function = statements.function
-    if version == SCHEMA_VERSION and await _has_function(conn, function):
+    # One round trip tells whether both exist: an existing store costs no lock.
+    tables, has_function = await conn.fetchrow(
+        "SELECT to_regclass($1) IS NOT NULL, to_regproc($2) IS NOT NULL",
+        statements.table("schema"),
+        function,
+    )
+    version = int(await conn.fetchval(statements["version"]) or 0) or None if tables else None
+    _check(version, where, statements.prefix)
+    if version == SCHEMA_VERSION and has_function:
         return True
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", statements.lock_key)
