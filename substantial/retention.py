@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
@@ -141,14 +141,18 @@ class _Holder(Protocol):
     backend: Backend
 
 
-async def alongside(main: Coroutine[Any, Any, None], worker: _Holder) -> None:
-    """Run ``main`` with the worker's retention policy applied beside it; cancelling stops both."""
+async def alongside(main: Callable[[], Coroutine[Any, Any, None]], worker: _Holder) -> None:
+    """Run ``main()`` with the worker's retention policy applied beside it; cancelling stops both.
+
+    ``main`` is called here, not by the caller: a task cancelled before it starts would
+    leave a coroutine made in advance never awaited.
+    """
     if worker.retention is None:
-        await main
+        await main()
         return
     pruning = asyncio.ensure_future(worker.retention.keep_applying(worker.backend))
     try:
-        await main
+        await main()
     finally:
         pruning.cancel()
         await asyncio.gather(pruning, return_exceptions=True)

@@ -123,7 +123,7 @@ class Worker:
 
     async def run(self) -> None:
         """Serve due runs until cancelled; on cancellation, hand back what is held."""
-        housekeeping = asyncio.create_task(alongside(self._housekeeping(), self))
+        housekeeping = asyncio.create_task(alongside(self._housekeeping, self))
         try:
             # During an outage: when it began, and the pause before the next try.
             outage: float | None = None
