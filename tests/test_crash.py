@@ -26,13 +26,27 @@ def spawn_worker(
     url: str, trace: Path, *extra: str, target: str = "tests.workflows:conductor"
 ) -> subprocess.Popen[bytes]:
     env = {**os.environ, "SUBSTANTIAL_TEST_URL": url, "SUBSTANTIAL_TEST_TRACE": str(trace)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "substantial.cli", "worker", target, *extra],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    # Each worker's log goes beside the trace, for worker_logs() to show when a test fails.
+    n = len(list(trace.parent.glob(f"{trace.name}.*.log")))
+    with open(trace.parent / f"{trace.name}.{n}.log", "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "substantial.cli", "worker", target, *extra],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+
+
+def worker_logs(trace: Path) -> str:
+    """Return the warnings and errors the workers of ``trace`` logged, for a failure message."""
+    lines = [
+        f"{log.name}: {line}"
+        for log in sorted(trace.parent.glob(f"{trace.name}.*.log"))
+        for line in log.read_text(errors="replace").splitlines()
+        if "WARNING" in line or "ERROR" in line
+    ]
+    return "\n".join(lines[-60:])
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -43,8 +57,6 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    assert proc.stderr is not None
-    proc.stderr.close()
 
 
 async def wait_for_line(trace: Path, line: str, timeout: float = 60) -> None:
@@ -113,7 +125,9 @@ async def test_worker_processes_share_a_store_without_running_a_step_twice(
     rows = [row.split() for row in trace.read_text().splitlines()]
     executed = Counter((run_id, int(i)) for run_id, i, _pid in rows)
     assert len(executed) == 300
-    assert set(executed.values()) == {1}, "a step ran twice"
+    assert set(executed.values()) == {1}, (
+        f"a step ran twice; the workers said:\n{worker_logs(trace)}"
+    )
     for r in runs:
         names = [s["name"] for s in await step_records(client, r.run_id)]
         assert names == [f"sq-{i}" for i in range(10)]
