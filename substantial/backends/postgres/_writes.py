@@ -195,8 +195,9 @@ class WriteBatcher:
                 op.num1,
                 sql.channel,
             )
-            # Retrying is safe: a first try that stored the run makes the retry find it.
-            row = await run("start", lambda c: c.fetchrow(sql["start"], *args))
+            # Not retried, as an append: after a lost reply the retry would find the
+            # run it created and report it as there before.
+            row = await run("start", lambda c: c.fetchrow(sql["start"], *args), retry=False)
             return Outcome(0 if row[0] else 1)
         if op.kind == PUT_RUN:
             args = (run_id, op.text1, op.text2, op.blob)
@@ -227,8 +228,8 @@ class WriteBatcher:
         rows = await self._run(
             "write",
             lambda c: c.fetch(self._sql["write_many"], *columns),
-            # Every write but an append may be sent again after a lost reply.
-            retry=all(op.kind != APPEND for op in ops),
+            # Every write but an append or a new run may be sent again after a lost reply.
+            retry=all(op.kind not in (APPEND, START) for op in ops),
         )
         return [Outcome(*row) for row in rows]
 
