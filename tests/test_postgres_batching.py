@@ -318,3 +318,44 @@ async def test_reads_of_one_iteration_each_get_their_own_rows(store: PostgresHar
     ]
     assert infos[0] is not None and infos[0].run_id == "a" and infos[1] is None
     assert [i.run_id for i in infos[2]] == ["a", "b"]
+
+
+async def test_two_clients_batches_that_deadlock_each_land(store: PostgresHarness) -> None:
+    a = await open_backend(store)
+    b = await open_backend(store)
+    await a.put_run(info("r"))
+    await b.schedule("r", time.time() + 60)
+    blocker = await store.raw()
+
+    async def waiting(n: int) -> None:
+        for _ in range(400):
+            rows = await query(
+                store,
+                "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND application_name = 'substantial'",
+            )
+            if len(rows) >= n:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{n} batches never waited for a lock")
+
+    try:
+        # The one deadlock sorting cannot prevent: one run's rows written in opposite
+        # orders. a waits for r's metadata row; b takes r's due row, then waits behind a;
+        # freed, a goes on to the due row b holds.
+        await blocker.execute(f"BEGIN; UPDATE {store.table('runs')} SET status = status")
+        first = asyncio.gather(a.put_run(info("r", "completed")), a.schedule("r", 1.0))
+        await waiting(1)
+        second = asyncio.gather(b.schedule("r", 2.0), b.put_run(info("r", "failed")))
+        await waiting(2)
+        await blocker.execute("ROLLBACK")
+        # The server finds the deadlock (after deadlock_timeout, 1 s) and aborts one
+        # batch; its writes are sent again alone and land after the other's.
+        assert await asyncio.wait_for(first, 30) == [None, None]
+        assert await asyncio.wait_for(second, 30) == [None, None]
+        status = (await a.get_run("r")).status  # type: ignore[union-attr]
+        at = list(await a.due(10.0))
+        # Last writer wins, whole: never one batch's metadata with the other's due time.
+        assert (status, at) in (("failed", [("r", 2.0)]), ("completed", [("r", 1.0)]))
+    finally:
+        await blocker.close()
