@@ -9,10 +9,11 @@ from collections.abc import Container
 from dataclasses import dataclass
 from typing import Any
 
-from substantial import _clock
+from substantial import _clock, telemetry
+from substantial._runs import create_run
 from substantial.backends.base import TERMINAL_STATUSES, Backend, RunInfo, error_info
 from substantial.errors import BackendError, SerializationError, WorkflowTimeout
-from substantial.records import Record, encode_value, error_of
+from substantial.records import Record, encode_value, error_of, start_record
 from substantial.replay import (
     CANCEL_EVENT,
     CHILD_EVENT,
@@ -24,7 +25,7 @@ from substantial.replay import (
     Reverted,
 )
 
-__all__ = ["Outcome", "end_of", "finish_run", "snapshot_of", "successor_id"]
+__all__ = ["Outcome", "end_of", "finish_run", "snapshot_of", "start_successor", "successor_id"]
 
 #: How many consumed event ids a snapshot remembers, to drop late duplicate sends.
 SEEN_IDS_KEPT = 10_000
@@ -176,3 +177,36 @@ async def finish_run(
         with contextlib.suppress(BackendError):
             await backend.schedule(info.run_id, _clock.now())
         raise
+
+
+async def start_successor(
+    backend: Backend, x: Execution, start: Record, successor: dict[str, Any], end: Record
+) -> None:
+    """Start the successor of a run that called ``continue_using``; forward its events."""
+    next_id = end["next"]
+    forwarded = {d.event_id for d in x.mailbox}
+    seen = [i for i in x.seen_ids if i not in forwarded][-10_000:]
+    record = start_record(
+        next_id,
+        successor["workflow"],
+        successor["version"],
+        successor["kwargs"],
+        _clock.now(),
+        seen=seen,
+        parent=start.get("parent"),
+        deadline=start.get("deadline"),
+        abandon=bool(start.get("abandon")),
+        # The successor goes on in the trace of the run it continues.
+        trace=(telemetry.carrier() if telemetry.on else None) or start.get("trace"),
+    )
+    if "parent" in start:
+        record["reports_as"] = start.get("reports_as", start["run_id"])  # type: ignore[typeddict-unknown-key]
+    if await create_run(backend, record) and telemetry.on:
+        telemetry.run_started(successor["workflow"])
+    # Events that arrived for this run and were never consumed go to its successor.
+    for delivered in x.mailbox:
+        body = encode_value({"name": delivered.name, "value": delivered.value})
+        await backend.send_event(next_id, delivered.event_id, body)
+    for event in await backend.read_inbox(x.run_id):
+        if event.event_id not in x.seen_ids:
+            await backend.send_event(next_id, event.event_id, event.data)

@@ -24,9 +24,9 @@ from substantial._durations import seconds
 from substantial._effects import RunEffects
 from substantial._handback import hand_back
 from substantial._live import Driver
-from substantial._outcome import Outcome, end_of, finish_run, snapshot_of
+from substantial._outcome import Outcome, end_of, finish_run, snapshot_of, start_successor
 from substantial._repair import effective
-from substantial._runs import create_run, take_lease
+from substantial._runs import take_lease
 from substantial._steps import Pace
 from substantial.backends.base import PROTOCOL_VERSION, Backend, RunInfo, make_owner
 from substantial.context import Context
@@ -37,7 +37,7 @@ from substantial.errors import (
     InvalidArgument,
     ProtocolMismatch,
 )
-from substantial.records import Record, decode_entry, decode_log, encode_value, start_record
+from substantial.records import Record, decode_entry, decode_log
 from substantial.replay import Evicted, Execution, Fenced
 from substantial.retention import Retention, alongside
 from substantial.workflow import Registry
@@ -217,16 +217,22 @@ class Worker:
             await asyncio.sleep(period)
             now = _clock.now()
             self._skip_until = {k: v for k, v in self._skip_until.items() if v > now}
-            for live in list(self.runs.values()):
-                try:
-                    held = await self.backend.acquire_lease(live.run_id, self.owner, self.lease_ttl)
-                except BackendUnavailable as exc:
-                    # The store is down: every other renewal would wait and fail the same way.
-                    logger.warning("could not renew the %d lease(s) held: %s", len(self.runs), exc)
-                    break
-                except BackendError as exc:
-                    logger.warning("could not renew lease of %s: %s", live.run_id, exc)
+            # Side by side: one after the other, a slow store let the last leases expire first.
+            lives = list(self.runs.values())
+            renewals = await asyncio.gather(
+                *(self.backend.acquire_lease(r.run_id, self.owner, self.lease_ttl) for r in lives),
+                return_exceptions=True,
+            )
+            down = [e for e in renewals if isinstance(e, BackendUnavailable)]
+            if down:
+                logger.warning("could not renew %d lease(s): %s", len(down), down[0])
+            for live, held in zip(lives, renewals, strict=True):
+                if isinstance(held, BackendError):
+                    if not isinstance(held, BackendUnavailable):
+                        logger.warning("could not renew lease of %s: %s", live.run_id, held)
                     continue
+                if isinstance(held, BaseException):
+                    raise held
                 if not held and live.driver is not None:
                     logger.warning("lost the lease of run %s; dropping it", live.run_id)
                     live.lost = True
@@ -412,7 +418,7 @@ class Worker:
                 if telemetry.on:
                     telemetry.run_ended(start["workflow"], end["status"])
                 if outcome.successor is not None:
-                    await self._continue(x, start, outcome.successor, end)
+                    await start_successor(self.backend, x, start, outcome.successor, end)
                 await self._finish(live, start, end, x.seen_ids)
                 return
             snapshot = snapshot_of(x, start, {**kwargs, **outcome.compact})
@@ -424,38 +430,6 @@ class Worker:
             kwargs, seen, keys = snapshot["kwargs"], snapshot["seen"], dict(x.keys)
             mailbox, records, next_position, next_c = snapshot["mailbox"], [], x.position, x.next_c
             published = dict(x.published)
-
-    async def _continue(
-        self, x: Execution, start: Record, successor: dict[str, Any], end: Record
-    ) -> None:
-        """Start the successor of a run that called ``continue_using``; forward its events."""
-        next_id = end["next"]
-        forwarded = {d.event_id for d in x.mailbox}
-        seen = [i for i in x.seen_ids if i not in forwarded][-10_000:]
-        record = start_record(
-            next_id,
-            successor["workflow"],
-            successor["version"],
-            successor["kwargs"],
-            _clock.now(),
-            seen=seen,
-            parent=start.get("parent"),
-            deadline=start.get("deadline"),
-            abandon=bool(start.get("abandon")),
-            # The successor goes on in the trace of the run it continues.
-            trace=(telemetry.carrier() if telemetry.on else None) or start.get("trace"),
-        )
-        if "parent" in start:
-            record["reports_as"] = start.get("reports_as", start["run_id"])  # type: ignore[typeddict-unknown-key]
-        if await create_run(self.backend, record) and telemetry.on:
-            telemetry.run_started(successor["workflow"])
-        # Events that arrived for this run and were never consumed go to its successor.
-        for delivered in x.mailbox:
-            body = encode_value({"name": delivered.name, "value": delivered.value})
-            await self.backend.send_event(next_id, delivered.event_id, body)
-        for event in await self.backend.read_inbox(x.run_id):
-            if event.event_id not in x.seen_ids:
-                await self.backend.send_event(next_id, event.event_id, event.data)
 
     async def _finish(self, live: LiveRun, start: Record, end: Record, seen: Any = ()) -> None:
         """Bring metadata, children, parent and due index in step with an ended log."""

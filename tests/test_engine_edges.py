@@ -19,6 +19,7 @@ from substantial import (
     StepFailed,
     workflow,
 )
+from substantial.backends.memory import MemoryBackend
 from substantial.records import encode_entry
 from substantial.testing import log_records
 from tests.harness import Harness
@@ -346,3 +347,50 @@ async def test_a_resent_event_is_not_delivered_again_to_a_successor() -> None:
     finally:
         agent.cancel()
         await agent
+
+
+class _SlowLeases(MemoryBackend):
+    """A store whose lease calls each take a while, counting how many overlap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight = 0
+        self.most = 0
+
+    async def lease(self, run_id: str, owner: str | None = None, ttl: float = 0, **kw: Any) -> Any:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await asyncio.sleep(0.2)
+            return await super().lease(run_id, owner, ttl, **kw)
+        finally:
+            self.in_flight -= 1
+
+
+@workflow()
+async def waits_for_go(c: Context) -> str:
+    return str(await c.receive("go"))
+
+
+async def test_a_worker_renews_the_leases_it_holds_side_by_side() -> None:
+    """One after the other, 20 renewals of 0.2 s take 4 s: past a 3 s lease, the last ones
+    would have expired (and another worker could take their runs) before being renewed."""
+    store = _SlowLeases()
+    conductor = Conductor(store)
+    conductor.register(waits_for_go)
+    agent = conductor.run(lease_ttl=3.0, poll_interval=0.05)
+    runs = [await conductor.start(waits_for_go) for _ in range(20)]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (len(store.leases) >= 20 and store.in_flight == 0):
+        await asyncio.sleep(0.05)
+    store.most = 0  # the takes, side by side too, are not what is checked
+    renewals = time.monotonic() + 10  # a pass comes every lease_ttl / 3 = 1 s
+    while time.monotonic() < renewals and store.most < 20:
+        await asyncio.sleep(0.05)
+    overlapped = store.most
+    for run in runs:
+        await run.send("go", "yes")
+    assert [await r.result(timeout=30) for r in runs] == ["yes"] * 20
+    agent.cancel()
+    await agent
+    assert overlapped >= 20  # a housekeeping pass renewed all 20 at once
