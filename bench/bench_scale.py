@@ -16,7 +16,8 @@
    target ≤ 1.2. The workers' resident memory is read from /proc; target
    ≤ 100 MB.
 3. W5-list: ``runs list`` of the newest 50 (``find_runs``, what ``substantial
-   runs list`` and the web UI call; default scan limit), best of 3, in this
+   runs list`` and the web UI call; default scan limit), best of 3 (one if it
+   takes over a second), in this
    process; and the command itself (``substantial runs list --limit 50
    --json``, a new process: its start-up included). The page must be the 50
    newest runs: a wrong page is an error, not a time. Target < 50 ms.
@@ -170,6 +171,8 @@ async def listing(s: Sitting, backend: Backend, expected: list[str]) -> dict[str
         t0 = time.perf_counter()
         page = await find_runs(backend, RunQuery(limit=50))
         best = min(best, time.perf_counter() - t0)
+        if best > 1.0:
+            break  # far off the target already: a second reading says nothing more
     assert page is not None
     got = [info.run_id for info in page.runs]
     out: dict[str, Any] = {"list_ms": round(best * 1000, 2), "list_scanned": page.scanned}
