@@ -250,12 +250,20 @@ class SQLiteBackend(Backend):
         self.waker.clear()  # this read covers every signal sent so far
         limit = max(0, limit)
         for _ in range(16):
-            # Text sorts after every number in SQLite: a bad time never hides a good one.
+            # Only what is due, and the first entry after it: with a million runs waiting,
+            # a poll must not read a page of them. Text sorts after every number in SQLite,
+            # so a bad time never hides a good one, and is met as the "next" entry.
             rows = self._read(
-                "SELECT run_id, at FROM due ORDER BY at, run_id LIMIT ?",
-                (limit + 1,),
+                "SELECT run_id, at FROM due WHERE at <= ? ORDER BY at, run_id LIMIT ?",
+                (now, limit + 1),
                 "read the due index",
             )
+            if len(rows) <= limit:
+                rows += self._read(
+                    "SELECT run_id, at FROM due WHERE at > ? ORDER BY at, run_id LIMIT 1",
+                    (now,),
+                    "read the due index",
+                )
             bad = [row for row in rows if not _hostile.good_due(*row)]
             if not bad:
                 break
