@@ -1,4 +1,7 @@
-"""W5: a store holding n (1,000,000) waiting runs; one more run, the worker's memory, a listing.
+"""W5: a store holding n waiting runs; one more run, the worker's memory, a listing.
+
+BENCH.md's W5 holds a million (``--n W5=1000000``); ``python -m bench`` uses
+100,000 unless told.
 
 1. ``n`` runs are put in the store, each parked a day ahead in the due index
    (waiting on a timer: due times 0.1 s apart from a day ahead, 36,000 an hour), with
