@@ -301,7 +301,7 @@ class PostgresBackend(Backend):
         limit = max(0, limit)
         for _ in range(16):
             rows = await self._run(
-                "read the due index", lambda c: c.fetch(self._sql["due_head"], limit + 1)
+                "read the due index", lambda c: c.fetch(self._sql["due_head"], limit + 1, now)
             )
             bad = [tuple(r) for r in rows if not _hostile.good_due(*r)]
             if not bad:

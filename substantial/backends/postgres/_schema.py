@@ -194,8 +194,15 @@ class Statements:
                 f"{upsert_due}) SELECT pg_notify($3::text, $2::float8::text)"
             ),
             "unschedule": f"DELETE FROM {due} WHERE run_id = $1::text",
-            # The head of the index; the caller keeps those due by now (NaN sorts last).
-            "due_head": f"SELECT run_id, at FROM {due} ORDER BY at, run_id LIMIT $1::int",
+            # The runs due by $2 (up to $1) and the first one after them, not a page of the
+            # runs waiting: with a million of them, each poll would read a thousand. NaN sorts
+            # after every number, so a bad time is met as the one after.
+            "due_head": (
+                f"SELECT run_id, at FROM ((SELECT run_id, at FROM {due} WHERE at <= $2::float8 "
+                f"ORDER BY at, run_id LIMIT $1::int) UNION ALL (SELECT run_id, at FROM {due} "
+                f"WHERE at > $2::float8 ORDER BY at, run_id LIMIT 1)) AS head "
+                "ORDER BY at, run_id"
+            ),
             # Entries no worker can act on: $1 valid ids with a bad time (due now, $3),
             # $2 bad ids (removed).
             "due_repair": (
