@@ -129,10 +129,15 @@ async def resume_run(
     owner = make_owner("resume-")
     await hold(backend, validate_id("run id", run_id), owner)
     try:
-        return await _resume(backend, run_id, deadline, check)
+        resumed = await _resume(backend, run_id, deadline, check)
     finally:
         with contextlib.suppress(BackendError):
             await backend.release_lease(run_id, owner)
+    # Due again now that nobody holds it: a worker that found it held while resuming waits
+    # for the lease to expire, unless its due time moves.
+    with contextlib.suppress(BackendError):
+        await backend.schedule(run_id, time.time())
+    return resumed
 
 
 async def _resume(backend: Backend, run_id: str, deadline: float | None, check: Any) -> RunInfo:

@@ -107,6 +107,8 @@ class Worker:
         inline_below = seconds(inline_below, "inline_below=")
         self.runs: dict[str, LiveRun] = {}
         self._skip_until: dict[str, float] = {}
+        #: The due time of each run skipped because its lease was held: due anew, it is tried.
+        self._skipped_at: dict[str, float] = {}
         self._next_due: float | None = None
         self._noted: set[str] = set()
         #: Consecutive failed tries per run, for its backoff; cleared by a try that works.
@@ -170,15 +172,18 @@ class Worker:
                         live.driver.poke()
             elif len(self.runs) + len(wanted) >= self.concurrency:
                 break
-            elif self._skip_until.get(run_id, 0.0) <= now:
+            elif self._skip_until.get(run_id, 0.0) <= now or self._skipped_at.get(run_id, at) != at:
                 wanted.append((run_id, at))
         # Side by side: the leases of one poll share a commit (or overlap their round trips).
         taken = await asyncio.gather(*(self._take(r) for r, _ in wanted), return_exceptions=True)
         pairs = sorted(zip(wanted, taken, strict=True), key=lambda pair: pair[1] is not True)
         for (run_id, at), outcome in pairs:  # the runs taken first: a raise strands no lease
             if outcome is True:
+                self._skipped_at.pop(run_id, None)
                 live = self.runs[run_id] = LiveRun(run_id, at)
                 live.task = asyncio.create_task(self._drive(live), name=f"substantial:{run_id}")
+            elif outcome is False:
+                self._skipped_at[run_id] = at
             elif isinstance(outcome, BackendError) and not isinstance(outcome, BackendUnavailable):
                 self._set_aside(run_id, outcome)  # one bad record must not stop the worker
             elif isinstance(outcome, BaseException):
@@ -217,6 +222,7 @@ class Worker:
             await asyncio.sleep(period)
             now = _clock.now()
             self._skip_until = {k: v for k, v in self._skip_until.items() if v > now}
+            self._skipped_at = {k: v for k, v in self._skipped_at.items() if k in self._skip_until}
             # Side by side: one after the other, a slow store let the last leases expire first.
             lives = list(self.runs.values())
             renewals = await asyncio.gather(

@@ -14,6 +14,7 @@ from substantial import (
     Conductor,
     Context,
     InvalidArgument,
+    ResultTimeout,
     RetryPolicy,
     RunNotFound,
     StepFailed,
@@ -394,3 +395,28 @@ async def test_a_worker_renews_the_leases_it_holds_side_by_side() -> None:
     agent.cancel()
     await agent
     assert overlapped >= 20  # a housekeeping pass renewed all 20 at once
+
+
+@workflow()
+async def quick_one(c: Context) -> int:
+    return 1
+
+
+async def test_a_run_found_held_is_taken_as_soon_as_it_is_made_due_again() -> None:
+    """A worker that found a run's lease held (a resume, a delete, another worker) waits for
+    the lease to expire, unless the run is made due anew: then it tries at once."""
+    store = MemoryBackend()
+    conductor = Conductor(store)
+    conductor.register(quick_one)
+    run = await conductor.start(quick_one)
+    await store.lease(run.run_id, "another-host/1/1/repair", 60)
+    agent = conductor.run(poll_interval=0.05)
+    try:
+        with pytest.raises(ResultTimeout):
+            await run.result(timeout=0.5)  # held: the worker skips it
+        await store.lease(run.run_id, "another-host/1/1/repair", 0)
+        await store.schedule(run.run_id, time.time())
+        assert await run.result(timeout=5) == 1  # not the 30 s of its lease_ttl
+    finally:
+        agent.cancel()
+        await agent
