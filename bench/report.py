@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections import Counter
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,7 @@ def _column(r: dict[str, Any]) -> str:
 NO_FLOOR_RATIO = {"W5", "W6", "W7", "W8"}
 
 
-def _cell(r: dict[str, Any], mixed_sizes: bool = False) -> str:
+def _cell(r: dict[str, Any], usual_n: int | None = None) -> str:
     if r.get("skipped"):
         return "n/a"
     if r.get("ok") is not True:
@@ -104,7 +105,7 @@ def _cell(r: dict[str, Any], mixed_sizes: bool = False) -> str:
     ratio = r.get("ratio")
     if ratio is not None and r["workload"] not in NO_FLOOR_RATIO:
         value = f"{value} ({_num(ratio)}x)"
-    return f"{value} at n={r['n']:,}" if mixed_sizes else value
+    return value if usual_n in (None, r["n"]) else f"{value} at n={r['n']:,}"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -117,10 +118,12 @@ def table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|" + "---|" * len(columns),
     ]
     for w in workloads:
-        sizes = sorted({at[w, c]["n"] for c in columns if (w, c) in at})
-        cells = [_cell(at[w, c], len(sizes) > 1) if (w, c) in at else "" for c in columns]
+        # The row's usual size in its own column; a cell of another size says so.
+        sizes = Counter(at[w, c]["n"] for c in columns if (w, c) in at)
+        usual = max(sizes, key=lambda n: (sizes[n], n))
+        cells = [_cell(at[w, c], usual) if (w, c) in at else "" for c in columns]
         unit = HEADLINES.get(w, ("ms/op", None))[0]
-        out.append(f"| {w} | {unit} | {', '.join(f'{n:,}' for n in sizes)} | {' | '.join(cells)} |")
+        out.append(f"| {w} | {unit} | {usual:,} | {' | '.join(cells)} |")
     floors = []
     for c in columns:
         found = [float(r["floor_ms"]) for r in rows if _column(r) == c and r.get("floor_ms")]
