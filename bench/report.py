@@ -169,7 +169,7 @@ def plot(rows: list[dict[str, Any]]) -> str:
         parts.append(
             f'<text x="{xd:.1f}" y="{height - 16}" text-anchor="middle">{10.0**decade:g}</text>'
         )
-    palette = ["#4a7", "#47a", "#a74", "#a47", "#7a4", "#74a"]
+    palette = ["#4a7", "#47a", "#a74", "#a47", "#7a4", "#74a", "#4aa", "#777"]
     colors = {c: palette[i % len(palette)] for i, c in enumerate(dict.fromkeys(map(_column, rows)))}
     for i, (r, v, f) in enumerate(zip(rows, values, floors, strict=True)):
         y = 26 + i * (bar_h + gap)
