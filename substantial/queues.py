@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 __all__ = ["Queue", "QueueInfo", "queue_run_id"]
 
 #: The due time of a run waiting in a queue: later than any worker looks.
-PARKED = 253_402_300_799.0  # 9999-12-31T23:59:59Z
+PARKED = 32_503_680_000.0  # 3000-01-01T00:00:00Z: within every store's time keys
 
 
 def _positive(value: Any, what: str) -> int | None:

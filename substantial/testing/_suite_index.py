@@ -158,6 +158,22 @@ class DueTests:
                 await backend.set_due("t", bad)  # type: ignore[arg-type]
         assert (await backend.due(time.time() + 1e9)).next_at is None
 
+    async def test_a_time_far_in_the_future_stays_not_due(
+        self, backend: Backend, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A due time in year 9999 (past some stores' time keys) is never due now.
+
+        It is read without complaint, and stays later than any time a worker polls at.
+        """
+        now = time.time()
+        await backend.set_due("far", 253_402_300_799.0)
+        await backend.set_due("soon", now - 1)
+        for _ in range(2):  # a store that found it unreadable would have "fixed" it by now
+            due = await backend.due(now)
+            assert [r for r, _ in due] == ["soon"]
+        assert due.next_at is not None and due.next_at >= 32_503_680_000.0  # year 3000
+        assert not [r for r in caplog.records if "far" in r.getMessage()]
+
     async def test_due_with_no_room_returns_nothing(self, backend: Backend) -> None:
         """A limit of zero or less returns no run."""
         await backend.set_due("d", time.time() - 1)

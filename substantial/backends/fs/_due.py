@@ -23,6 +23,7 @@ _US = 1_000_000
 # Hour-wide buckets: due() lists the buckets up to now, never the far-future ones.
 _BUCKET_US = 3600 * _US
 _AT_DIGITS = 17
+_AT_MAX = 99_999_999_999_999_999  # the largest time of _AT_DIGITS digits
 _BUCKET_DIGITS = 8
 # Far above the timestamp granularity of local file systems (a clock tick).
 _SETTLED_NS = 1_000_000_000
@@ -33,8 +34,9 @@ _POINTER_PREFIX = "../../due/"
 def key_us(at: float) -> int:
     """Return the key time (integer µs) of ``at``."""
     # floor() keeps "at <= now" and "key(at) <= key(now)" equivalent; times
-    # before the epoch are stored as the epoch.
-    return max(0, math.floor(at * _US))
+    # before the epoch are stored as the epoch, times past the key's 17 digits (year
+    # 5138) as its last: a key too long would be unreadable, and such a run due at once.
+    return min(max(0, math.floor(at * _US)), _AT_MAX)
 
 
 def _read_pointer(path: str) -> str | None:

@@ -46,7 +46,8 @@ _LOCAL: dict[str, weakref.WeakSet[DueIndex]] = {}
 
 
 def _us(at: float) -> int:
-    return max(0, int(at * 1_000_000))
+    # Past the key's digits (year 5138), the last key time: a longer key would sort wrong.
+    return min(max(0, int(at * 1_000_000)), 99_999_999_999_999_999)
 
 
 @dataclass(frozen=True, slots=True)
