@@ -323,3 +323,19 @@ async def test_writes_after_close_are_refused(db_path: Path) -> None:
     await backend.close()
     with pytest.raises(BackendUnavailable, match="closed"):
         await backend.append("r", 1, entry(1))
+
+
+async def test_a_new_run_is_one_transaction_and_a_taken_id_writes_nothing(
+    backend: SQLiteBackend,
+) -> None:
+    now = time.time()
+    assert await backend.start_run(info("r"), entry("first"), now - 1) is True
+    assert len(await backend.read_log("r")) == 1
+    assert [r for r, _ in await backend.due(now)] == ["r"]
+    other = RunInfo("r", "other", "completed", now, now)
+    assert await backend.start_run(other, entry("second"), now + 100) is False
+    (stored,) = await backend.read_log("r")
+    assert decode_entry("r", 0, stored)[0]["value"] == "first"
+    got = await backend.get_run("r")
+    assert got is not None and got.workflow == "wf" and got.status == "active"
+    assert [r for r, _ in await backend.due(now)] == ["r"]  # its due time unchanged

@@ -336,6 +336,24 @@ class SQLiteBackend(Backend):
     def _run_row(info: RunInfo) -> tuple[str, str, str, bytes]:
         return (info.run_id, info.workflow, info.status, info.to_bytes())
 
+    async def start_run(self, info: RunInfo, entry: bytes, due_at: float) -> bool | None:
+        """Insert the entry at 0 and, if it went in, the metadata and due row: one transaction."""
+        validate_id("run id", info.run_id)
+        at = check_due(info.run_id, due_at, None)
+        assert at is not None
+        entry = bytes(entry)
+        row = self._run_row(info)
+
+        def write(db: sqlite3.Connection) -> bool:
+            if db.execute(APPEND, (info.run_id, 0, entry)).rowcount != 1:
+                return False  # position 0 is taken: nothing written
+            db.execute(PUT_RUN, row)
+            db.execute(SCHEDULE, (info.run_id, at))
+            self._wake_if_due(at)
+            return True
+
+        return await self._write(write)
+
     async def put_run(self, info: RunInfo) -> None:
         """Insert or replace the run's row."""
         validate_id("run id", info.run_id)

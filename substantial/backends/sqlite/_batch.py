@@ -62,7 +62,8 @@ class GroupCommit:
         The first writer of an iteration leads: it yields once, so that every
         task ready in this iteration can queue its write, then commits them
         all and hands each follower its own outcome. ``single`` marks a write
-        of one statement, which needs no explicit transaction when alone.
+        of one statement that leaves nothing behind when it fails: alone, it
+        needs no explicit transaction; in a batch, no savepoint.
         """
         if self.pending:
             fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -158,6 +159,16 @@ class GroupCommit:
                     return [(False, exc)]
             else:
                 for op in batch:
+                    if op.single:
+                        # One statement that leaves nothing behind when it fails (an append
+                        # refused, a row replaced): no savepoint needed to undo it alone.
+                        try:
+                            outcomes.append((True, op.fn(db)))
+                        except sqlite3.Error:
+                            raise
+                        except Exception as exc:
+                            outcomes.append((False, exc))
+                        continue
                     db.execute("SAVEPOINT op")
                     try:
                         outcomes.append((True, op.fn(db)))
