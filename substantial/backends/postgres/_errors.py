@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
@@ -11,7 +13,7 @@ from asyncpg import exceptions as px
 from substantial.backends._redact import redact_url
 from substantial.errors import BackendError, BackendUnavailable, InvalidArgument
 
-__all__ = ["is_connection_error", "is_connection_lost", "parse_url", "translate"]
+__all__ = ["fail_each", "is_connection_error", "is_connection_lost", "parse_url", "translate"]
 
 # The connection went away under the call: on a fresh connection the call may succeed.
 _LOST: tuple[type[BaseException], ...] = (
@@ -98,3 +100,22 @@ def parse_url(url: str) -> tuple[str, str, str | None]:
     host = parts.netloc.rpartition("@")[2] or "localhost"
     where = f"{user}{host}{parts.path or '/'}"
     return url, where, None if password is None else unquote(password)
+
+
+def fail_each(futures: Iterable[asyncio.Future[Any]], exc: BaseException) -> None:
+    """Fail the callers of a batch that failed as a whole, each with its own error.
+
+    A :class:`BackendError` is copied per caller, so tracebacks stay apart; a
+    cancel or an exit of the batch cancels the callers.
+    """
+    for fut in futures:
+        if fut.done():
+            continue
+        if isinstance(exc, BackendError):
+            own = type(exc)(*exc.args)
+            own.__cause__ = exc.__cause__
+            fut.set_exception(own)
+        elif isinstance(exc, Exception):
+            fut.set_exception(exc)
+        else:
+            fut.cancel()

@@ -13,8 +13,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
+from substantial.backends.postgres._errors import fail_each
 from substantial.backends.postgres._schema import Statements
-from substantial.errors import BackendError
 
 __all__ = ["Reads"]
 
@@ -59,17 +59,7 @@ class _Coalesce(Generic[K, V]):
         try:
             results = await self._fetch([key for key, _ in batch])
         except BaseException as exc:
-            for _, fut in batch:
-                if fut.done():
-                    continue
-                if isinstance(exc, BackendError):
-                    own = type(exc)(*exc.args)  # one instance each: tracebacks stay apart
-                    own.__cause__ = exc.__cause__
-                    fut.set_exception(own)
-                elif isinstance(exc, Exception):
-                    fut.set_exception(exc)
-                else:
-                    fut.cancel()
+            fail_each((fut for _, fut in batch), exc)
             if not isinstance(exc, Exception):
                 raise
             return

@@ -24,7 +24,11 @@ from typing import Any, NamedTuple, TypeVar
 
 import asyncpg
 
-from substantial.backends.postgres._errors import is_connection_error, is_connection_lost
+from substantial.backends.postgres._errors import (
+    fail_each,
+    is_connection_error,
+    is_connection_lost,
+)
 from substantial.backends.postgres._schema import (
     ACQUIRE,
     APPEND,
@@ -254,14 +258,4 @@ class WriteBatcher:
 
 
 def _fail(items: list[tuple[Op, asyncio.Future[Outcome]]], exc: BaseException) -> None:
-    for _, fut in items:
-        if fut.done():
-            continue
-        if isinstance(exc, BackendError):
-            own = type(exc)(*exc.args)  # one instance each: tracebacks stay apart
-            own.__cause__ = exc.__cause__
-            fut.set_exception(own)
-        elif isinstance(exc, Exception):
-            fut.set_exception(exc)
-        else:
-            fut.cancel()
+    fail_each((fut for _, fut in items), exc)
