@@ -70,6 +70,8 @@ class DueIndex:
         self._due = due
         self._owner = owner  # whose warnings these are
         self._bucket_cache: tuple[int, list[str]] | None = None
+        #: Each bucket's sorted listing, by the mtime it was listed at (see _scan_bucket).
+        self._scan_cache: dict[str, tuple[int, list[str]]] = {}
 
     def _pointer(self, run_id: str) -> str:
         return f"{self._runs}/{run_id}/due"
@@ -151,17 +153,32 @@ class DueIndex:
         return names
 
     def _scan_bucket(self, bucket: str, now_bucket: int) -> list[str] | None:
-        """List one bucket's entries in key order; drop it if it is a past, empty bucket."""
+        """List one bucket's entries in key order; drop it if it is a past, empty bucket.
+
+        A bucket holds an hour of due times: with a million runs waiting, tens of
+        thousands of keys, listed and sorted at every poll. As for due/ itself, a
+        listing is kept while the bucket's mtime says nothing was added or removed.
+        """
         directory = f"{self._due}/{bucket}"
         try:
+            mtime = os.stat(directory).st_mtime_ns
+            cached = self._scan_cache.get(bucket)
+            if cached is not None and cached[0] == mtime:
+                return cached[1]
+            listed_at = time.time_ns()
             names = os.listdir(directory)
         except FileNotFoundError:
+            self._scan_cache.pop(bucket, None)
             return None
         if not names and int(bucket) < now_bucket:
             # A schedule racing with this finds the bucket gone and recreates it.
             with contextlib.suppress(OSError):
                 os.rmdir(directory)
         names.sort()
+        if listed_at - mtime > _SETTLED_NS:
+            if len(self._scan_cache) >= 64:
+                self._scan_cache.clear()
+            self._scan_cache[bucket] = (mtime, names)
         return names
 
     def _is_current(self, run_id: str, key: str) -> bool:
