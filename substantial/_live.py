@@ -174,11 +174,7 @@ class Driver(LogWriter):
                     break
                 kind = record["k"]
                 if kind in ACTIVATIONS:
-                    if kind == "step":  # the common case of _wanted, inlined
-                        command = x.commands.get(record["c"])
-                        if command is None or command.done:
-                            continue
-                    elif not self._wanted(record):
+                    if not self._wanted(record):
                         continue
                     x.pending.append(record)
                     if kind == "event":

@@ -22,8 +22,7 @@ from substantial import _clock, telemetry
 from substantial._durations import seconds
 from substantial.backends.base import ErrorInfo
 from substantial.errors import InvalidArgument, SerializationError, StepTimeout
-from substantial.records import INT_LIMIT as _INT_LIMIT
-from substantial.records import Record, as_stored, error_of
+from substantial.records import Record, as_stored, error_of, unchanged_by_json
 from substantial.replay import Command, Execution
 
 __all__ = ["DEFAULT_RETRY", "Pace", "RetryPolicy", "StepSpec", "Steps"]
@@ -139,6 +138,9 @@ class Pace:
     @staticmethod
     def key(fn: Callable[..., Any]) -> object:
         """Return what identifies ``fn`` across calls: its code (a lambda in a loop is one)."""
+        code = getattr(fn, "__code__", None)  # a function, a lambda, a bound method
+        if code is not None:
+            return code
         while isinstance(fn, functools.partial):
             fn = fn.func
         fn = getattr(fn, "__func__", fn)
@@ -190,9 +192,9 @@ class Steps:
         # Inline only: a first attempt, with no timeout (it could not be enforced), and no
         # span to open (a span needs the task path).
         if not (spec.attempts or spec.timeout is not None or telemetry.on):
-            key = getattr(spec.fn, "__code__", None) or self.pace.key(spec.fn)
+            key = self.pace.key(spec.fn)
             if (
-                self.pace._last.get(key, _NEVER) < self.pace.inline_below  # Pace.quick, inlined
+                self.pace.quick(key)
                 if self.executor is not None
                 else not inspect.iscoroutinefunction(spec.fn)
             ):
@@ -214,10 +216,7 @@ class Steps:
             if pause is not None:
                 self.spawn(self._run_step(command, attempts=1, pause=pause))
             return
-        last = self.pace._last  # Pace.note, inlined
-        if len(last) >= Pace.SIZE:
-            last.clear()
-        last[key] = time.perf_counter() - started
+        self.pace.note(key, time.perf_counter() - started)
         if type(result) not in _PLAIN and inspect.isawaitable(result):
             self.pace.note(key, _NEVER)
             self.spawn(self._run_step(command, first=result))
@@ -271,13 +270,7 @@ class Steps:
         kind = "step" if command.kind == "step" else "compensated"
         if error is None:
             try:
-                kind_of = type(value)
-                if not (
-                    value is None
-                    or kind_of is bool
-                    or (kind_of is int and -_INT_LIMIT <= value < _INT_LIMIT)
-                    or (kind_of is str and value.isascii())
-                ):  # else the JSON round trip gives the value back as it is
+                if not unchanged_by_json(value):  # else no need to name it for an error
                     what = f"the result of step {command.name!r} of run {x.run_id!r}"
                     value = as_stored(value, what, "result")
             except SerializationError as exc:

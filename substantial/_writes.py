@@ -45,8 +45,7 @@ class LogWriter:
     async def flush(self, *extra: Record) -> None:
         """Write what is buffered (and ``extra``) as one entry at the next position."""
         x = self.x
-        if x.sleeps_pending:
-            self._refuse_endless_timers()
+        self._refuse_endless_timers()
         batch = [*x.pending, *extra] if extra else x.pending
         if not batch:
             if x.to_ack and not self.lost:
@@ -95,35 +94,31 @@ class LogWriter:
         """
         x = self.x
         pause, failures = WRITE_RETRY_FIRST, 0
-        error: BackendUnavailable | None = failed
         while True:
+            if self.lost:
+                raise Fenced("the lease was lost") from failed
+            if self.stop_requested:
+                raise failed
+            failures += 1
+            if failures == 1:
+                logger.warning(
+                    "run %s: its log cannot be written (%s); retrying with backoff up to "
+                    "%.0fs apart, its steps are not run again meanwhile",
+                    x.run_id,
+                    failed,
+                    WRITE_RETRY_MAX,
+                )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause * random.uniform(0.5, 1.0)):
+                    await self._stopping.wait()
+            pause = min(pause * 2, WRITE_RETRY_MAX)
             try:
-                if error is not None:
-                    raise error
-                if await self._holds(entry):
-                    break
-                await self.backend.append(x.run_id, x.position, entry)
+                if not await self._holds(entry):
+                    await self.backend.append(x.run_id, x.position, entry)
             except PositionTaken as exc:
                 raise Fenced(str(exc)) from exc
             except BackendUnavailable as exc:
-                error = None
-                if self.lost:
-                    raise Fenced("the lease was lost") from exc
-                if self.stop_requested:
-                    raise
-                failures += 1
-                if failures == 1:
-                    logger.warning(
-                        "run %s: its log cannot be written (%s); retrying with backoff up to "
-                        "%.0fs apart, its steps are not run again meanwhile",
-                        x.run_id,
-                        exc,
-                        WRITE_RETRY_MAX,
-                    )
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(pause * random.uniform(0.5, 1.0)):
-                        await self._stopping.wait()
-                pause = min(pause * 2, WRITE_RETRY_MAX)
+                failed = exc
             else:
                 break
         logger.warning(

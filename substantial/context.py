@@ -144,7 +144,7 @@ class Context:
         """
         x = self._x
         x.enter()
-        step = name or getattr(f, "__qualname__", None) or _step_name(f)
+        step = name or _step_name(f)
         c, bound = x.issue("step", step)
         if key is not None and key in x.keys:
             return cast(T, x.keys[key])
@@ -153,11 +153,11 @@ class Context:
         for record in bound:
             if record["k"] == "attempt":
                 attempts, retry_at = int(record["n"]), float(record["retry_at"])
-        done = x.settled(c) if x.activations else None
+        done = x.settled(c)
         if done is None:
             spec = StepSpec(f, (), limit, retry or self._retry, key, attempts, retry_at)
             done = await x.wait_for(c, "step", step, spec).future
-        value: Any = done.get("value") if done.get("error") is None else step_outcome(done, step)
+        value: Any = step_outcome(done, step)
         if compensate_with is not None:
             x.compensations.append(Compensation(step, compensate_with, value))
         if key is not None:

@@ -34,6 +34,7 @@ __all__ = [
     "encode_value",
     "error_of",
     "start_record",
+    "unchanged_by_json",
 ]
 
 Record = dict[str, Any]
@@ -187,8 +188,20 @@ def encode_value(value: Any, what: str = "a value", root: str = "value") -> byte
     return data
 
 
-#: orjson stores integers in [-INT_LIMIT, 2 * INT_LIMIT).
-INT_LIMIT = 2**63
+def unchanged_by_json(value: Any) -> bool:
+    """Tell, cheaply, whether the JSON round trip surely gives ``value`` back as it is.
+
+    None, a bool, an int orjson stores, an ASCII str: the plain results of most
+    steps, for which :func:`as_stored` need not encode anything. Anything else
+    may change shape or be refused, and takes the round trip.
+    """
+    kind = type(value)
+    return (
+        value is None
+        or kind is bool
+        or (kind is int and value in _INT_RANGE)
+        or (kind is str and value.isascii())
+    )
 
 
 def as_stored(value: Any, what: str = "a value", root: str = "value") -> Any:
@@ -197,15 +210,7 @@ def as_stored(value: Any, what: str = "a value", root: str = "value") -> Any:
     A workflow sees the same shapes live and on replay: a tuple is a list
     both times, a dataclass a dict. See :func:`encode_value` for what is refused.
     """
-    kind = type(value)
-    if (
-        value is None
-        or kind is bool
-        or (kind is int and -INT_LIMIT <= value < INT_LIMIT)
-        or (kind is str and value.isascii())
-    ):
-        # The round trip gives these back unchanged (bigger ints and other strings may be
-        # refused: orjson stores 64-bit ints and UTF-8 without lone surrogates).
+    if unchanged_by_json(value):
         return value
     return orjson.loads(encode_value(value, what, root))
 
