@@ -69,9 +69,8 @@ class DueIndex:
         self._runs = runs
         self._due = due
         self._owner = owner  # whose warnings these are
-        self._bucket_cache: tuple[int, list[str]] | None = None
-        #: Each bucket's sorted listing, by the mtime it was listed at (see _scan_bucket).
-        self._scan_cache: dict[str, tuple[int, list[str]]] = {}
+        #: Directories' sorted listings, by the mtime each was listed at (see _listing).
+        self._listings: dict[str, tuple[int, list[str]]] = {}
 
     def _pointer(self, run_id: str) -> str:
         return f"{self._runs}/{run_id}/due"
@@ -135,50 +134,45 @@ class DueIndex:
             if self._files.fsync:
                 sync_dir(os.path.dirname(pointer))
 
-    def _buckets(self) -> list[str]:
-        """Return the bucket names in order, re-listing due/ only when it changed."""
-        try:
-            mtime = os.stat(self._due).st_mtime_ns
-            if self._bucket_cache is not None and self._bucket_cache[0] == mtime:
-                return self._bucket_cache[1]
-            listed_at = time.time_ns()
-            names = sorted(b for b in os.listdir(self._due) if b.isascii() and b.isdigit())
-        except FileNotFoundError:
-            return []
-        # A change made within one timestamp tick of the last one may leave the
-        # mtime as it was: trust a listing only once the directory has been
-        # still for a while, so any later change shows as a new mtime.
-        settled = listed_at - mtime > _SETTLED_NS
-        self._bucket_cache = (mtime, names) if settled else None
-        return names
+    def _listing(self, directory: str) -> list[str] | None:
+        """Return ``directory``'s names sorted, or None if it is gone.
 
-    def _scan_bucket(self, bucket: str, now_bucket: int) -> list[str] | None:
-        """List one bucket's entries in key order; drop it if it is a past, empty bucket.
-
-        A bucket holds an hour of due times: with a million runs waiting, tens of
-        thousands of keys, listed and sorted at every poll. As for due/ itself, a
-        listing is kept while the bucket's mtime says nothing was added or removed.
+        With a million runs waiting, due/ and the hour bucket that holds the next
+        due time (tens of thousands of keys) would be listed and sorted at every
+        poll. A listing is kept while the directory's mtime is the one it was
+        listed at: any name added or removed, by any process, changes it.
         """
-        directory = f"{self._due}/{bucket}"
         try:
             mtime = os.stat(directory).st_mtime_ns
-            cached = self._scan_cache.get(bucket)
+            cached = self._listings.get(directory)
             if cached is not None and cached[0] == mtime:
                 return cached[1]
             listed_at = time.time_ns()
-            names = os.listdir(directory)
+            names = sorted(os.listdir(directory))
         except FileNotFoundError:
-            self._scan_cache.pop(bucket, None)
+            self._listings.pop(directory, None)
             return None
-        if not names and int(bucket) < now_bucket:
+        # A change made within one timestamp tick of the last one may leave the
+        # mtime as it was: trust a listing only once the directory has been
+        # still for a while, so any later change shows as a new mtime.
+        if listed_at - mtime > _SETTLED_NS:
+            if len(self._listings) >= 64:
+                self._listings.clear()
+            self._listings[directory] = (mtime, names)
+        return names
+
+    def _buckets(self) -> list[str]:
+        """Return the bucket names in order."""
+        return [b for b in self._listing(self._due) or () if b.isascii() and b.isdigit()]
+
+    def _scan_bucket(self, bucket: str, now_bucket: int) -> list[str] | None:
+        """List one bucket's entries in key order; drop it if it is a past, empty bucket."""
+        directory = f"{self._due}/{bucket}"
+        names = self._listing(directory)
+        if names == [] and int(bucket) < now_bucket:
             # A schedule racing with this finds the bucket gone and recreates it.
             with contextlib.suppress(OSError):
                 os.rmdir(directory)
-        names.sort()
-        if listed_at - mtime > _SETTLED_NS:
-            if len(self._scan_cache) >= 64:
-                self._scan_cache.clear()
-            self._scan_cache[bucket] = (mtime, names)
         return names
 
     def _is_current(self, run_id: str, key: str) -> bool:
