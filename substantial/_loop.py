@@ -87,13 +87,6 @@ def _refuse(name: str) -> Callable[..., Any]:
     return refused
 
 
-class _Handle(asyncio.Handle):
-    __slots__ = ()
-
-
-_new_handle = object.__new__
-
-
 class WorkflowLoop(asyncio.AbstractEventLoop):
     """The event loop every task of one workflow run lives on; stepped by the worker."""
 
@@ -118,22 +111,9 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         try:
             ready = self._ready
             while ready:
-                handle: Any = ready.popleft()
-                if handle._cancelled:
-                    continue
-                # Handle._run, inlined: this is the step of every workflow task.
-                try:
-                    handle._context.run(handle._callback, *handle._args)
-                except (SystemExit, KeyboardInterrupt):
-                    raise
-                except BaseException as exc:
-                    self.call_exception_handler(
-                        {
-                            "message": f"Exception in callback {handle._callback!r}",
-                            "exception": exc,
-                            "handle": handle,
-                        }
-                    )
+                handle = ready.popleft()
+                if not handle._cancelled:
+                    handle._run()
         finally:
             asyncio.events._set_running_loop(previous)
 
@@ -156,17 +136,9 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         context: contextvars.Context | None = None,
     ) -> asyncio.Handle:
         """Queue ``callback`` to run at the next step, after what is already queued."""
-        # asyncio.Handle(...), less its debug check: one is made for every step of a task.
-        handle: Any = _new_handle(_Handle)
-        handle._callback = callback
-        handle._args = args
-        handle._loop = self
-        handle._context = contextvars.copy_context() if context is None else context
-        handle._cancelled = False
-        handle._repr = None
-        handle._source_traceback = None
+        handle = asyncio.Handle(callback, args, self, context)
         self._ready.append(handle)
-        return handle  # type: ignore[no-any-return]
+        return handle
 
     def call_later(  # type: ignore[override]
         self,
