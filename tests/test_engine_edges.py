@@ -116,6 +116,16 @@ async def test_a_corrupt_record_stops_the_run_clearly_and_leaves_the_log_alone(
     assert await conductor.backend.read_log("broken") == before
 
 
+async def handed_back(conductor: Conductor, agent: Any, run_id: str) -> None:
+    """Wait until the worker has evicted the run: out of memory, with no due time."""
+    for _ in range(3000):
+        due = await conductor.backend.due(time.time() + 86400, 10)
+        if not agent.worker.runs and run_id not in {r for r, _ in due}:
+            break
+        await asyncio.sleep(0.01)
+    assert agent.worker.runs == {}, "the idle run should have left memory"
+
+
 @workflow()
 async def careful(c: Context) -> str:
     try:
@@ -132,12 +142,7 @@ async def test_eviction_does_not_record_from_finally_blocks(harness: Harness) ->
     try:
         run = await conductor.start(careful)
         # Taken, then evicted while it waits for "go": handed back with no due time.
-        for _ in range(3000):
-            due = await conductor.backend.due(time.time() + 86400, 10)
-            if not agent.worker.runs and run.run_id not in {r for r, _ in due}:
-                break
-            await asyncio.sleep(0.01)
-        assert agent.worker.runs == {}, "the idle run should have left memory"
+        await handed_back(conductor, agent, run.run_id)
         await run.send("go", "now")
         assert await run.result(timeout=10) == "now"
     finally:
@@ -162,12 +167,7 @@ async def test_a_step_returns_the_same_value_live_and_on_replay() -> None:
     try:
         run = await conductor.start(shapes)
         # Evicted while it waits for "go", so that "again" runs after a replay of "first".
-        for _ in range(3000):
-            due = await conductor.backend.due(time.time() + 86400, 10)
-            if not agent.worker.runs and run.run_id not in {r for r, _ in due}:
-                break
-            await asyncio.sleep(0.01)
-        assert agent.worker.runs == {}, "the idle run should have left memory"
+        await handed_back(conductor, agent, run.run_id)
         await run.send("go")
         assert await run.result(timeout=10) == [[1, 2], [1, 2], True]
     finally:
