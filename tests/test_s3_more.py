@@ -64,6 +64,7 @@ async def test_a_poll_finds_work_made_due_by_another_process(h: S3Harness) -> No
     await b.due(time.time())
     await b.wait_for_work(1.0)  # idle: the interval has grown to max_poll
     assert b._due.poll_interval == 0.4
+    times = await poll_times(b)
     waiter = asyncio.create_task(b.wait_for_work(20))
     code = (
         "import asyncio, sys\n"
@@ -78,7 +79,11 @@ async def test_a_poll_finds_work_made_due_by_another_process(h: S3Harness) -> No
     assert await proc.wait() == 0
     sent = time.monotonic()
     assert await asyncio.wait_for(waiter, 5) is True
-    assert time.monotonic() - sent < 0.4 + 0.3
+    # The first poll after the send finds the work, and it comes within max_poll (plus the
+    # loop's lateness); how long the server takes to answer it is not the poller's to bound.
+    after = [t - sent for t in times if t >= sent]
+    assert len(after) <= 1, after
+    assert not after or after[0] < 0.4 + 0.15, after
     assert b._due.poll_interval == b.min_poll  # work arrived: poll fast again
     assert await b.due(time.time()) == [("r", pytest.approx(time.time(), abs=30))]
 
