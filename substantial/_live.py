@@ -37,7 +37,7 @@ __all__ = ["Driver"]
 logger = logging.getLogger("substantial.workflow")
 
 #: How early a timer wakes the loop before its due time, to absorb the loop's lateness.
-TIMER_EARLY = 0.001
+TIMER_EARLY = 0.002
 
 
 class Driver(LogWriter):
