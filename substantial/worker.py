@@ -26,7 +26,7 @@ from substantial._handback import hand_back
 from substantial._live import Driver
 from substantial._outcome import Outcome, end_of, finish_run, snapshot_of, start_successor
 from substantial._repair import effective
-from substantial._runs import take_lease
+from substantial._runs import claim_order, take_lease
 from substantial._steps import Pace
 from substantial.backends.base import PROTOCOL_VERSION, Backend, RunInfo, make_owner
 from substantial.context import Context
@@ -170,10 +170,9 @@ class Worker:
                     live.known_at = at
                     if live.driver is not None:
                         live.driver.poke()
-            elif len(self.runs) + len(wanted) >= self.concurrency:
-                break
             elif self._skip_until.get(run_id, 0.0) <= now or self._skipped_at.get(run_id, at) != at:
                 wanted.append((run_id, at))
+        wanted = claim_order(self.owner, wanted, self.concurrency - len(self.runs))
         # Side by side: the leases of one poll share a commit (or overlap their round trips).
         taken = await asyncio.gather(*(self._take(r) for r, _ in wanted), return_exceptions=True)
         pairs = sorted(zip(wanted, taken, strict=True), key=lambda pair: pair[1] is not True)
