@@ -113,3 +113,30 @@ async def test_store_run_completes_a_half_done_start(backend: Backend) -> None:
     await backend.put_run(info("nodue"))
     assert await store_run(backend, info("nodue"), entry("start"), time.time()) is False
     assert "nodue" in [r for r, _ in await backend.due(time.time())]
+
+
+async def test_a_run_with_corrupt_metadata_lists_newest_first_as_corrupt(
+    harness: Harness, backend: Backend
+) -> None:
+    """Unreadable metadata lists once, as ``corrupt``; the cursor pages past it."""
+    t0 = 1_700_000_000.0
+    for i, run_id in enumerate(["m0", "m1", "m2", "m3"]):
+        await backend.put_run(RunInfo(run_id, "wf", "active", t0 + i, t0 + i))
+    await harness.corrupt_meta("m2", "garbage")
+    await harness.corrupt_meta("m0", "types")
+    listed = await backend.list_recent()
+    assert sorted(r.run_id for r in listed) == ["m0", "m1", "m2", "m3"]
+    assert {r.run_id for r in listed if r.status == "corrupt"} == {"m0", "m2"}
+    assert [r.run_id for r in listed if r.status != "corrupt"] == ["m3", "m1"]
+    keys = [(r.created_at, r.run_id) for r in listed]
+    assert keys == sorted(keys, reverse=True)  # a corrupt run's place is its cursor
+    walked: list[str] = []
+    before = None
+    while page := await backend.list_recent(limit=1, before=before):
+        walked.append(page[0].run_id)
+        before = (page[0].created_at, page[0].run_id)
+    assert walked == [r.run_id for r in listed]
+    assert [r.run_id for r in await backend.list_recent(status="corrupt")] == [
+        r.run_id for r in listed if r.status == "corrupt"
+    ]
+    assert [r.run_id for r in await backend.list_recent(status="active")] == ["m3", "m1"]

@@ -5,6 +5,8 @@
 * :func:`lease_takable` - when a lease may be taken (free, expired, ours, or named).
 * :func:`filtered_runs` - the listing loop: page through metadata in run id
   order, decode each record (flagging unreadable ones) and apply the filters.
+* :func:`recent_runs` - the same loop over an index in creation order,
+  newest first (``list_recent``).
 * :func:`reraise_lost_cancel` - the guard against a driver that swallows a
   ``cancel()``.
 * :func:`release_with_loop` - closing a client its user never closed, when
@@ -20,16 +22,19 @@ import asyncio
 import contextlib
 import math
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import TypeAlias
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from substantial.backends._hostile import is_valid_id, listed, read_listed
+from substantial.backends._recent import Cursor
 from substantial.backends._redact import redact_url
 from substantial.backends.base import Durability, NewEvent, RunInfo, validate_id
 from substantial.errors import InvalidArgument
 
 __all__ = [
     "Page",
+    "RecentPage",
     "ack_ids",
     "check_due",
     "check_durability",
@@ -40,6 +45,7 @@ __all__ = [
     "gap_error",
     "lease_takable",
     "local_store_url",
+    "recent_runs",
     "release_with_loop",
     "reraise_lost_cancel",
 ]
@@ -206,6 +212,49 @@ async def filtered_runs(
         if not more or not items:
             break
         cursor = items[-1][0]
+    return out
+
+
+#: One page of a creation-time index, newest first: ``(run_id, created_at as indexed,
+#: stored metadata)`` (metadata as in :data:`Page`), and whether more may follow.
+RecentPage: TypeAlias = tuple[Sequence[tuple[str, float, "bytes | RunInfo | None"]], bool]
+
+
+async def recent_runs(
+    backend: object,
+    fetch: Callable[[Cursor | None, int], Awaitable[RecentPage]],
+    *,
+    status: str | None,
+    workflow: str | None,
+    limit: int,
+    before: Cursor | None,
+    page_size: int,
+) -> list[RunInfo]:
+    """Collect up to ``limit`` runs after ``before``, newest first, paging with ``fetch``.
+
+    ``fetch(cursor, n)`` returns up to ``n`` index entries ordered after
+    ``cursor`` (None: from the newest). The filters are applied here (again:
+    unreadable metadata lists as ``corrupt``); such a run keeps the time the
+    index holds for it, so the page's last run is always a cursor that
+    continues where the index left off.
+    """
+    out: list[RunInfo] = []
+    cursor = before
+    while len(out) < limit:
+        items, more = await fetch(cursor, page_size)
+        for run_id, at, data in items:
+            if data is None:
+                continue  # indexed by a write that has not (or never) stored the metadata
+            info = data if isinstance(data, RunInfo) else read_listed(backend, run_id, data)
+            if info.status == "corrupt":
+                info = replace(info, created_at=at)
+            if listed(info, status, workflow):
+                out.append(info)
+                if len(out) >= limit:
+                    break
+        if not more or not items:
+            break
+        cursor = (items[-1][1], items[-1][0])
     return out
 
 

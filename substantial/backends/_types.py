@@ -338,6 +338,9 @@ class Capabilities:
     workers with skewed clocks agree on it.
     ``delete``: :meth:`Backend.delete` removes a run (retention); without
     it, deleting raises :class:`~substantial.errors.Unsupported`.
+    ``list_recent``: :meth:`Backend.list_recent` answers from an index in
+    creation order, a page at a cost independent of the number of runs;
+    without it, the contract's fallback reads every run's metadata (O(n)).
     """
 
     wake_ups: bool = False
@@ -345,6 +348,7 @@ class Capabilities:
     group_commit: bool = False
     server_time: bool = False
     delete: bool = False
+    list_recent: bool = False
 
 
 def encode_json(obj: Any) -> bytes:

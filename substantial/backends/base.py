@@ -21,6 +21,9 @@ list_runs     metadata by id order, filtered, paged, or by ids
 
 One optional method, :meth:`Backend.delete` (retention), is offered where
 ``capabilities.delete`` says so; a backend without it still runs workflows.
+:meth:`Backend.list_recent` (newest first) works on every backend; one that
+keeps an index in creation order overrides it and declares
+``capabilities.list_recent``.
 
 Every method may raise :class:`BackendUnavailable` when the store cannot
 be reached; a write that raises it either did not happen or can be retried
@@ -37,6 +40,7 @@ from collections.abc import Sequence
 from typing import final
 
 from substantial.backends._owner import host_owner_is_dead, make_owner
+from substantial.backends._recent import Cursor, check_before, scan_recent
 from substantial.backends._types import (
     PROTOCOL_VERSION,
     RUN_STATUSES,
@@ -200,6 +204,35 @@ class Backend(abc.ABC):
         raise Unsupported(
             f"the {self.name!r} backend ({type(self).__name__}) cannot delete runs: implement "
             "Backend.delete(run_id) and declare Capabilities(delete=True), or keep the runs"
+        )
+
+    async def list_recent(
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+        before: Cursor | None = None,
+    ) -> list[RunInfo]:
+        """Return up to ``limit`` runs newest first: by ``created_at``, then run id, descending.
+
+        ``before`` is the cursor of the previous page, ``(created_at,
+        run_id)`` of its last run: only runs after it in this order are
+        returned, so paging neither repeats nor skips a run, even while runs
+        are created. Filtered as :meth:`list_runs`; metadata that cannot be
+        read lists with status ``corrupt`` and the creation time the store's
+        index holds for it (0.0 where it has none: it lists last).
+        A backend that declares ``capabilities.list_recent`` answers a page
+        from an index at a cost that does not grow with the store; this
+        default is correct with the contract alone but pages through
+        :meth:`list_runs` over every run (O(n) per page).
+        """
+        return await scan_recent(
+            self.list_runs,
+            status=status,
+            workflow=workflow,
+            limit=limit,
+            before=check_before(before),
         )
 
     # -- lifecycle: override what the store has -------------------------------

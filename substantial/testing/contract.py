@@ -13,9 +13,9 @@ Subclass :class:`BackendContract` in a pytest module and define one fixture,
 
 Every test then runs on that backend: the log's fencing (many appenders at
 one position, in one process and across processes: exactly one wins), the
-inbox, the due index, leases, metadata, wake-ups and deletes as the
-backend declares them, and the answers to bad input that every backend gives alike. Tests
-that need other processes to open the same store run only when
+inbox, the due index, leases, metadata, newest-first listing, wake-ups and
+deletes as the backend declares them, and the answers to bad input that
+every backend gives alike. Tests that need other processes to open the same store run only when
 ``Store.url`` is set. The suite needs ``pytest`` and ``pytest-asyncio``
 (``pip install 'substantial[testing]'``).
 """
@@ -32,6 +32,7 @@ from substantial.backends.base import Backend
 from substantial.testing._suite_delete import DeleteTests
 from substantial.testing._suite_index import DueTests, InboxTests
 from substantial.testing._suite_log import LogTests
+from substantial.testing._suite_recent import RecentTests
 from substantial.testing._suite_runs import LeaseTests, LifecycleTests, RunTests
 from substantial.testing._support import Opener, Store
 
@@ -40,7 +41,14 @@ __all__ = ["BackendContract", "Store"]
 
 @pytest.mark.asyncio
 class BackendContract(
-    LogTests, InboxTests, DueTests, LeaseTests, RunTests, LifecycleTests, DeleteTests
+    LogTests,
+    InboxTests,
+    DueTests,
+    LeaseTests,
+    RunTests,
+    LifecycleTests,
+    DeleteTests,
+    RecentTests,
 ):
     """The conformance suite; subclass it and define the ``store`` fixture."""
 

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from substantial.backends import _hostile
 from substantial.backends._common import (
     Page,
+    RecentPage,
     ack_ids,
     check_due,
     check_durability,
@@ -20,7 +21,9 @@ from substantial.backends._common import (
     filtered_runs,
     gap_error,
     local_store_url,
+    recent_runs,
 )
+from substantial.backends._recent import Cursor, check_before
 from substantial.backends._wake import WakeChannel
 from substantial.backends.base import (
     Backend,
@@ -43,6 +46,7 @@ from substantial.backends.sqlite._schema import (
     PUT_RUN,
     RELEASE,
     SCHEDULE,
+    recent_query,
     setup,
 )
 from substantial.backends.sqlite._writer_lock import WriterLock
@@ -63,7 +67,7 @@ class SQLiteBackend(Backend):
     """
 
     name = "sqlite"
-    capabilities = Capabilities(wake_ups=True, group_commit=True, delete=True)
+    capabilities = Capabilities(wake_ups=True, group_commit=True, delete=True, list_recent=True)
 
     def __init__(
         self,
@@ -419,6 +423,37 @@ class SQLiteBackend(Backend):
             page_size=max(limit, 100) if status == "corrupt" else limit,
             ids=ids,
             fetch_ids=fetch_ids,
+        )
+
+    async def list_recent(
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+        before: Cursor | None = None,
+    ) -> list[RunInfo]:
+        """Walk ``runs_by_created`` backwards from the cursor, filters in the same query."""
+        cursor = check_before(before)
+        by_status = status if status is not None and status != "corrupt" else None
+        filters = [f for f in (by_status, workflow) if f is not None]
+
+        async def fetch(at: Cursor | None, n: int) -> RecentPage:
+            sql = recent_query(
+                cursor=at is not None, status=by_status is not None, workflow=workflow is not None
+            )
+            args = [*(at or ()), *filters, n]
+            rows = self._read(sql, args, "list recent runs")
+            return rows, len(rows) >= n
+
+        return await recent_runs(
+            self,
+            fetch,
+            status=status,
+            workflow=workflow,
+            limit=limit,
+            before=cursor,
+            page_size=max(limit, 100) if status == "corrupt" else limit,
         )
 
     # -- lifecycle and wake-ups -------------------------------------------

@@ -1,0 +1,91 @@
+"""Newest-first listing: the cursor, its checks, and the fallback every backend inherits.
+
+``Backend.list_recent`` orders runs by ``(created_at, run_id)``, newest
+first; a page's last run is the cursor (``before``) of the next. Stores with
+an index in creation order (SQL, Redis) answer a page from it; any other
+backend gets :func:`scan_recent`, which is correct with the contract alone
+but reads every run's metadata.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeAlias
+
+from substantial.backends._types import RunInfo
+from substantial.errors import InvalidArgument
+
+__all__ = ["SCAN_PAGE", "Cursor", "check_before", "scan_recent", "sort_key"]
+
+#: Where a page ends: the ``(created_at, run_id)`` of its last (oldest) run.
+Cursor: TypeAlias = tuple[float, str]
+
+#: Runs asked of ``list_runs`` per call by the fallback.
+SCAN_PAGE = 500
+
+
+def sort_key(info: RunInfo) -> Cursor:
+    """Return the run's place in newest-first order (compared descending)."""
+    return (info.created_at, info.run_id)
+
+
+def check_before(before: object) -> Cursor | None:
+    """Return ``before`` as a cursor; raise :class:`InvalidArgument` if it is not one.
+
+    A cursor is ``(created_at, run_id)``: a finite number of epoch seconds
+    and a string (``""`` stands before every id: ``(t, "")`` keeps runs
+    created before ``t``). A list of the two (a cursor read back from JSON)
+    is accepted.
+    """
+    if before is None:
+        return None
+    if isinstance(before, tuple | list) and len(before) == 2:
+        at, run_id = before
+        number = isinstance(at, int | float) and not isinstance(at, bool)
+        if number and math.isfinite(at) and isinstance(run_id, str):
+            return (float(at), run_id)
+    raise InvalidArgument(
+        f"before={before!r} is not a cursor: pass (created_at, run_id) of the last run of "
+        "the previous page, e.g. (page[-1].created_at, page[-1].run_id)"
+    )
+
+
+async def scan_recent(
+    list_runs: Callable[..., Awaitable[list[RunInfo]]],
+    *,
+    status: str | None,
+    workflow: str | None,
+    limit: int,
+    before: Cursor | None,
+) -> list[RunInfo]:
+    """Answer ``list_recent`` by paging ``list_runs`` over the whole store: O(n) reads.
+
+    Keeps the newest ``limit`` runs seen in a heap, so memory stays
+    ``O(limit)`` however large the store.
+    """
+    if limit <= 0:
+        return []
+    newest: list[tuple[Cursor, RunInfo]] = []  # a min-heap: the oldest kept run on top
+    after: str | None = None
+    while True:
+        found = await list_runs(status=status, workflow=workflow, limit=SCAN_PAGE, after=after)
+        for info in found:
+            key = sort_key(info)
+            if before is not None and not key < before:
+                continue
+            # Run ids are unique, so keys never tie and RunInfos are never compared.
+            if len(newest) < limit:
+                heapq.heappush(newest, (key, info))
+            elif key > newest[0][0]:
+                heapq.heapreplace(newest, (key, info))
+        if len(found) < SCAN_PAGE:
+            break
+        after = found[-1].run_id
+    newest.sort(key=_first, reverse=True)
+    return [info for _, info in newest]
+
+
+def _first(item: tuple[Cursor, Any]) -> Cursor:
+    return item[0]
