@@ -320,8 +320,8 @@ class Driver(LogWriter):
         self.stop()
 
     def _arm(self, c: int, until: float) -> None:
-        # The loop wakes up to a millisecond late (epoll counts whole milliseconds): aim
-        # that much early, and let _fire finish the wait.
+        # The loop wakes up to ~1.4 ms late (epoll counts whole milliseconds, a VM adds
+        # slack): aim TIMER_EARLY early, and let _fire finish the wait.
         delay = max(0.0, until - _clock.now() - TIMER_EARLY)
         self.timers[c] = asyncio.get_running_loop().call_later(delay, self._fire, c, until)
         self.timer_due[c] = until
