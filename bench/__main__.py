@@ -37,6 +37,7 @@ from bench._harness import Spec, measure
 from bench.bench_backends import TARGETS, primitive
 from bench.bench_engine import r, w1, w2, w3e, w3s, w4, w6
 from bench.bench_fanout import w7
+from bench.bench_list import ls
 from bench.bench_queues import w8
 from bench.bench_replay import mg, rc
 from bench.bench_scale import w5
@@ -50,6 +51,7 @@ WORKLOADS: dict[str, Spec] = {
     # BENCH.md's W5 is a million (--n W5=1000000); a tenth by default keeps a full run within
     # minutes on fs, where filling the store goes through the backend.
     "W5": Spec(w5, 100_000, "one more run beside n waiting runs", shared=True, once=True),
+    "LS": Spec(ls, 100_000, "the newest 50 runs beside n runs (list_recent)", once=True),
     "W6": Spec(w6, 500, "4 worker processes against 1, n workflows x 10 steps", shared=True),
     "W7": Spec(w7, 100, "one parent gathering n children x 10 steps; per child step"),
     "W8": Spec(w8, 2000, "n runs of 10 steps through a queue, concurrency 100; per run"),

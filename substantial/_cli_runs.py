@@ -173,7 +173,7 @@ def list_command(
     footer = f"{first}-{last} of {page.total}{'+' if page.truncated else ''} runs"
     if last < page.total:
         footer += f"; next page: --offset {last}"
-    if page.truncated and sort != "id":
+    if page.truncated and page.scanned >= scan_limit:
         footer += f"; stopped after reading {page.scanned} runs (raise --scan-limit)"
     out.print(Text(footer, style="dim"))
 

@@ -168,12 +168,31 @@ class CodecBackend(Backend):
         found = await self.inner.list_runs(
             status=status, workflow=workflow, limit=limit, after=after, ids=ids
         )
+        return self._opened(found)
+
+    async def list_recent(
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+        before: tuple[float, str] | None = None,
+    ) -> list[RunInfo]:
+        """List newest first from the store's own index, values opened."""
+        found = await self.inner.list_recent(
+            status=status, workflow=workflow, limit=limit, before=before
+        )
+        return self._opened(found)
+
+    def _opened(self, found: list[RunInfo]) -> list[RunInfo]:
         out: list[RunInfo] = []
         for info in found:
             try:
                 opened = self._info_out(info)
             except CodecError as exc:  # one run that does not open never hides the others
-                opened = RunInfo.unreadable(info.run_id, str(exc))
+                # Where the store's index placed it: a page's last run is its cursor.
+                flagged = RunInfo.unreadable(info.run_id, str(exc))
+                opened = dataclasses.replace(flagged, created_at=info.created_at)
             if opened is not None:
                 out.append(opened)
         return out

@@ -24,10 +24,15 @@ containing every key and value of the object ``x``; ``contains`` is ``in``
 the other way round.
 
 Everything is answered from run metadata (which holds each run's status,
-times, result and error), never by reading logs. A ``status`` or ``workflow``
-equality at the top level (alone or inside a top-level ``and``) is handed to
-the backend's ``list_runs``, which the SQL and Redis backends answer from an
-index; the other terms are checked on each listed run. A ``queue`` filter
+times, result and error), never by reading logs. Newest first (the default
+order) on a store with an index in creation order (SQLite, Postgres, Redis:
+``capabilities.list_recent``) walks ``Backend.list_recent`` and stops once the
+page is full: the newest page costs a page of reads however many runs the
+store holds. Elsewhere the listing reads up to ``scan_limit`` runs and sorts.
+A ``status`` or ``workflow`` equality at the top level (alone or inside a
+top-level ``and``) is handed to the backend's listing, which the SQL and
+Redis backends answer from an index; the other terms are checked on each
+listed run. A ``queue`` filter
 reads the queue's own run (its log and inbox name every run started into
 it) and then only those runs' metadata.
 """
@@ -242,7 +247,7 @@ def _pushdown(expr: Expr | None) -> dict[str, str]:
 
 
 SORT_KEYS: dict[str, Callable[[RunInfo], Any]] = {
-    "created": lambda i: i.created_at,
+    "created": lambda i: (i.created_at, i.run_id),
     "updated": lambda i: i.updated_at,
     "id": lambda i: i.run_id,
     "status": lambda i: (i.status, i.run_id),
@@ -319,6 +324,9 @@ async def find_runs(
         query.workflow and pushed.get("workflow", query.workflow) != query.workflow
     ):
         return Page([], 0, 0, False)  # the filters and the expression contradict each other
+    if query.sort == "created" and query.descending and backend.capabilities.list_recent:
+        # Without an index each list_recent call reads the whole store: one scan below is less.
+        return await _newest_page(backend, query, status, workflow, progress)
     found: list[RunInfo] = []
     scanned = 0
     after: str | None = None
@@ -343,6 +351,45 @@ async def find_runs(
             break
     found.sort(key=SORT_KEYS[query.sort], reverse=query.descending)
     return Page(found[query.offset : query.offset + query.limit], len(found), scanned, truncated)
+
+
+async def _newest_page(
+    backend: Backend,
+    query: RunQuery,
+    status: str | None,
+    workflow: str | None,
+    progress: Callable[[int], None] | None,
+) -> Page:
+    """Walk the store newest first (``list_recent``) until the page and one run more are found.
+
+    On a store with an index in creation order the newest page costs a page
+    of reads, not a scan; ``total`` then counts the runs found so far and
+    ``truncated`` says more exist (``51+``). ``until`` starts the walk there,
+    ``since`` ends it.
+    """
+    want = query.offset + query.limit
+    found: list[RunInfo] = []
+    scanned = 0
+    before = None if query.until is None else (query.until, "")
+    batch = min(want + 1, 500)
+    while True:
+        batch = min(batch, query.scan_limit - scanned)
+        page = await backend.list_recent(
+            status=status, workflow=workflow, limit=batch, before=before
+        )
+        scanned += len(page)
+        older = query.since is not None and bool(page) and page[-1].created_at < query.since
+        found.extend(info for info in page if query.keeps(info))
+        if progress is not None:
+            progress(scanned)
+        if len(found) > want:
+            return Page(found[query.offset : want], len(found), scanned, True)
+        if len(page) < batch or older:
+            return Page(found[query.offset : want], len(found), scanned, False)
+        if scanned >= query.scan_limit:
+            return Page(found[query.offset : want], len(found), scanned, True)
+        before = (page[-1].created_at, page[-1].run_id)
+        batch = 500  # the filters passed too few: read on in larger pages
 
 
 async def _queue_page(

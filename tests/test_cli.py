@@ -138,7 +138,15 @@ def test_list_sorts_and_pages(store: str) -> None:
     created = [r["created_at"] for r in newest]
     assert created == sorted(created, reverse=True)
     table = ok("runs", "list", "--backend", store, "--workflow", "small", "--limit", "2")
-    assert "1-2 of 5 runs; next page: --offset 2" in table
+    # Newest first stops reading once the page and one run more are found: "3+".
+    assert "1-2 of 3+ runs; next page: --offset 2" in table
+    assert "raise --scan-limit" not in table
+    pages = [
+        runs_json("--backend", store, "--workflow", "small", "--limit", "2", "--offset", str(o))
+        for o in (0, 2, 4)
+    ]
+    assert [r["run_id"] for page in pages for r in page] == [r["run_id"] for r in newest]
+    assert len(newest) == 5
 
 
 def test_list_table_shows_status_outcome_and_parent(store: str) -> None:
