@@ -337,3 +337,27 @@ async def test_server_stopped_mid_call_is_unavailable_then_recovers(
         assert len(await backend.read_log("r")) == 2
     finally:
         await backend.close()
+
+
+async def test_a_store_made_before_the_creation_index_gets_it_and_lists_from_it(
+    store: PostgresHarness,
+) -> None:
+    from substantial.backends.postgres._recent import recent_query
+
+    first = await open_backend(store)
+    for i in range(5):
+        await first.put_run(RunInfo(f"r{i}", "wf", "active", 1000.0 - i, 1000.0))
+    conn = await store.raw()
+    try:
+        await conn.execute(f"DROP INDEX {store.table('runs_by_created')}")
+        again = await open_backend(store)
+        assert [r.run_id for r in await again.list_recent(limit=3)] == ["r0", "r1", "r2"]
+        assert await conn.fetchval("SELECT to_regclass($1)", store.table("runs_by_created"))
+        # The cursor bounds a walk of the index: no sort, however many runs there are.
+        await conn.execute("SET enable_seqscan = off")
+        sql = recent_query(store.table("runs"), cursor=True, status=False, workflow=False)
+        plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql}", 1000.0, "r1", 50))
+        assert "Index Scan Backward using" in plan and "runs_by_created" in plan, plan
+        assert "Sort" not in plan, plan
+    finally:
+        await conn.close()

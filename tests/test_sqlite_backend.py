@@ -339,3 +339,31 @@ async def test_a_new_run_is_one_transaction_and_a_taken_id_writes_nothing(
     got = await backend.get_run("r")
     assert got is not None and got.workflow == "wf" and got.status == "active"
     assert [r for r, _ in await backend.due(now)] == ["r"]  # its due time unchanged
+
+
+async def test_a_database_made_before_the_creation_index_gets_it_and_lists_from_it(
+    db_path: Path,
+) -> None:
+    from substantial.backends.sqlite._schema import recent_query
+
+    first = SQLiteBackend(db_path)
+    for i in range(5):
+        await first.put_run(RunInfo(f"r{i}", "wf", "active", 1000.0 - i, 1000.0))
+    await first.close()
+    with sqlite3.connect(db_path) as db:  # as a release before the index left it
+        db.execute("DROP INDEX runs_by_created")
+    again = SQLiteBackend(db_path)
+    try:
+        assert [r.run_id for r in await again.list_recent(limit=3)] == ["r0", "r1", "r2"]
+        db = again._connect()
+        for cursor in (False, True):
+            sql = recent_query(cursor=cursor, status=True, workflow=True)
+            args = [1.0, "x"] * cursor + ["active", "wf", 50]
+            (plan,) = db.execute(f"EXPLAIN QUERY PLAN {sql}", args).fetchall()
+            # A walk of the creation-time index, bounded by the cursor: never a sort.
+            expected = "SEARCH" if cursor else "SCAN"
+            assert plan[3] == f"{expected} runs USING INDEX runs_by_created" + (
+                " (<expr><?)" if cursor else ""
+            )
+    finally:
+        await again.close()

@@ -34,6 +34,7 @@ from substantial.backends.base import (
     RunInfo,
     validate_id,
 )
+from substantial.backends.postgres import _recent as recent
 from substantial.backends.postgres._errors import (
     is_connection_error,
     is_connection_lost,
@@ -88,7 +89,9 @@ class PostgresBackend(Backend):
     """
 
     name = "postgres"
-    capabilities = Capabilities(wake_ups=True, group_commit=True, server_time=True, delete=True)
+    capabilities = Capabilities(
+        wake_ups=True, group_commit=True, server_time=True, delete=True, list_recent=True
+    )
 
     def __init__(
         self,
@@ -412,6 +415,19 @@ class PostgresBackend(Backend):
             page_size=max(limit, 100) if status == "corrupt" else limit,
             ids=ids,
             fetch_ids=fetch_ids,
+        )
+
+    async def list_recent(
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+        before: tuple[float, str] | None = None,
+    ) -> list[RunInfo]:
+        """Walk the creation-time index backwards from the cursor (``_recent.py``)."""
+        return await recent.list_recent(
+            self, self._run, self._sql.table("runs"), status, workflow, limit, before
         )
 
     # -- retention --------------------------------------------------------

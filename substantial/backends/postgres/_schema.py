@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 
+from substantial.backends.postgres._recent import ensure_recent_index
 from substantial.errors import InvalidArgument, ProtocolMismatch
 
 __all__ = [
@@ -323,15 +324,18 @@ async def ensure_schema(conn: Any, statements: Statements, where: str) -> bool:
     is there; without it every write is sent alone.
     """
     function = statements.function
-    # One round trip tells whether both exist: an existing store costs no lock.
-    tables, has_function = await conn.fetchrow(
-        "SELECT to_regclass($1) IS NOT NULL, to_regproc($2) IS NOT NULL",
+    # One round trip tells whether all three exist: an existing store costs no lock.
+    by_created = statements.table("runs_by_created")
+    tables, has_function, indexed = await conn.fetchrow(
+        "SELECT to_regclass($1) IS NOT NULL, to_regproc($2) IS NOT NULL, "
+        "to_regclass($3) IS NOT NULL",
         statements.table("schema"),
         function,
+        by_created,
     )
     version = int(await conn.fetchval(statements["version"]) or 0) or None if tables else None
     _check(version, where, statements.prefix)
-    if version == SCHEMA_VERSION and has_function:
+    if version == SCHEMA_VERSION and has_function and indexed:
         return True
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", statements.lock_key)
@@ -339,6 +343,8 @@ async def ensure_schema(conn: Any, statements: Statements, where: str) -> bool:
         _check(version, where, statements.prefix)
         if version != SCHEMA_VERSION:
             await conn.execute(statements.ddl())
+    if not indexed:
+        await ensure_recent_index(conn, statements.table, statements.lock_key, where)
     try:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", statements.lock_key)
