@@ -365,5 +365,31 @@ async def test_a_database_made_before_the_creation_index_gets_it_and_lists_from_
             assert plan[3] == f"{expected} runs USING INDEX runs_by_created" + (
                 " (<expr><?)" if cursor else ""
             )
+        sql = recent_query(cursor=True, status=True, workflow=False, via="status")
+        plan = db.execute(f"EXPLAIN QUERY PLAN {sql}", [1.0, "x", "active", 50]).fetchall()
+        assert [p[3] for p in plan] == [
+            "SEARCH runs USING INDEX runs_by_status (status=?)",
+            "USE TEMP B-TREE FOR ORDER BY",
+        ]
     finally:
         await again.close()
+
+
+@pytest.mark.parametrize("probe", [0, 2000])
+async def test_filters_list_newest_first_by_either_plan(
+    backend: SQLiteBackend, monkeypatch: pytest.MonkeyPatch, probe: int
+) -> None:
+    # 0: every filter counts as common, the walk of the creation index filters as it goes.
+    monkeypatch.setattr("substantial.backends.sqlite._backend.PROBE", probe)
+    for i in range(12):
+        status = "failed" if i % 3 == 0 else "active"
+        await backend.put_run(RunInfo(f"r{i:02d}", f"w{i % 2}", status, 1000.0 + i, 1000.0))  # type: ignore[arg-type]
+    failed = await backend.list_recent(status="failed", limit=2)
+    assert [r.run_id for r in failed] == ["r09", "r06"]
+    cursor = (failed[-1].created_at, failed[-1].run_id)
+    assert [r.run_id for r in await backend.list_recent(status="failed", before=cursor)] == [
+        "r03",
+        "r00",
+    ]
+    both = await backend.list_recent(status="active", workflow="w1", before=(1010.0, ""))
+    assert [r.run_id for r in both] == ["r07", "r05", "r01"]

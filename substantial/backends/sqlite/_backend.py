@@ -43,9 +43,11 @@ from substantial.backends.sqlite._schema import (
     GET_LEASE,
     HAS_ENTRY,
     POST,
+    PROBE,
     PUT_RUN,
     RELEASE,
     SCHEDULE,
+    probe_query,
     recent_query,
     setup,
 )
@@ -436,13 +438,18 @@ class SQLiteBackend(Backend):
         """Walk ``runs_by_created`` backwards from the cursor, filters in the same query."""
         cursor = check_before(before)
         by_status = status if status is not None and status != "corrupt" else None
-        filters = [f for f in (by_status, workflow) if f is not None]
+        named = {"status": by_status, "workflow": workflow}
+        filters = {k: v for k, v in named.items() if v is not None}
+        # A filter few runs pass would walk the whole index: count its matches first.
+        found = {k: self._read(probe_query(k), [v], "count runs")[0][0] for k, v in filters.items()}
+        rarest = min(found, key=found.__getitem__, default=None)
+        via = rarest if rarest is not None and found[rarest] < PROBE else None
 
         async def fetch(at: Cursor | None, n: int) -> RecentPage:
             sql = recent_query(
-                cursor=at is not None, status=by_status is not None, workflow=workflow is not None
+                cursor=at is not None, status="status" in filters, workflow=bool(workflow), via=via
             )
-            args = [*(at or ()), *filters, n]
+            args = [*(at or ()), *filters.values(), n]
             rows = self._read(sql, args, "list recent runs")
             return rows, len(rows) >= n
 

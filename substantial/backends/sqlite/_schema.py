@@ -16,11 +16,13 @@ __all__ = [
     "GET_LEASE",
     "HAS_ENTRY",
     "POST",
+    "PROBE",
     "PUT_RUN",
     "RECENT_INDEX",
     "RELEASE",
     "SCHEDULE",
     "SCHEMA_VERSION",
+    "probe_query",
     "recent_query",
     "setup",
 ]
@@ -147,18 +149,30 @@ def setup(db: sqlite3.Connection, path: Path, durability: Durability, timeout: f
                 raise  # a read-only copy still lists, newest first by the slower plan
 
 
-def recent_query(*, cursor: bool, status: bool, workflow: bool) -> str:
+#: Fewer matches of a filter than this: its own index and a sort beat walking by time.
+PROBE = 2000
+
+
+def probe_query(column: str) -> str:
+    """Return the query counting a filter's matches, up to PROBE, on its own index."""
+    return f"SELECT count(*) FROM (SELECT 1 FROM runs WHERE {column} = ? LIMIT {PROBE})"
+
+
+def recent_query(*, cursor: bool, status: bool, workflow: bool, via: str | None = None) -> str:
     """Return the newest-first page query: cursor ``(at, id)``, status, workflow, then limit.
 
-    It walks ``runs_by_created`` backwards; ``+`` keeps the planner off the
-    status and workflow indexes, whose matches it would have to sort.
+    It walks ``runs_by_created`` backwards (``+`` keeps the planner off the
+    filters' indexes); ``via`` a filter column with few matches (see
+    ``probe_query``) reads them through that column's index and sorts them.
     """
     # Not a row value: SQLite bounds an index range on the first term only in this form.
     terms = [f"{CREATED} <= ?1 AND ({CREATED} < ?1 OR run_id < ?2)"] if cursor else []
-    terms += ["+status = ?"] if status else []
-    terms += ["+workflow = ?"] if workflow else []
+    mark = "" if via else "+"
+    terms += [f"{mark}status = ?"] if status else []
+    terms += [f"{mark}workflow = ?"] if workflow else []
     where = f" WHERE {' AND '.join(terms)}" if terms else ""
+    index = f" INDEXED BY runs_by_{via}" if via else ""
     return (
-        f"SELECT run_id, {CREATED}, info FROM runs{where} "
+        f"SELECT run_id, {CREATED}, info FROM runs{index}{where} "
         f"ORDER BY {CREATED} DESC, run_id DESC LIMIT ?"
     )
