@@ -271,9 +271,12 @@ async def test_every_key_of_a_run_is_in_one_slot_and_indexes_are_sharded(
         keys = [k.decode() async for k in raw.scan_iter(match=f"{{{prefix}:*")]
         by_run: dict[str, set[str]] = defaultdict(set)
         index: dict[str, list[str]] = defaultdict(list)
+        recent: list[str] = []
         for key in keys:
             tag, _, kind = key[1:].partition("}")
-            if kind:
+            if kind == ":recent" and tag.startswith(f"{prefix}:runs:"):
+                recent.append(key)  # a runs shard's creation index, in the shard's slot
+            elif kind:
                 by_run[tag.split(":", 1)[1]].add(kind)
                 assert key_slot(key.encode()) == key_slot(f"{{{tag}}}".encode())
             else:
@@ -292,6 +295,34 @@ async def test_every_key_of_a_run_is_in_one_slot_and_indexes_are_sharded(
         for run_id in run_ids:
             due_key = f"{{{prefix}:due:{shard_of(run_id)}}}"
             assert await raw.zscore(due_key, run_id) is not None
+        assert sorted(recent) == sorted(f"{k}:recent" for k in index["runs"])
+        for key in index["runs"]:
+            assert key_slot(f"{key}:recent".encode()) == key_slot(key.encode())
+            ids = {m for m, _ in await raw.zrange(key, 0, -1, withscores=True)}
+            assert {m for m, _ in await raw.zrange(f"{key}:recent", 0, -1, withscores=True)} == ids
+    finally:
+        await raw.aclose()
+
+
+async def test_a_store_written_before_creation_indexes_is_indexed_by_its_first_listing(
+    store: RedisHarness,
+) -> None:
+    old = await store.open()
+    for i in range(30):
+        await old.put_run(RunInfo(f"r{i:02d}", "wf", "active", 1000.0 + i % 10, 1000.0))
+    raw = store.raw()
+    try:
+        for key in [k async for k in raw.scan_iter(match=f"{{{store.prefix}:runs:*}}:recent")]:
+            await raw.delete(key)  # as an earlier release left the store: no creation index
+        await raw.set(f"{{{store.prefix}:r05}}:meta", b"\x00{not json")
+        fresh = await store.open()
+        expected = sorted(
+            ((1000.0 + i % 10 if i != 5 else 0.0, f"r{i:02d}") for i in range(30)), reverse=True
+        )
+        listed = await fresh.list_recent(limit=100)
+        assert [(r.created_at, r.run_id) for r in listed] == expected
+        assert listed[-1].status == "corrupt"
+        assert sum([await raw.zcard(k) for k in fresh._listing.recent_keys]) == 30  # type: ignore[attr-defined]
     finally:
         await raw.aclose()
 

@@ -16,12 +16,10 @@ from redis.asyncio import RedisCluster
 
 from substantial.backends import _hostile
 from substantial.backends._common import (
-    Page,
     ack_ids,
     check_due,
     check_position,
     check_ttl,
-    filtered_runs,
     gap_error,
 )
 from substantial.backends._redact import redact_url
@@ -38,6 +36,7 @@ from substantial.backends.base import (
 from substantial.backends.redis._connect import describe_client, open_client
 from substantial.backends.redis._errors import Client, Health, log
 from substantial.backends.redis._listen import Listener
+from substantial.backends.redis._listing import Listing
 from substantial.backends.redis._pipe import Pipe
 from substantial.backends.redis._scripts import SCRIPTS
 from substantial.errors import BackendError, InvalidArgument, PositionTaken
@@ -60,7 +59,7 @@ class RedisBackend(Backend):
     """Store runs in Redis; works on a single server and on Redis Cluster."""
 
     name = "redis"
-    capabilities = Capabilities(wake_ups=True, server_time=True, delete=True)
+    capabilities = Capabilities(wake_ups=True, server_time=True, delete=True, list_recent=True)
 
     def __init__(
         self,
@@ -115,6 +114,15 @@ class RedisBackend(Backend):
         self._runs_keys = [f"{{{prefix}:runs:{k}}}" for k in range(SHARDS)]
         self._where = describe_client(self._client)
         self._health = Health(self._client, self._where, self._release)
+        self._listing = Listing(
+            self,
+            self._client,
+            self._pipe,
+            self._health,
+            lambda run_id: self._key(run_id, "meta"),
+            self._runs_keys,
+            self._reindex,
+        )
         self._closed = False
         # Wake-ups: the listener notifies self.waker, which keeps a signal that
         # arrives between a poll and the next wait.
@@ -352,13 +360,15 @@ class RedisBackend(Backend):
     async def put_run(self, info: RunInfo) -> None:
         """Add the run to its runs shard, then SET its metadata.
 
-        The index entry goes first: an entry whose metadata is missing is
-        skipped by :meth:`list_runs`, so a crash between the two is harmless.
+        The index entries (id order and creation time, one script) go first:
+        an entry whose metadata is missing is skipped by the listings, so a
+        crash between the two is harmless.
         """
         key = self._key(info.run_id, "meta")
+        index_args = [info.run_id, repr(info.created_at)]
         async with self._health.io("put_run"):
             await self._in_order(
-                ("ZADD", self._runs_keys[shard_of(info.run_id)], "0", info.run_id),
+                self._eval("index_run", self._index_keys(shard_of(info.run_id)), index_args),
                 ("SET", key, info.to_bytes()),
             )
 
@@ -372,60 +382,33 @@ class RedisBackend(Backend):
         ids: Sequence[str] | None = None,
     ) -> list[RunInfo]:
         """Page through the runs shards in id order (ZRANGE BYLEX), filtering on metadata."""
+        return await self._listing.list_runs(status, workflow, limit, after, ids)
 
-        async def fetch(cursor: str | None, n: int) -> Page:
-            found = await self._next_run_ids(cursor, n)
-            return (await fetch_ids(found))[0], len(found) >= n
+    async def list_recent(
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+        before: tuple[float, str] | None = None,
+    ) -> list[RunInfo]:
+        """Merge the shards' creation indexes newest first from the cursor (``_listing.py``)."""
+        return await self._listing.list_recent(status, workflow, limit, before)
 
-        async def fetch_ids(ids: list[str]) -> Page:
-            if not ids:
-                return [], False
-            async with self._health.io("list_runs"):
-                # A key of another type fails alone, not the listing.
-                metas = await self._pipe.group(
-                    [("GET", self._key(run_id, "meta")) for run_id in ids], raise_on_error=False
-                )
-            page: list[tuple[str, bytes | RunInfo | None]] = []
-            for run_id, data in zip(ids, metas, strict=True):
-                # None: indexed by a put_run that crashed before its SET.
-                if isinstance(data, rx.ResponseError):
-                    data = RunInfo.unreadable(run_id, f"metadata cannot be read: {data}")
-                page.append((run_id, data))
-            return page, False
+    def _index_keys(self, shard: int) -> list[str]:
+        return [self._runs_keys[shard], self._listing.recent_keys[shard]]
 
-        return await filtered_runs(
-            self,
-            fetch,
-            status=status,
-            workflow=workflow,
-            limit=limit,
-            after=after,
-            page_size=max(limit, 100) if status or workflow else limit,
-            ids=ids,
-            fetch_ids=fetch_ids,
-        )
-
-    async def _next_run_ids(self, after: str | None, count: int) -> list[str]:
-        """Return the ``count`` smallest run ids above ``after`` over all shards.
-
-        Each shard's first ``count`` ids above ``after`` contain every id of
-        the merged first ``count``, so one read per shard is enough.
-        """
-        low = b"-" if after is None else b"(" + after.encode()
-        async with self._health.io("list_runs"):
-            pipe = self._client.pipeline(transaction=False)
-            for key in self._runs_keys:
-                pipe.zrangebylex(key, low, b"+", start=0, num=count)
-            shards: list[list[bytes]] = await pipe.execute()
-        return sorted(run_id.decode() for shard in shards for run_id in shard)[:count]
+    async def _reindex(self, run_id: str, created_at: float) -> Any:
+        keys = self._index_keys(shard_of(run_id))
+        return await self._pipe.call(*self._eval("reindex_run", keys, [run_id, repr(created_at)]))
 
     # -- retention --------------------------------------------------------
 
     async def delete(self, run_id: str) -> bool:
-        """ZREM the due entry, DEL the run's keys (one slot: atomic), then ZREM its index entry.
+        """ZREM the due entry, DEL the run's keys (one slot: atomic), then its index entries.
 
-        In this order a crash leaves at most an index entry without metadata,
-        which :meth:`list_runs` passes over, and a second delete removes.
+        In this order a crash leaves at most index entries without metadata,
+        which the listings pass over, and a second delete removes.
         """
         keys = [self._key(run_id, k) for k in ("log", "append", "inbox", "events", "lease", "meta")]
         shard = shard_of(run_id)
@@ -433,7 +416,7 @@ class RedisBackend(Backend):
             replies = await self._in_order(
                 ("ZREM", self._due_keys[shard], run_id),
                 ("DEL", *keys),
-                ("ZREM", self._runs_keys[shard], run_id),
+                self._eval("unindex_run", self._index_keys(shard), [run_id]),
             )
         return any(int(r) > 0 for r in replies)
 

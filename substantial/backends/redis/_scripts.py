@@ -1,8 +1,8 @@
 """The Lua scripts of the redis backend: each per-run operation is one atomic script.
 
-A script touches only keys of one run (one hash tag, one cluster slot),
-except ``DUE`` and ``HEAD``, which read every due shard and run on a single
-server only.
+A script touches only keys of one run (one hash tag, one cluster slot), or
+one runs shard and its creation index (one slot too), except ``DUE`` and
+``HEAD``, which read every due shard and run on a single server only.
 """
 
 from __future__ import annotations
@@ -118,7 +118,33 @@ end
 return {due, following}
 """
 
+# The runs shard (score 0: members in id order) and its creation index (score:
+# created_at) share a slot, and change together: the two always hold the same runs.
+# KEYS: runs shard, creation index. ARGV: run id, created at.
+_INDEX_RUN = """
+redis.call('ZADD', KEYS[1], 0, ARGV[1])
+return redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+"""
+
+# KEYS: runs shard, creation index. ARGV: run id. Returns the entries removed.
+_UNINDEX_RUN = """
+return redis.call('ZREM', KEYS[1], ARGV[1]) + redis.call('ZREM', KEYS[2], ARGV[1])
+"""
+
+# A run of a store written before creation indexes: index it unless deleted since it
+# was read (then it is gone from the runs shard) or indexed meanwhile (NX).
+# KEYS: runs shard, creation index. ARGV: run id, created at.
+_REINDEX_RUN = """
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  return redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1])
+end
+return 0
+"""
+
 SCRIPTS = {
+    "index_run": _INDEX_RUN,
+    "unindex_run": _UNINDEX_RUN,
+    "reindex_run": _REINDEX_RUN,
     "append": _APPEND,
     "post": _POST,
     "ack_read": _ACK_READ,
