@@ -14,6 +14,7 @@ from substantial import _clock, telemetry
 from substantial._codec_backend import CodecBackend
 from substantial._durations import seconds
 from substantial._flow import FlowControl
+from substantial._list_runs import list_runs
 from substantial._retention import Pruning
 from substantial._runs import create_run, existing_start, same_start
 from substantial._surgery import Surgery
@@ -197,26 +198,25 @@ class Conductor(FlowControl, Surgery, Pruning):
         workflow: str | None = None,
         parent: str | None = None,
         limit: int = 100,
+        newest_first: bool = False,
+        before: tuple[float, str] | None = None,
     ) -> list[RunInfo]:
-        """Return runs' metadata, ordered by run id; ``parent`` keeps one run's children."""
-        if parent is None:
-            return await self.backend.list_runs(status=status, workflow=workflow, limit=limit)
-        # The parent's log names every child it started: read that, not the whole store.
-        ids: dict[str, None] = {}
-        for position, data in enumerate(await self.backend.read_log(validate_id("run id", parent))):
-            for record in decode_entry(parent, position, data):
-                if record["k"] == "child" and "error" not in record:
-                    ids[record["run_id"]] = None
-        out: list[RunInfo] = []
-        for run_id in sorted(ids):
-            info = await self.backend.get_run(run_id)
-            if (
-                info is not None
-                and status in (None, info.status)
-                and workflow in (None, info.workflow)
-            ):
-                out.append(info)
-        return out[:limit]
+        """Return runs' metadata, ordered by run id; ``parent`` keeps one run's children.
+
+        ``newest_first`` orders by creation time, then id, both descending
+        (``Backend.list_recent``: from an index where the store has one);
+        ``before``, the ``(created_at, run_id)`` of the last run of the
+        previous page, pages it.
+        """
+        return await list_runs(
+            self.backend,
+            status=status,
+            workflow=workflow,
+            parent=parent,
+            limit=limit,
+            newest_first=newest_first,
+            before=before,
+        )
 
     # -- workers ---------------------------------------------------------------
 

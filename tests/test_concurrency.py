@@ -20,6 +20,7 @@ from substantial import (
     ChildFailed,
     Conductor,
     Context,
+    InvalidArgument,
     RunCancelled,
     RunNotFound,
     WorkflowFailed,
@@ -244,6 +245,18 @@ async def test_children_run_and_report_back(conductor: Conductor) -> None:
         f"{runs[0].run_id}:{c}" for c in range(6)
     )
     assert all(info.parent == runs[0].run_id for info in children)
+    # Newest first, children too, paged by the cursor of the last run of a page.
+    key = lambda info: (info.created_at, info.run_id)  # noqa: E731
+    newest = await conductor.list(parent=runs[0].run_id, newest_first=True)
+    assert newest == sorted(children, key=key, reverse=True)
+    after = await conductor.list(
+        parent=runs[0].run_id, newest_first=True, before=key(newest[1]), limit=2
+    )
+    assert after == newest[2:4]
+    everything = await conductor.list(newest_first=True, limit=3)
+    assert everything == sorted(await conductor.list(limit=100), key=key, reverse=True)[:3]
+    with pytest.raises(InvalidArgument, match="newest_first=True"):
+        await conductor.list(before=key(newest[0]))
 
 
 @workflow()
