@@ -101,7 +101,14 @@ def _table(page: Page, now: float) -> Table:
     help='Filter expression on result, error and times, e.g. \'{"or": [{"lt": 3}, '
     '{"contains": "fatal"}]}\' (see docs/operate.md).',
 )
-@click.option("--sort", type=click.Choice(SORTS), default="created", show_default=True)
+@click.option(
+    "--sort",
+    type=click.Choice(SORTS),
+    default="created",
+    show_default=True,
+    help="created: newest first, from the store's creation-time index where it has one "
+    "(SQLite, Postgres, Redis); id: run id order.",
+)
 @click.option("--reverse", is_flag=True, help="Reverse the order (default: newest first).")
 @click.option("--limit", default=50, show_default=True, help="Runs per page.")
 @click.option("--offset", default=0, show_default=True, help="Skip this many runs (next pages).")
