@@ -76,6 +76,10 @@ async def test_a_wrong_key_gives_a_clear_error_and_changes_nothing(tmp_path: Pat
     assert await raw_store_bytes_url(url, "pay-2") == before
     listed = await wrong.list()
     assert [(i.run_id, i.status) for i in listed] == [("pay-2", "corrupt")]
+    # Newest first from the store's index: the run keeps the place (and cursor) it has there.
+    (newest,) = await wrong.list(newest_first=True)
+    stored = await right.get("pay-2").status()
+    assert (newest.status, newest.created_at) == ("corrupt", stored.created_at)
     await right.close()
     await wrong.close()
 
