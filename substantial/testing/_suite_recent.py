@@ -91,17 +91,17 @@ class RecentTests:
     ) -> None:
         """Clients creating runs at once: every run lists once; a walk skips and repeats none."""
         clients = [await open_client() for _ in range(3)]
-        runs = [made(f"r{i:03d}", T0 + (i * 7919 % 120) / 8) for i in range(120)]
+        # Ties in time too. Stores without an index read every run per page: few of each.
+        runs = [made(f"r{i:03d}", T0 + (i * 7919 % 40) / 8) for i in range(60)]
         await asyncio.gather(*(clients[i % 3].put_run(info) for i, info in enumerate(runs)))
         expected = [
             r.run_id for r in sorted(runs, key=lambda r: (r.created_at, r.run_id), reverse=True)
         ]
-        for backend in clients:
-            assert await ids(backend, limit=500) == expected
-        assert await walk(clients[1], 17) == expected
+        assert await ids(clients[0], limit=500) == expected
+        assert await walk(clients[1], 23) == expected
         # Runs created while a reader pages are newer than its cursor: they never
         # show up in its later pages, and no older run is skipped or repeated.
-        first = await clients[0].list_recent(limit=40)
+        first = await clients[0].list_recent(limit=30)
         now = time.time()
         await asyncio.gather(*(clients[i % 3].put_run(made(f"n{i}", now + i)) for i in range(10)))
         rest = await walk_from(clients[2], first[-1])
