@@ -215,6 +215,9 @@ async def filtered_runs(
     return out
 
 
+#: The largest page ``recent_runs`` grows to while filters pass few of the runs read.
+RECENT_PAGE_MAX = 1000
+
 #: One page of a creation-time index, newest first: ``(run_id, created_at as indexed,
 #: stored metadata)`` (metadata as in :data:`Page`), and whether more may follow.
 RecentPage: TypeAlias = tuple[Sequence[tuple[str, float, "bytes | RunInfo | None"]], bool]
@@ -255,6 +258,8 @@ async def recent_runs(
         if not more or not items:
             break
         cursor = (items[-1][1], items[-1][0])
+        # The filters passed too few: read on in larger pages (fewer round trips).
+        page_size = min(page_size * 2, max(page_size, RECENT_PAGE_MAX))
     return out
 
 
