@@ -330,12 +330,13 @@ class Driver(LogWriter):
         left = until - _clock.now()
         if left > 0:
             loop = asyncio.get_running_loop()
-            if left > TIMER_EARLY or getattr(loop, "_ready", True):
-                # Others are ready to run: do not hold them up, come back (never spin).
+            if left > TIMER_EARLY or not _quiet(loop, left):
+                # Other work is ready or due meanwhile: do not hold it up, come back (never
+                # spin; the loop may then be late by up to TIMER_EARLY).
                 self.timers[c] = loop.call_later(left, self._fire, c, until)
                 return
-            # Nothing else is ready: sleeping the rest (under a millisecond, no CPU) is
-            # both punctual and free.
+            # Nothing else is ready or due before then: sleeping the rest (under
+            # TIMER_EARLY, no CPU) is both punctual and free.
             time.sleep(left)
         self.timers.pop(c, None)
         self.timer_due.pop(c, None)
@@ -384,3 +385,16 @@ class Driver(LogWriter):
             record["error"] = error_of(exc)
         record["t"] = self.x.now()
         self._post(record)
+
+
+def _quiet(loop: asyncio.AbstractEventLoop, seconds: float) -> bool:
+    """Tell whether no callback is ready and no timer of ``loop`` is due within ``seconds``.
+
+    Then blocking the loop that long holds up nothing but I/O that arrives meanwhile.
+    Another timer due before (a worker with many sleeping runs) must not wait behind it.
+    """
+    ready = getattr(loop, "_ready", None)
+    scheduled = getattr(loop, "_scheduled", None)
+    if ready is None or scheduled is None or ready:
+        return False
+    return not scheduled or scheduled[0].when() > loop.time() + seconds

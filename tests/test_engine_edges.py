@@ -420,3 +420,23 @@ async def test_a_run_found_held_is_taken_as_soon_as_it_is_made_due_again() -> No
     finally:
         agent.cancel()
         await agent
+
+
+# -- timers: finishing a wait without holding others up ----------------------------------
+
+
+async def test_a_timer_blocks_the_loop_only_when_nothing_else_is_ready_or_due() -> None:
+    from substantial._live import _quiet
+
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(0)  # whatever the test runner queued has run
+    assert _quiet(loop, 0.002)
+    # Another timer due meanwhile (a worker with many sleeping runs) must not wait.
+    soon = loop.call_later(0.001, lambda: None)
+    assert not _quiet(loop, 0.002)
+    assert _quiet(loop, 0.0005)
+    soon.cancel()
+    # A callback ready to run must not wait either.
+    ready = loop.call_soon(lambda: None)
+    assert not _quiet(loop, 0.002)
+    ready.cancel()
