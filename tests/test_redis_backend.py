@@ -274,8 +274,8 @@ async def test_every_key_of_a_run_is_in_one_slot_and_indexes_are_sharded(
         recent: list[str] = []
         for key in keys:
             tag, _, kind = key[1:].partition("}")
-            if kind == ":recent" and tag.startswith(f"{prefix}:runs:"):
-                recent.append(key)  # a runs shard's creation index, in the shard's slot
+            if kind.startswith(":recent") and tag.startswith(f"{prefix}:runs:"):
+                recent.append(key)  # a runs shard's creation indexes, in the shard's slot
             elif kind:
                 by_run[tag.split(":", 1)[1]].add(kind)
                 assert key_slot(key.encode()) == key_slot(f"{{{tag}}}".encode())
@@ -295,11 +295,14 @@ async def test_every_key_of_a_run_is_in_one_slot_and_indexes_are_sharded(
         for run_id in run_ids:
             due_key = f"{{{prefix}:due:{shard_of(run_id)}}}"
             assert await raw.zscore(due_key, run_id) is not None
-        assert sorted(recent) == sorted(f"{k}:recent" for k in index["runs"])
+        # Every run is active here: the creation index and the "active" one of each shard.
+        expected = [f"{k}:recent{s}" for k in index["runs"] for s in ("", ":active")]
+        assert sorted(recent) == sorted(expected)
         for key in index["runs"]:
-            assert key_slot(f"{key}:recent".encode()) == key_slot(key.encode())
-            ids = {m for m, _ in await raw.zrange(key, 0, -1, withscores=True)}
-            assert {m for m, _ in await raw.zrange(f"{key}:recent", 0, -1, withscores=True)} == ids
+            ids = set(await raw.zrange(key, 0, -1))
+            for sub in (f"{key}:recent", f"{key}:recent:active"):
+                assert key_slot(sub.encode()) == key_slot(key.encode())
+                assert set(await raw.zrange(sub, 0, -1)) == ids
     finally:
         await raw.aclose()
 
@@ -312,7 +315,7 @@ async def test_a_store_written_before_creation_indexes_is_indexed_by_its_first_l
         await old.put_run(RunInfo(f"r{i:02d}", "wf", "active", 1000.0 + i % 10, 1000.0))
     raw = store.raw()
     try:
-        for key in [k async for k in raw.scan_iter(match=f"{{{store.prefix}:runs:*}}:recent")]:
+        for key in [k async for k in raw.scan_iter(match=f"{{{store.prefix}:runs:*}}:recent*")]:
             await raw.delete(key)  # as an earlier release left the store: no creation index
         await raw.set(f"{{{store.prefix}:r05}}:meta", b"\x00{not json")
         fresh = await store.open()
@@ -323,6 +326,8 @@ async def test_a_store_written_before_creation_indexes_is_indexed_by_its_first_l
         assert [(r.created_at, r.run_id) for r in listed] == expected
         assert listed[-1].status == "corrupt"
         assert sum([await raw.zcard(k) for k in fresh._listing.recent_keys]) == 30  # type: ignore[attr-defined]
+        active = [r.run_id for r in await fresh.list_recent(status="active", limit=100)]
+        assert active == [r for _, r in expected if r != "r05"]
     finally:
         await raw.aclose()
 

@@ -82,6 +82,8 @@ class RecentTests:
         await backend.put_run(runs[4].with_status("completed"))
         assert await ids(backend) == newest
         assert await ids(backend, status="completed") == ["c", "e"]
+        assert await ids(backend, status="active") == ["a", "b"]
+        assert await ids(backend, status="no-such-status") == []
         for bad in ((T0, None), ("soon", "a"), (float("nan"), "a"), T0, (T0,)):
             with pytest.raises(InvalidArgument, match="not a cursor"):
                 await backend.list_recent(before=bad)  # type: ignore[arg-type]

@@ -365,7 +365,7 @@ class RedisBackend(Backend):
         crash between the two is harmless.
         """
         key = self._key(info.run_id, "meta")
-        index_args = [info.run_id, repr(info.created_at)]
+        index_args = [info.run_id, repr(info.created_at), Listing.status_arg(info.status)]
         async with self._health.io("put_run"):
             await self._in_order(
                 self._eval("index_run", self._index_keys(shard_of(info.run_id)), index_args),
@@ -396,11 +396,11 @@ class RedisBackend(Backend):
         return await self._listing.list_recent(status, workflow, limit, before)
 
     def _index_keys(self, shard: int) -> list[str]:
-        return [self._runs_keys[shard], self._listing.recent_keys[shard]]
+        return self._listing.index_keys(shard)
 
-    async def _reindex(self, run_id: str, created_at: float) -> Any:
-        keys = self._index_keys(shard_of(run_id))
-        return await self._pipe.call(*self._eval("reindex_run", keys, [run_id, repr(created_at)]))
+    async def _reindex(self, run_id: str, created_at: float, status: int) -> Any:
+        keys, args = self._index_keys(shard_of(run_id)), [run_id, repr(created_at), status]
+        return await self._pipe.call(*self._eval("reindex_run", keys, args))
 
     # -- retention --------------------------------------------------------
 

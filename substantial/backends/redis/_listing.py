@@ -2,11 +2,13 @@
 
 Each runs shard ``{prefix:runs:k}`` (score 0: members in id order) has a
 creation index ``{prefix:runs:k}:recent`` (score: the run's ``created_at``)
-in the same cluster slot. One script changes both (``index_run`` in
-``put_run``, ``unindex_run`` in ``delete``), so they hold the same runs at
-every instant; a store written before creation indexes existed shows as
-shards of different sizes and is indexed once, by the first listing that
-finds it so.
+and one per status, ``{prefix:runs:k}:recent:<status>``, all in the same
+cluster slot. One script changes them together (``index_run`` in
+``put_run``, ``unindex_run`` in ``delete``): the first two hold the same
+runs at every instant, and a run is in the set of its status alone, so a
+status filter reads only its runs. A store written before creation indexes
+existed shows as shards of different sizes and is indexed once, by the
+first listing that finds it so.
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ from substantial.backends.base import RunInfo
 from substantial.backends.redis._errors import Client, Health
 from substantial.backends.redis._pipe import Pipe
 
-__all__ = ["Listing"]
+__all__ = ["STATUSES", "Listing"]
+
+#: The statuses with a creation index of their own, in the order the scripts get their
+#: keys (part of the layout: every client of a prefix uses this order).
+STATUSES = ("active", "completed", "failed", "cancelled", "reverted", "continued", "timed_out")
 
 #: Runs read per round while indexing a store written before creation indexes.
 REINDEX_PAGE = 500
@@ -41,7 +47,7 @@ class Listing:
         health: Health,
         meta_key: Callable[[str], str],
         runs_keys: list[str],
-        reindex: Callable[[str, float], Awaitable[Any]],
+        reindex: Callable[[str, float, int], Awaitable[Any]],
     ) -> None:
         self._backend = backend
         self._client = client
@@ -51,8 +57,19 @@ class Listing:
         self.runs_keys = runs_keys
         #: The creation index of each runs shard (same hash tag: same slot).
         self.recent_keys = [f"{key}:recent" for key in runs_keys]
+        self._by_status = {s: [f"{key}:recent:{s}" for key in runs_keys] for s in STATUSES}
         self._reindex = reindex
         self._indexed = False
+
+    def index_keys(self, shard: int) -> list[str]:
+        """Return the keys of shard ``shard`` the index scripts take, in their order."""
+        statuses = [self._by_status[s][shard] for s in STATUSES]
+        return [self.runs_keys[shard], self.recent_keys[shard], *statuses]
+
+    @staticmethod
+    def status_arg(status: str) -> int:
+        """Return the position (from 1) in ``index_keys`` of the status's set; 0: none."""
+        return 3 + STATUSES.index(status) if status in STATUSES else 0
 
     async def metas(self, ids: Sequence[str]) -> list[tuple[str, bytes | RunInfo | None]]:
         """Return each run's stored metadata (None: missing; unreadable: flagged), one trip."""
@@ -119,11 +136,17 @@ class Listing:
     ) -> list[RunInfo]:
         """Merge the creation indexes newest first from the cursor; filter on metadata."""
         cursor = check_before(before)
+        if status is None or status == "corrupt":
+            keys = self.recent_keys  # unreadable metadata is in no status's set
+        elif status in STATUSES:
+            keys = self._by_status[status]
+        else:
+            return []  # a status no run is stored with
         if not self._indexed:
             await self._index_older_runs()
 
         async def fetch(at: Cursor | None, n: int) -> RecentPage:
-            newest = await self._newest(at, n)
+            newest = await self._newest(keys, at, n)
             metas = await self.metas([run_id for _, run_id in newest])
             page = [(run_id, t, data) for (t, _), (run_id, data) in zip(newest, metas, strict=True)]
             return page, len(newest) >= n
@@ -135,10 +158,12 @@ class Listing:
             workflow=workflow,
             limit=limit,
             before=cursor,
-            page_size=max(limit, 100) if status or workflow else limit,
+            page_size=max(limit, 100) if workflow or status == "corrupt" else limit,
         )
 
-    async def _newest(self, cursor: Cursor | None, n: int) -> list[tuple[float, str]]:
+    async def _newest(
+        self, keys: list[str], cursor: Cursor | None, n: int
+    ) -> list[tuple[float, str]]:
         """Return the ``n`` index entries after ``cursor``, newest first, over all shards.
 
         Per shard: the entries older than the cursor's time (``n`` at most:
@@ -148,7 +173,7 @@ class Listing:
         high = "+inf" if cursor is None else "(" + repr(cursor[0])
         async with self._health.io("list_recent"):
             pipe = self._client.pipeline(transaction=False)
-            for key in self.recent_keys:
+            for key in keys:
                 pipe.zrevrangebyscore(key, high, "-inf", start=0, num=n, withscores=True)
                 if cursor is not None:
                     pipe.zrevrangebyscore(key, repr(cursor[0]), repr(cursor[0]), withscores=True)
@@ -175,14 +200,17 @@ class Listing:
         if sum(sizes[:half]) != sum(sizes[half:]):
             after: str | None = None
             while ids := await self._next_run_ids(after, REINDEX_PAGE):
-                times = [
-                    (run_id, read_listed(self._backend, run_id, data).created_at)
-                    if isinstance(data, bytes)
-                    else (run_id, data.created_at)
+                infos = [
+                    read_listed(self._backend, run_id, data) if isinstance(data, bytes) else data
                     for run_id, data in await self.metas(ids)
                     if data is not None
                 ]
                 # Sent together: one round trip per page on a single server.
-                await asyncio.gather(*(self._reindex(run_id, at) for run_id, at in times))
+                await asyncio.gather(
+                    *(
+                        self._reindex(i.run_id, i.created_at, self.status_arg(i.status))
+                        for i in infos
+                    )
+                )
                 after = ids[-1]
         self._indexed = True

@@ -118,27 +118,40 @@ end
 return {due, following}
 """
 
-# The runs shard (score 0: members in id order) and its creation index (score:
-# created_at) share a slot, and change together: the two always hold the same runs.
-# KEYS: runs shard, creation index. ARGV: run id, created at.
+# The runs shard (score 0: members in id order), its creation index (score:
+# created_at) and the creation index of each status share a slot, and change
+# together: the first two always hold the same runs, and a run is in the set of
+# its status alone. KEYS: runs shard, creation index, the status sets (STATUS_SETS
+# order). ARGV: run id, created at, the position in KEYS of its status's set.
 _INDEX_RUN = """
 redis.call('ZADD', KEYS[1], 0, ARGV[1])
-return redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+local mine = tonumber(ARGV[3])
+for i = 3, #KEYS do
+  if i == mine then
+    redis.call('ZADD', KEYS[i], ARGV[2], ARGV[1])
+  else
+    redis.call('ZREM', KEYS[i], ARGV[1])
+  end
+end
+return 1
 """
 
-# KEYS: runs shard, creation index. ARGV: run id. Returns the entries removed.
+# KEYS: as INDEX_RUN. ARGV: run id. Returns the entries removed.
 _UNINDEX_RUN = """
-return redis.call('ZREM', KEYS[1], ARGV[1]) + redis.call('ZREM', KEYS[2], ARGV[1])
+local n = 0
+for i = 1, #KEYS do n = n + redis.call('ZREM', KEYS[i], ARGV[1]) end
+return n
 """
 
 # A run of a store written before creation indexes: index it unless deleted since it
 # was read (then it is gone from the runs shard) or indexed meanwhile (NX).
-# KEYS: runs shard, creation index. ARGV: run id, created at.
+# KEYS: as INDEX_RUN. ARGV: run id, created at, its status's set (0: none, unreadable).
 _REINDEX_RUN = """
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-  return redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1])
-end
-return 0
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+local mine = tonumber(ARGV[3])
+if mine > 0 then redis.call('ZADD', KEYS[mine], 'NX', ARGV[2], ARGV[1]) end
+return redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1])
 """
 
 SCRIPTS = {
