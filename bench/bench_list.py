@@ -8,7 +8,8 @@ Then, each the best of REPEATS (one if it takes over a second):
 * ``per_op_ms``: ``Backend.list_recent(limit=50)``, the primitive;
 * ``page2_ms``: the next page, through the cursor of the first;
 * ``find_ms``: ``find_runs(RunQuery(limit=50))``, the listing the CLI and
-  the web UI call (newest first by default);
+  the web UI call (newest first by default; ``find_read`` runs read; on a
+  store without an index it stops at its scan limit, ``find_truncated``);
 * ``filtered_ms``: ``list_recent(status="completed", limit=50)``, a filter
   that only the few newest runs pass, so the walk stops early;
 * ``cli_list_ms``: ``substantial runs list --limit 50 --json`` in a new
@@ -83,10 +84,14 @@ async def ls(s: Sitting) -> dict[str, Any]:
         page2_ms, page2 = await best_ms(lambda: backend.list_recent(limit=50, before=cursor))
         filtered_ms, done = await best_ms(lambda: backend.list_recent(status="completed", limit=50))
 
+        pages: list[Any] = []
+
         async def find() -> list[RunInfo]:
-            return (await find_runs(backend, RunQuery(limit=50))).runs
+            pages.append(await find_runs(backend, RunQuery(limit=50)))
+            return list(pages[-1].runs)
 
         find_ms, found = await best_ms(find)
+        indexed = backend.capabilities.list_recent
     finally:
         await backend.close()
     completed = [r for i, r in enumerate(reversed(newest[:FRESH])) if i % 2][::-1]
@@ -94,7 +99,9 @@ async def ls(s: Sitting) -> dict[str, Any]:
         "page1": page1 == newest[:50],
         "page2": page2 == newest[50:100],
         "filtered": done == completed,
-        "find": found == newest[:50],
+        # Without an index, find_runs reads up to its scan limit and says so (truncated):
+        # past it the page is the newest of those read, as documented.
+        "find": found == newest[:50] or (not indexed and pages[-1].truncated),
     }
     out: dict[str, Any] = {
         "seconds": per_op / 1000,
@@ -102,7 +109,9 @@ async def ls(s: Sitting) -> dict[str, Any]:
         "page2_ms": page2_ms,
         "filtered_ms": filtered_ms,
         "find_ms": find_ms,
-        "indexed": backend.capabilities.list_recent,
+        "find_read": pages[-1].scanned,
+        "find_truncated": pages[-1].truncated,
+        "indexed": indexed,
         "ratio": round(per_op / s.floor_ms, 3),
         **filled,
     }
