@@ -41,6 +41,7 @@ HEADLINES: dict[str, tuple[str, Any]] = {
         lambda r: f"{_num(r['slowdown'])}x, {_num(r['worker_rss_mb'])} MB",
     ),
     "W5-list": ("ms, newest 50 of n", lambda r: _num(r["per_op_ms"])),
+    "LS": ("ms, list_recent: newest 50 of n", lambda r: _num(r["per_op_ms"])),
     "W6": ("4 workers / 1", lambda r: f"{_num(r['speedup'])}x ({_num(r['wf_per_s'])} wf/s)"),
     "W7": (
         "steps/s (of W2's)",
