@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +19,7 @@ from substantial._cli_common import ago, plain, safe, short_json, status_text
 from substantial._cli_show import show_command, watch_command
 from substantial.backends.base import TERMINAL_STATUSES, Backend, RunInfo
 from substantial.conductor import Conductor
-from substantial.errors import SubstantialError
+from substantial.errors import InvalidArgument, SubstantialError
 from substantial.records import Record, decode_entry
 from substantial.search import Page, RunQuery, find_runs, parse_time, run_json
 from substantial.timeline import format_duration, pretty_name
@@ -113,6 +114,12 @@ def _table(page: Page, now: float) -> Table:
 @click.option("--limit", default=50, show_default=True, help="Runs per page.")
 @click.option("--offset", default=0, show_default=True, help="Skip this many runs (next pages).")
 @click.option(
+    "--before",
+    metavar="TIME,RUN",
+    help="Newest first, the runs after this one: the created_at and run_id of the last run "
+    "of the previous page (the footer gives it; reads no run before it).",
+)
+@click.option(
     "--scan-limit",
     default=100_000,
     show_default=True,
@@ -133,6 +140,7 @@ def list_command(
     reverse: bool,
     limit: int,
     offset: int,
+    before: str | None,
     scan_limit: int,
     as_json: bool,
 ) -> None:
@@ -154,6 +162,7 @@ def list_command(
             limit=limit,
             offset=offset,
             scan_limit=scan_limit,
+            before=None if before is None else _cursor(before),
         )
     except SubstantialError as exc:
         raise click.UsageError(common.one_line(str(exc))) from exc
@@ -180,9 +189,26 @@ def list_command(
     footer = f"{first}-{last} of {page.total}{'+' if page.truncated else ''} runs"
     if last < page.total:
         footer += f"; next page: --offset {last}"
+        if sort == "created" and query.descending:
+            tail = page.runs[-1]
+            footer += f" or --before {tail.created_at!r},{tail.run_id}"
     if page.truncated and page.scanned >= scan_limit:
         footer += f"; stopped after reading {page.scanned} runs (raise --scan-limit)"
     out.print(Text(footer, style="dim"))
+
+
+def _cursor(text: str) -> tuple[float, str]:
+    """Read ``--before TIME,RUN``: a run's created_at (epoch seconds, as printed) and id."""
+    at, _, run_id = text.partition(",")
+    try:
+        if run_id and math.isfinite(float(at)):
+            return float(at), run_id
+    except ValueError:
+        pass
+    raise InvalidArgument(
+        f"--before {text!r}: give the created_at and run id of the last run of the "
+        "previous page, e.g. --before 1733140000.123456,run-42"
+    )
 
 
 def summary(record: Record) -> str:

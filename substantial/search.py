@@ -50,6 +50,7 @@ from typing import Any
 import orjson
 
 from substantial._queue_members import queued_run_ids
+from substantial.backends._recent import check_before, sort_key
 from substantial.backends.base import TERMINAL_STATUSES, Backend, RunInfo
 from substantial.errors import InvalidArgument
 
@@ -276,6 +277,9 @@ class RunQuery:
     offset: int = 0
     #: Stop reading metadata after this many runs (a bound on the cost of one listing).
     scan_limit: int = 100_000
+    #: Only runs after this one newest first: ``(created_at, run_id)`` of the last run of
+    #: the previous page (a cursor: the next page without reading the ones before it).
+    before: tuple[float, str] | None = None
 
     def __post_init__(self) -> None:
         if self.sort not in SORT_KEYS:
@@ -286,6 +290,7 @@ class RunQuery:
             raise InvalidArgument("limit and scan_limit must be at least 1, offset at least 0")
         if self.where is not None:
             check(self.where)
+        object.__setattr__(self, "before", check_before(self.before))  # a JSON list, too
 
     def keeps(self, info: RunInfo) -> bool:
         """Tell whether one run passes every filter."""
@@ -297,6 +302,7 @@ class RunQuery:
             and (self.until is None or info.created_at < self.until)
             and (self.text is None or self.text in info.run_id)
             and (self.where is None or matches(info, self.where))
+            and (self.before is None or sort_key(info) < self.before)
         )
 
 
@@ -364,13 +370,14 @@ async def _newest_page(
 
     On a store with an index in creation order the newest page costs a page
     of reads, not a scan; ``total`` then counts the runs found so far and
-    ``truncated`` says more exist (``51+``). ``until`` starts the walk there,
-    ``since`` ends it.
+    ``truncated`` says more exist (``51+``). ``before`` and ``until`` start
+    the walk there, ``since`` ends it.
     """
     want = query.offset + query.limit
     found: list[RunInfo] = []
     scanned = 0
-    before = None if query.until is None else (query.until, "")
+    starts = [c for c in (query.before, None if query.until is None else (query.until, "")) if c]
+    before = min(starts, default=None)
     batch = min(want + 1, 500)
     while True:
         batch = min(batch, query.scan_limit - scanned)

@@ -147,6 +147,18 @@ def test_list_sorts_and_pages(store: str) -> None:
     ]
     assert [r["run_id"] for page in pages for r in page] == [r["run_id"] for r in newest]
     assert len(newest) == 5
+    # The cursor pages without reading the runs before it; the footer gives it.
+    walked: list[str] = []
+    after: list[str] = []
+    while page := runs_json("--backend", store, "--workflow", "small", "--limit", "2", *after):
+        walked += [r["run_id"] for r in page]
+        after = ["--before", f"{page[-1]['created_at']!r},{page[-1]['run_id']}"]
+    assert walked == [r["run_id"] for r in newest]
+    tail = newest[1]
+    assert f"or --before {tail['created_at']!r},{tail['run_id']}" in table
+    for bad in ("soon,x", "12.5", "nan,x"):
+        result = invoke("runs", "list", "--backend", store, "--before", bad)
+        assert result.exit_code == 2 and "--before" in result.output, result.output
 
 
 def test_list_table_shows_status_outcome_and_parent(store: str) -> None:

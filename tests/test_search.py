@@ -299,3 +299,30 @@ async def test_a_compacted_queue_still_names_its_runs() -> None:
     body = orjson.dumps({"name": MESSAGE, "value": {"op": "enqueue", "run_id": "r6"}})
     await backend.send_event("queue:q", "enqueue.r6", body)
     assert await queued_run_ids(backend, "q") == ["r1", "r2", "r3", "r4", "r5", "r6"]
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+async def test_newest_first_pages_by_cursor_with_or_without_an_index(
+    tmp_path: Any, indexed: bool
+) -> None:
+    from substantial.backends.sqlite import SQLiteBackend
+
+    backend = SQLiteBackend(tmp_path / "s.db") if indexed else MemoryBackend()
+    for i in range(12):
+        at = T0 + i // 2  # two runs at each time: the id breaks the tie
+        await backend.put_run(RunInfo(f"r{i:02d}", f"w{i % 3}", "completed", at, at, output=i))
+    everything = await find_runs(backend, RunQuery(limit=50))
+    expected = [f"r{i:02d}" for i in range(11, -1, -1)]
+    assert [r.run_id for r in everything.runs] == expected
+    walked: list[str] = []
+    query = RunQuery(limit=5, where={"gte": 1})
+    while page := (await find_runs(backend, query)).runs:
+        walked += [r.run_id for r in page]
+        query = RunQuery(limit=5, where={"gte": 1}, before=[page[-1].created_at, page[-1].run_id])
+    assert walked == expected[:-1]
+    before = (T0 + 3, "r07")
+    page = await find_runs(backend, RunQuery(limit=3, workflow="w0", before=before))
+    assert [r.run_id for r in page.runs] == ["r06", "r03", "r00"]
+    with pytest.raises(InvalidArgument, match="not a cursor"):
+        RunQuery(before=("soon", "r1"))  # type: ignore[arg-type]
+    await backend.close()
