@@ -36,7 +36,7 @@ from substantial.backends.base import (
 from substantial.backends.redis._connect import describe_client, open_client
 from substantial.backends.redis._errors import Client, Health, log
 from substantial.backends.redis._listen import Listener
-from substantial.backends.redis._listing import Listing
+from substantial.backends.redis._listing import Listing, score
 from substantial.backends.redis._pipe import Pipe
 from substantial.backends.redis._scripts import SCRIPTS
 from substantial.errors import BackendError, InvalidArgument, PositionTaken
@@ -365,7 +365,7 @@ class RedisBackend(Backend):
         crash between the two is harmless.
         """
         key = self._key(info.run_id, "meta")
-        index_args = [info.run_id, repr(info.created_at), Listing.status_arg(info.status)]
+        index_args = [info.run_id, score(info.created_at), Listing.status_arg(info.status)]
         async with self._health.io("put_run"):
             await self._in_order(
                 self._eval("index_run", self._index_keys(shard_of(info.run_id)), index_args),
@@ -399,7 +399,7 @@ class RedisBackend(Backend):
         return self._listing.index_keys(shard)
 
     async def _reindex(self, run_id: str, created_at: float, status: int) -> Any:
-        keys, args = self._index_keys(shard_of(run_id)), [run_id, repr(created_at), status]
+        keys, args = self._index_keys(shard_of(run_id)), [run_id, score(created_at), status]
         return await self._pipe.call(*self._eval("reindex_run", keys, args))
 
     # -- retention --------------------------------------------------------

@@ -14,6 +14,7 @@ first listing that finds it so.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ from substantial.backends.base import RunInfo
 from substantial.backends.redis._errors import Client, Health
 from substantial.backends.redis._pipe import Pipe
 
-__all__ = ["STATUSES", "Listing"]
+__all__ = ["STATUSES", "Listing", "score"]
 
 #: The statuses with a creation index of their own, in the order the scripts get their
 #: keys (part of the layout: every client of a prefix uses this order).
@@ -34,6 +35,11 @@ STATUSES = ("active", "completed", "failed", "cancelled", "reverted", "continued
 
 #: Runs read per round while indexing a store written before creation indexes.
 REINDEX_PAGE = 500
+
+
+def score(created_at: float) -> str:
+    """Return a creation time as a sorted-set score; one Redis cannot hold counts as 0."""
+    return repr(float(created_at)) if math.isfinite(created_at) else "0.0"
 
 
 class Listing:
