@@ -15,7 +15,7 @@ from substantial.replay import Command, Execution
 from substantial.workflow import ChildSpec
 
 if TYPE_CHECKING:
-    from substantial.worker import LiveRun
+    from substantial._held import LiveRun
 
 __all__ = ["Effects", "RunEffects"]
 

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -79,6 +80,13 @@ class Driver(LogWriter):
         self.handback_at: float | None = None
         #: The workflow is blocked and nothing of it is ready: the driver sleeps.
         self.waiting = False
+        #: Until when the worker surely holds the run's lease, and how to take it again once
+        #: it may have lapsed: the worker leaves an idle run's lease to lapse (on S3 each
+        #: renewal is a request) after handing the run back to the due index.
+        self.lease_until = math.inf
+        self.retake: Callable[[], Awaitable[bool]] | None = None
+        #: How many times the driver woke from a wait (the worker sees if it ran meanwhile).
+        self.wakes = 0
         self.steps = Steps(
             x, executor=executor, pace=pace or Pace(), post=self._post, spawn=self._spawn
         )
@@ -96,6 +104,13 @@ class Driver(LogWriter):
         self.lost = self.lost or lost
         self._wakeup.set()
         self._stopping.set()
+
+    def wakes_at(self) -> float | None:
+        """When the idle run next needs a worker by itself (a timer, its deadline), if ever."""
+        until = self.x.next_wakeup()
+        if self.deadline is not None and not self.x.timed_out:
+            until = self.deadline if until is None else min(until, self.deadline)
+        return until
 
     @property
     def idle(self) -> bool:
@@ -193,6 +208,12 @@ class Driver(LogWriter):
             self._start_commands()
             if not self.ready and not self.inbox_dirty:
                 await self._wait()
+                self.wakes += 1
+                # Woken after its lease was left to lapse: another worker may have the run.
+                if self.lease_until <= _clock.now() and not self.stop_requested:
+                    assert self.retake is not None
+                    if not await self.retake():
+                        self.stop(lost=True)
 
     def _wanted(self, record: Record) -> bool:
         kind = record["k"]

@@ -16,13 +16,14 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from substantial import _clock, queues, telemetry
 from substantial._durations import seconds
 from substantial._effects import RunEffects
 from substantial._handback import hand_back
+from substantial._held import LiveRun, lease_end, park, retake
 from substantial._live import Driver
 from substantial._outcome import Outcome, end_of, finish_run, snapshot_of, start_successor
 from substantial._repair import effective
@@ -52,19 +53,6 @@ RUN_RETRY_MAX = 60.0
 #: The first pause of the poll loop when the store is unreachable (it doubles up to
 #: ``poll_interval``).
 OUTAGE_RETRY_FIRST = 0.25
-
-
-@dataclass
-class LiveRun:
-    """A run this worker holds: its lease, its task and its driver."""
-
-    run_id: str
-    known_at: float
-    task: asyncio.Task[None] | None = None
-    driver: Driver | None = None
-    info: RunInfo | None = None
-    #: Another worker took the lease: hand nothing back to the due index.
-    lost: bool = False
 
 
 class Worker:
@@ -179,7 +167,9 @@ class Worker:
         for (run_id, at), outcome in pairs:  # the runs taken first: a raise strands no lease
             if outcome is True:
                 self._skipped_at.pop(run_id, None)
-                live = self.runs[run_id] = LiveRun(run_id, at)
+                live = self.runs[run_id] = LiveRun(
+                    run_id, at, lease_until=lease_end(now, self.lease_ttl)
+                )
                 live.task = asyncio.create_task(self._drive(live), name=f"substantial:{run_id}")
             elif outcome is False:
                 self._skipped_at[run_id] = at
@@ -222,8 +212,17 @@ class Worker:
             now = _clock.now()
             self._skip_until = {k: v for k, v in self._skip_until.items() if v > now}
             self._skipped_at = {k: v for k, v in self._skipped_at.items() if k in self._skip_until}
+            # An idle run's lease is left to lapse once the run is back in the due index
+            # (on S3 a renewal is a request): it is taken again when the run wakes.
+            lives = [r for r in self.runs.values() if r.driver is None or not r.driver.idle]
+            idle = [r for r in self.runs.values() if r.driver is not None and r.driver.idle]
+            to_park = [r for r in idle if not r.parked and r.lease_until <= now + period]
+            parked = await asyncio.gather(
+                *(park(self.backend, r, self.poll_interval) for r in to_park),
+                return_exceptions=True,
+            )
+            lives += [r for r, done in zip(to_park, parked, strict=True) if done is not True]
             # Side by side: one after the other, a slow store let the last leases expire first.
-            lives = list(self.runs.values())
             renewals = await asyncio.gather(
                 *(self.backend.acquire_lease(r.run_id, self.owner, self.lease_ttl) for r in lives),
                 return_exceptions=True,
@@ -238,7 +237,9 @@ class Worker:
                     continue
                 if isinstance(held, BaseException):
                     raise held
-                if not held and live.driver is not None:
+                if held:
+                    live.held_until(lease_end(now, self.lease_ttl))
+                elif live.driver is not None:
                     logger.warning("lost the lease of run %s; dropping it", live.run_id)
                     live.lost = True
                     live.driver.stop(lost=True)
@@ -257,7 +258,7 @@ class Worker:
         except Evicted:
             self._failures.pop(run_id, None)
             driver = live.driver
-            if not live.lost and driver is not None:
+            if not live.lost and driver is not None and not live.parked:
                 await self._reschedule(run_id, driver)
         except Fenced:
             logger.info("run %s was extended by another worker; dropped here", run_id)
@@ -411,6 +412,9 @@ class Worker:
                 deadline=start.get("deadline"),
             )
             live.driver = driver
+            driver.retake = functools.partial(
+                retake, self.backend, live, self.owner, self.lease_ttl
+            )
             try:
                 await driver.run(functools.partial(wf.fn, ctx, **kwargs))
             finally:

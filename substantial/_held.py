@@ -1,0 +1,83 @@
+"""The runs a worker holds, and their leases: renewed while busy, left to lapse while idle.
+
+A busy run's lease is renewed every ``lease_ttl / 3``. An idle one (it waits for a
+timer or an event, nothing of it runs) is handed back to the due index at its wake-up
+time before its lease would need renewing, and the lease is left to lapse: on S3 each
+renewal is a request, and a run may sleep for long. The workflow stays in memory; when
+it wakes, the worker takes the lease again (:func:`retake`) and carries on, unless
+another worker took the run meanwhile, in which case this one drops it unwritten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass
+
+from substantial import _clock
+from substantial._handback import hand_back
+from substantial._live import Driver
+from substantial.backends.base import Backend, RunInfo
+
+__all__ = ["LiveRun", "lease_end", "park", "retake"]
+
+logger = logging.getLogger("substantial.worker")
+
+
+@dataclass
+class LiveRun:
+    """A run this worker holds: its lease, its task and its driver."""
+
+    run_id: str
+    known_at: float
+    task: asyncio.Task[None] | None = None
+    driver: Driver | None = None
+    info: RunInfo | None = None
+    #: Another worker took the lease: hand nothing back to the due index.
+    lost: bool = False
+    #: Until when the lease surely holds (a margin before it expires).
+    lease_until: float = 0.0
+    #: The driver's wake count when the idle run was handed back to the due index and its
+    #: lease left to lapse (-1: not handed back); unchanged, it is still so.
+    parked_wakes: int = -1
+
+    def held_until(self, until: float) -> None:
+        """Note the lease taken or renewed until ``until``: the driver need not check it."""
+        self.lease_until = until
+        if self.driver is not None:
+            self.driver.lease_until = math.inf
+
+    @property
+    def parked(self) -> bool:
+        """The idle run is in the due index and its lease left to lapse, since its last wake."""
+        return self.driver is not None and self.parked_wakes == self.driver.wakes
+
+
+def lease_end(taken_at: float, ttl: float) -> float:
+    """Until when a lease taken at ``taken_at`` surely holds: a margin before it expires."""
+    return taken_at + ttl - min(1.0, ttl / 3)
+
+
+async def park(backend: Backend, live: LiveRun, cap: float) -> bool:
+    """Hand an idle run back to the due index and let its lease lapse; False if it woke."""
+    driver = live.driver
+    assert driver is not None
+    wakes = driver.wakes
+    await hand_back(backend, live.run_id, driver.wakes_at(), cap)
+    if driver.wakes != wakes or not driver.idle:
+        return False  # it woke meanwhile: keep its lease
+    live.parked_wakes = wakes
+    driver.lease_until = live.lease_until  # woken after this, it takes the lease again
+    return True
+
+
+async def retake(backend: Backend, live: LiveRun, owner: str, ttl: float) -> bool:
+    """Take a parked run's lapsed lease again; False (the run dropped) if it is gone."""
+    now = _clock.now()
+    if await backend.acquire_lease(live.run_id, owner, ttl):
+        live.held_until(lease_end(now, ttl))
+        return True
+    logger.info("run %s was taken by another worker while parked here; dropped", live.run_id)
+    live.lost = True
+    return False

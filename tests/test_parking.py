@@ -1,0 +1,72 @@
+"""An idle run held in memory is handed back to the due index and its lease left to lapse.
+
+On S3 each lease renewal is a request; a worker renewed every held run's lease every
+``lease_ttl / 3``, sleeping ones included. Now an idle run goes back into the due index
+(at its wake-up time) before its lease would need renewing, the lease lapses, and the
+worker takes it again when the run wakes, unless another worker has the run by then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+from substantial import Context, workflow
+from substantial.backends.memory import MemoryBackend
+from substantial.testing import log_records, running
+
+hits: list[int] = []
+
+
+@workflow()
+async def nap_then_step(c: Context, seconds: float) -> int:
+    await c.save(lambda: "before")
+    await c.sleep(seconds)
+    return await c.save(lambda: hits.append(1) or len(hits))
+
+
+class Counting(MemoryBackend):
+    """A memory store that counts lease writes by run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lease_writes: Counter[str] = Counter()
+
+    async def lease(self, run_id, owner=None, ttl=0.0, *, take_from=None):  # type: ignore[no-untyped-def]
+        if owner is not None:
+            self.lease_writes[run_id] += 1
+        return await super().lease(run_id, owner, ttl, take_from=take_from)
+
+
+async def test_a_sleeping_run_costs_no_lease_renewals() -> None:
+    hits.clear()
+    store = Counting()
+    # A renewal every 0.2 s: a 3 s sleep renewed throughout would cost about 15.
+    async with running(nap_then_step, backend=store, lease_ttl=0.6, idle_timeout=60) as c:
+        run = await c.start(nap_then_step, {"seconds": 3.0})
+        assert await run.result(timeout=30) == 1
+    # Taken, maybe renewed once before the sleep, taken again on waking, released.
+    assert store.lease_writes[run.run_id] <= 5, store.lease_writes
+    assert hits == [1]
+
+
+async def test_a_run_taken_while_parked_is_dropped_not_run_twice() -> None:
+    hits.clear()
+    store = MemoryBackend()
+    async with running(nap_then_step, backend=store, lease_ttl=0.6, idle_timeout=60) as c:
+        run = await c.start(nap_then_step, {"seconds": 2.0})
+        woken_at = time.time() + 2.0
+        # Once the lease is left to lapse another worker can take the run: here, a thief
+        # that holds it past the wake-up without doing anything.
+        deadline = time.monotonic() + 10
+        while not await store.acquire_lease(run.run_id, "thief", 3.0):
+            assert time.monotonic() < deadline, "the sleeping run's lease never lapsed"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(max(0.0, woken_at - time.time()) + 0.8)
+        # Woken, the first worker found the run taken and left it: nothing ran or was written.
+        assert hits == []
+        assert [r["k"] for r in await log_records(store, run.run_id)][-1] == "sleep"
+        await store.release_lease(run.run_id, "thief")
+        assert await run.result(timeout=30) == 1
+    assert hits == [1]
