@@ -318,6 +318,9 @@ async def test_a_store_written_before_creation_indexes_is_indexed_by_its_first_l
         for key in [k async for k in raw.scan_iter(match=f"{{{store.prefix}:runs:*}}:recent*")]:
             await raw.delete(key)  # as an earlier release left the store: no creation index
         await raw.set(f"{{{store.prefix}:r05}}:meta", b"\x00{not json")
+        # Indexed by a put_run cut short before its SET: indexed too, and listed never.
+        await raw.zadd(f"{{{store.prefix}:runs:{shard_of('ghost')}}}", {"ghost": 0})
+        await raw.zadd(f"{{{store.prefix}:runs:{shard_of('bad')}}}:recent", {b"\xff..": 5000})
         fresh = await store.open()
         expected = sorted(
             ((1000.0 + i % 10 if i != 5 else 0.0, f"r{i:02d}") for i in range(30)), reverse=True
@@ -325,7 +328,10 @@ async def test_a_store_written_before_creation_indexes_is_indexed_by_its_first_l
         listed = await fresh.list_recent(limit=100)
         assert [(r.created_at, r.run_id) for r in listed] == expected
         assert listed[-1].status == "corrupt"
-        assert sum([await raw.zcard(k) for k in fresh._listing.recent_keys]) == 30  # type: ignore[attr-defined]
+        listing = fresh._listing  # type: ignore[attr-defined]
+        sizes = [await raw.zcard(k) for k in (*listing.runs_keys, *listing.recent_keys)]
+        assert sum(sizes[:SHARDS]) == 31 and sum(sizes[SHARDS:]) == 32  # and the stray member
+        assert await (await store.open()).list_recent(limit=100) == listed
         active = [r.run_id for r in await fresh.list_recent(status="active", limit=100)]
         assert active == [r for _, r in expected if r != "r05"]
     finally:

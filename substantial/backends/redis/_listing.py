@@ -21,7 +21,7 @@ from typing import Any
 from redis import exceptions as rx
 
 from substantial.backends._common import Page, RecentPage, filtered_runs, recent_runs
-from substantial.backends._hostile import read_listed
+from substantial.backends._hostile import is_valid_id, read_listed
 from substantial.backends._recent import Cursor, check_before
 from substantial.backends.base import RunInfo
 from substantial.backends.redis._errors import Client, Health
@@ -184,7 +184,9 @@ class Listing:
                 if cursor is not None:
                     pipe.zrevrangebyscore(key, repr(cursor[0]), repr(cursor[0]), withscores=True)
             replies: list[list[tuple[bytes, float]]] = await pipe.execute()
-        found = [(at, member.decode()) for reply in replies for member, at in reply]
+        # A member no run can have (written by something else) is passed over, not read.
+        named = ((at, member.decode(errors="replace")) for reply in replies for member, at in reply)
+        found = [(at, run_id) for at, run_id in named if is_valid_id(run_id)]
         if cursor is not None:
             found = [entry for entry in found if entry < cursor]
         found.sort(reverse=True)
@@ -193,9 +195,10 @@ class Listing:
     async def _index_older_runs(self) -> None:
         """Index the runs a store written before creation indexes holds, once.
 
-        The shards' sizes tell (one round trip): equal, every run is indexed.
-        Otherwise each run of the store is indexed by its metadata's time
-        (an unreadable one at 0, where it lists), unless it was meanwhile.
+        The shards' sizes tell (one round trip): if the creation sets hold
+        fewer runs than the runs sets, some are not indexed, and each run of
+        the store is indexed by its metadata's time (an unreadable one at 0,
+        where it lists), unless it was meanwhile.
         """
         async with self._health.io("list_recent"):
             pipe = self._client.pipeline(transaction=False)
@@ -203,20 +206,28 @@ class Listing:
                 pipe.zcard(key)
             sizes: list[int] = await pipe.execute()
         half = len(self.runs_keys)
-        if sum(sizes[:half]) != sum(sizes[half:]):
+        if sum(sizes[half:]) < sum(sizes[:half]):  # runs the creation sets lack
             after: str | None = None
             while ids := await self._next_run_ids(after, REINDEX_PAGE):
-                infos = [
-                    read_listed(self._backend, run_id, data) if isinstance(data, bytes) else data
-                    for run_id, data in await self.metas(ids)
-                    if data is not None
+                places = [
+                    _place(self._backend, run_id, data) for run_id, data in await self.metas(ids)
                 ]
                 # Sent together: one round trip per page on a single server.
                 await asyncio.gather(
-                    *(
-                        self._reindex(i.run_id, i.created_at, self.status_arg(i.status))
-                        for i in infos
-                    )
+                    *(self._reindex(r, at, self.status_arg(st)) for r, at, st in places)
                 )
                 after = ids[-1]
         self._indexed = True
+
+
+def _place(backend: object, run_id: str, data: bytes | RunInfo | None) -> tuple[str, float, str]:
+    """Return where a run goes in the creation indexes: id, time, status.
+
+    Metadata not written yet (a start cut short) is indexed at 0 like
+    unreadable metadata: the listings pass over it until a ``put_run``
+    places the run, and the sets' sizes agree from then on.
+    """
+    if data is None:
+        return run_id, 0.0, "corrupt"
+    info = read_listed(backend, run_id, data) if isinstance(data, bytes) else data
+    return run_id, info.created_at, info.status
