@@ -249,7 +249,39 @@ async def idle(floor: float, seconds: float = 20.0) -> None:
     )
 
 
-S3_ONLY = ("floor", "contention", "idle")
+async def parked(floor: float, seconds: float = 20.0, ttl: float = 6.0) -> None:
+    """Requests while one run sleeps ``seconds`` in a worker's memory (``lease_ttl`` ttl)."""
+    from bench.bench_engine import naps
+
+    conductor = await _conductor(f"parked-{uuid.uuid4().hex[:8]}")
+    conductor.register(naps)
+    agent = conductor.run(lease_ttl=ttl, idle_timeout=3 * seconds)
+    run = await conductor.start(naps, {"n": 1, "seconds": seconds})
+    await asyncio.sleep(1.0)  # taken, the sleep recorded
+    before = Counter(conductor.backend.requests)
+    await asyncio.sleep(seconds - 1.5)  # up to just before it wakes
+    spent = Counter(conductor.backend.requests) - before
+    ok = await run.result(timeout=seconds + 60) == 1
+    agent.cancel()
+    await agent
+    await conductor.close()
+    emit(
+        workload="parked",
+        backend="s3",
+        n=1,
+        seconds=seconds - 1.5,
+        per_op_ms=None,
+        floor_ms=round(floor, 4),
+        ratio=None,
+        ok=ok,
+        requests_while_parked=dict(spent),
+        lease_ttl=ttl,
+        note="requests while one run sleeps in a worker's memory, its sleep recorded "
+        "(a renewal every lease_ttl/3 would be one PUT each)",
+    )
+
+
+S3_ONLY = ("floor", "contention", "idle", "parked")
 
 
 async def main_async(args: argparse.Namespace, workloads: list[str]) -> None:
@@ -273,6 +305,8 @@ async def main_async(args: argparse.Namespace, workloads: list[str]) -> None:
         await contention(floor)
     if "idle" in workloads:
         await idle(floor)
+    if "parked" in workloads:
+        await parked(floor)
 
 
 def main() -> None:
