@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import statistics
+import sys
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -336,6 +337,53 @@ async def test_a_store_written_before_creation_indexes_is_indexed_by_its_first_l
         assert active == [r for _, r in expected if r != "r05"]
     finally:
         await raw.aclose()
+
+
+WRITER = """
+import asyncio, sys, time
+from substantial.backends import from_url
+from substantial.backends.base import RunInfo
+
+async def main() -> None:
+    backend = from_url(sys.argv[1])
+    i = 0
+    while True:
+        batch = [RunInfo(f"k{i + j:06d}", "wf", "active", time.time(), 0.0) for j in range(20)]
+        await asyncio.gather(*(backend.put_run(info) for info in batch))
+        await asyncio.gather(*(backend.delete(info.run_id) for info in batch[::3]))
+        i += 20
+        if i == 200:
+            print("ready", flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_writer_killed_mid_put_run_or_delete_leaves_both_listings_agreeing(
+    store: RedisHarness,
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WRITER, store.url, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"ready\n"
+    await asyncio.sleep(0.05)  # mid-batch, most likely
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+    backend = await store.open()
+    by_id = [r.run_id for r in await backend.list_runs(limit=100_000)]
+    newest = await backend.list_recent(limit=100_000)
+    assert len(by_id) >= 100
+    assert sorted(r.run_id for r in newest) == by_id  # the same runs, each once
+    keys = [(r.created_at, r.run_id) for r in newest]
+    assert keys == sorted(keys, reverse=True)
+    listing = backend._listing  # type: ignore[attr-defined]
+    raw = store.raw()
+    try:
+        sizes = [await raw.zcard(k) for k in (*listing.runs_keys, *listing.recent_keys)]
+    finally:
+        await raw.aclose()
+    assert sum(sizes[:SHARDS]) == sum(sizes[SHARDS:])  # the sets changed together
 
 
 async def test_finding_due_work_reads_only_the_due_index(store: RedisHarness) -> None:
