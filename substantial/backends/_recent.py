@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeAlias
 
 from substantial.backends._types import RunInfo
 from substantial.errors import InvalidArgument
 
-__all__ = ["SCAN_PAGE", "Cursor", "check_before", "scan_recent", "sort_key"]
+__all__ = ["SCAN_PAGE", "Cursor", "check_before", "keep_newest", "scan_recent", "sort_key"]
 
 #: Where a page ends: the ``(created_at, run_id)`` of its last (oldest) run.
 Cursor: TypeAlias = tuple[float, str]
@@ -50,6 +50,30 @@ def check_before(before: object) -> Cursor | None:
         f"before={before!r} is not a cursor: pass (created_at, run_id) of the last run of "
         "the previous page, e.g. (page[-1].created_at, page[-1].run_id)"
     )
+
+
+def keep_newest(
+    infos: Iterable[RunInfo],
+    *,
+    status: str | None,
+    workflow: str | None,
+    limit: int,
+    before: object,
+) -> list[RunInfo]:
+    """Return the newest ``limit`` of ``infos`` after ``before`` that pass the filters.
+
+    For a store that reads every run anyway (one pass, ``O(limit)`` memory);
+    unreadable metadata has status ``corrupt`` and lists as such.
+    """
+    cursor = check_before(before)
+    kept = (
+        info
+        for info in infos
+        if (status is None or info.status == status)
+        and (workflow is None or info.workflow == workflow)
+        and (cursor is None or sort_key(info) < cursor)
+    )
+    return heapq.nlargest(max(0, limit), kept, key=sort_key)
 
 
 async def scan_recent(

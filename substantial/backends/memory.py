@@ -8,7 +8,6 @@ for all tasks of the process.
 from __future__ import annotations
 
 import bisect
-import heapq
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,8 +23,8 @@ from substantial.backends._common import (
     gap_error,
     lease_takable,
 )
-from substantial.backends._hostile import listed, read_listed
-from substantial.backends._recent import check_before, sort_key
+from substantial.backends._hostile import read_listed
+from substantial.backends._recent import keep_newest
 from substantial.backends.base import (
     Backend,
     Capabilities,
@@ -203,14 +202,8 @@ class MemoryBackend(Backend):
         before: tuple[float, str] | None = None,
     ) -> list[RunInfo]:
         """Decode every run and keep the newest ``limit``: O(n), with no index to keep in step."""
-        cursor = check_before(before)
         found = (read_listed(self, run_id, data) for run_id, data in self.runs.items())
-        kept = (
-            info
-            for info in found
-            if listed(info, status, workflow) and (cursor is None or sort_key(info) < cursor)
-        )
-        return heapq.nlargest(max(0, limit), kept, key=sort_key)
+        return keep_newest(found, status=status, workflow=workflow, limit=limit, before=before)
 
     async def list_runs(
         self,

@@ -25,6 +25,7 @@ from substantial.backends._common import (
     lease_takable,
     local_store_url,
 )
+from substantial.backends._recent import keep_newest
 from substantial.backends._wake import WakeChannel
 from substantial.backends.base import (
     Backend,
@@ -318,6 +319,37 @@ class FSBackend(Backend):
         except OSError as exc:
             raise self._unavailable(exc, f"store metadata of run {info.run_id!r}") from exc
 
+    def _meta(self, run_id: str) -> bytes | None:
+        try:
+            return read_file(f"{self._runs}/{run_id}/meta.json")
+        except FileNotFoundError:
+            return None  # a run with only events, or a half start
+        except OSError as exc:
+            raise self._unavailable(exc, f"read metadata of run {run_id!r}") from exc
+
+    async def list_recent(
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+        before: tuple[float, str] | None = None,
+    ) -> list[RunInfo]:
+        """List the run directories once, read every run's metadata, keep the newest: O(n).
+
+        No index in creation order is kept (it would cost every run started
+        one more file); this reads each ``meta.json`` once per call.
+        """
+        try:
+            names = os.listdir(self._runs)
+        except FileNotFoundError:
+            names = []
+        except OSError as exc:
+            raise self._unavailable(exc, "list runs") from exc
+        metas = ((run_id, self._meta(run_id)) for run_id in names)
+        found = (_hostile.read_listed(self, r, data) for r, data in metas if data is not None)
+        return keep_newest(found, status=status, workflow=workflow, limit=limit, before=before)
+
     async def list_runs(
         self,
         *,
@@ -328,15 +360,7 @@ class FSBackend(Backend):
         ids: Sequence[str] | None = None,
     ) -> list[RunInfo]:
         """List run directories in id order and read the metadata of each."""
-
-        def meta(run_id: str) -> bytes | None:
-            try:
-                return read_file(f"{self._runs}/{run_id}/meta.json")
-            except FileNotFoundError:
-                return None  # a run with only events, or a half start
-            except OSError as exc:
-                raise self._unavailable(exc, f"read metadata of run {run_id!r}") from exc
-
+        meta = self._meta
         listing: list[str] | None = None
 
         async def fetch(cursor: str | None, n: int) -> Page:
