@@ -13,12 +13,20 @@ import hashlib
 import time
 from typing import Any
 
-from substantial.backends.base import Backend, Lease, RunInfo, host_owner_is_dead, validate_id
-from substantial.errors import CorruptRecord, PositionTaken, RunConflict
-from substantial.records import StartRecord, decode_entry, encode_entry
+from substantial.backends.base import (
+    PROTOCOL_VERSION,
+    Backend,
+    Lease,
+    RunInfo,
+    host_owner_is_dead,
+    validate_id,
+)
+from substantial.errors import CorruptRecord, PositionTaken, ProtocolMismatch, RunConflict
+from substantial.records import Record, StartRecord, decode_entry, encode_entry
 
 __all__ = [
     "HOLD_TTL",
+    "check_protocol",
     "claim_order",
     "create_run",
     "existing_start",
@@ -151,3 +159,15 @@ def claim_order(
         return int(c[1]), hashlib.blake2b(c[0].encode(), digest_size=8, key=salt).digest()
 
     return sorted(candidates, key=rank)[:room]
+
+
+def check_protocol(run_id: str, first: list[Record]) -> None:
+    """Refuse a log begun under another storage protocol, saying what to do with it."""
+    for record in first:
+        start = record if record["k"] == "start" else record.get("start")
+        if isinstance(start, dict) and start.get("p") != PROTOCOL_VERSION:
+            raise ProtocolMismatch(
+                f"run {run_id!r} was started under storage protocol {start.get('p', 1)}; this "
+                f"version runs protocol {PROTOCOL_VERSION} logs only: finish it with the "
+                "substantial release that started it, or cancel it"
+            )

@@ -26,10 +26,11 @@ from substantial._handback import hand_back
 from substantial._held import LiveRun, lease_end, park, retake
 from substantial._live import Driver
 from substantial._outcome import Outcome, end_of, finish_run, snapshot_of, start_successor
+from substantial._peers import Peers
 from substantial._repair import effective
-from substantial._runs import claim_order, take_lease
+from substantial._runs import check_protocol, claim_order, take_lease
 from substantial._steps import Pace
-from substantial.backends.base import PROTOCOL_VERSION, Backend, RunInfo, make_owner
+from substantial.backends.base import Backend, Lease, RunInfo, make_owner
 from substantial.context import Context
 from substantial.errors import (
     BackendError,
@@ -98,6 +99,7 @@ class Worker:
         #: The due time of each run skipped because its lease was held: due anew, it is tried.
         self._skipped_at: dict[str, float] = {}
         self._next_due: float | None = None
+        self._peers = Peers(self.owner)
         self._noted: set[str] = set()
         #: Consecutive failed tries per run, for its backoff; cleared by a try that works.
         self._failures: dict[str, int] = {}
@@ -160,13 +162,16 @@ class Worker:
                         live.driver.poke()
             elif self._skip_until.get(run_id, 0.0) <= now or self._skipped_at.get(run_id, at) != at:
                 wanted.append((run_id, at))
-        wanted = claim_order(self.owner, wanted, self.concurrency - len(self.runs))
+        wanted = claim_order(
+            self.owner, await self._first_choices(wanted, now), self.concurrency - len(self.runs)
+        )
         # Side by side: the leases of one poll share a commit (or overlap their round trips).
         taken = await asyncio.gather(*(self._take(r) for r, _ in wanted), return_exceptions=True)
         pairs = sorted(zip(wanted, taken, strict=True), key=lambda pair: pair[1] is not True)
         for (run_id, at), outcome in pairs:  # the runs taken first: a raise strands no lease
             if outcome is True:
                 self._skipped_at.pop(run_id, None)
+                self._peers.taken(run_id)
                 live = self.runs[run_id] = LiveRun(
                     run_id, at, lease_until=lease_end(now, self.lease_ttl)
                 )
@@ -178,12 +183,29 @@ class Worker:
             elif isinstance(outcome, BaseException):
                 raise outcome  # an outage (or a bug) is the poll loop's to handle
 
+    async def _first_choices(self, wanted: list[tuple[str, float]], now: float) -> list[Any]:
+        """Leave other workers' first choices to them; read the leases of those left a while."""
+        mine, look = self._peers.split(wanted, now)
+        leases = await asyncio.gather(
+            *(self.backend.get_lease(r) for r, _ in look), return_exceptions=True
+        )
+        for (run_id, at), lease in zip(look, leases, strict=True):
+            if isinstance(lease, Lease) and lease.owner != self.owner and lease.expires_at > now:
+                self._peers.saw(lease.owner, now)
+                self._skip_until[run_id] = min(lease.expires_at, now + self.lease_ttl)
+                self._skipped_at[run_id] = at
+            else:
+                mine.append((run_id, at))  # free, or unreadable: the take decides
+        return mine
+
     async def _take(self, run_id: str) -> bool:
         lease = await take_lease(self.backend, run_id, self.owner, self.lease_ttl)
         if lease is not None and lease.owner == self.owner:
             return True
         now = _clock.now()  # held elsewhere: skip it until it expires
         self._skip_until[run_id] = min(lease.expires_at if lease else now + 1, now + self.lease_ttl)
+        if lease is not None:
+            self._peers.saw(lease.owner, now)
         return False
 
     def _set_aside(self, run_id: str, exc: BaseException | str, seconds: float = 60.0) -> None:
@@ -200,6 +222,9 @@ class Worker:
             wait = min(wait, nxt - now)
         # Runs set aside (leased elsewhere, backend errors) are retried when their time comes.
         later = [t for t in self._skip_until.values() if t > now]
+        deferred = self._peers.next_at(now)
+        if deferred is not None:
+            later.append(deferred)
         if later:
             wait = min(wait, min(later) - now)
         return max(wait, 0.001)
@@ -211,6 +236,7 @@ class Worker:
             await asyncio.sleep(period)
             now = _clock.now()
             self._skip_until = {k: v for k, v in self._skip_until.items() if v > now}
+            self._peers.forget(now)
             self._skipped_at = {k: v for k, v in self._skipped_at.items() if k in self._skip_until}
             # An idle run's lease is left to lapse once the run is back in the due index
             # (on S3 a renewal is a request): it is taken again when the run wakes.
@@ -316,7 +342,7 @@ class Worker:
             self._skip_until[run_id] = _clock.now() + 1.0
             return
         # The first entry alone, first: older records are not corrupt, only old.
-        _check_protocol(run_id, decode_entry(run_id, start_at, entries[0]))
+        check_protocol(run_id, decode_entry(run_id, start_at, entries[0]))
         marks = {"snapshot": -1, "repair": -1}
         records = decode_log(run_id, start_at, entries, marks)
         next_position = start_at + len(entries)
@@ -470,14 +496,3 @@ class Worker:
                 task.cancel()
             if late:
                 await asyncio.wait(late)
-
-
-def _check_protocol(run_id: str, first: list[Record]) -> None:
-    for record in first:
-        start = record if record["k"] == "start" else record.get("start")
-        if isinstance(start, dict) and start.get("p") != PROTOCOL_VERSION:
-            raise ProtocolMismatch(
-                f"run {run_id!r} was started under storage protocol {start.get('p', 1)}; this "
-                f"version runs protocol {PROTOCOL_VERSION} logs only: finish it with the "
-                "substantial release that started it, or cancel it"
-            )
