@@ -23,16 +23,12 @@ an error, not a time. Target: under 50 ms at n = 1,000,000.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
-
-from bench._harness import ROOT, Sitting
-from bench.bench_scale import PARKED, check_seeded, seed
+from bench._harness import Sitting
+from bench.bench_scale import PARKED, check_seeded, cli_list, seed
 from substantial.backends.base import Backend, RunInfo
 from substantial.search import RunQuery, find_runs
 
@@ -117,14 +113,7 @@ async def ls(s: Sitting) -> dict[str, Any]:
     }
     url = s.url()
     if url is not None:
-        cmd = [sys.executable, "-m", "substantial.cli", "runs", "list", "--backend", url]
-        t0 = time.perf_counter()
-        proc = subprocess.run([*cmd, "--limit", "50", "--json"], capture_output=True, cwd=ROOT)
-        out["cli_list_ms"] = round((time.perf_counter() - t0) * 1000, 1)
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import substantial.cli"], check=True, cwd=ROOT)
-        out["cli_startup_ms"] = round((time.perf_counter() - t0) * 1000, 1)
-        listed = [r["run_id"] for r in orjson.loads(proc.stdout)] if proc.returncode == 0 else []
+        listed = cli_list(url, out)
         checks["cli"] = listed == newest[:50] or (not indexed and pages[-1].truncated)
     wrong = [name for name, right in checks.items() if not right]
     if wrong:

@@ -182,16 +182,24 @@ async def listing(s: Sitting, backend: Backend, expected: list[str]) -> dict[str
     out["list_right"] = got == expected
     url = s.url()
     if url is not None:
-        cmd = [sys.executable, "-m", "substantial.cli", "runs", "list", "--backend", url]
-        t0 = time.perf_counter()
-        proc = subprocess.run([*cmd, "--limit", "50", "--json"], capture_output=True, cwd=ROOT)
-        out["cli_list_ms"] = round((time.perf_counter() - t0) * 1000, 1)
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import substantial.cli"], check=True, cwd=ROOT)
-        out["cli_startup_ms"] = round((time.perf_counter() - t0) * 1000, 1)
-        cli_ids = [r["run_id"] for r in orjson.loads(proc.stdout)] if proc.returncode == 0 else []
+        cli_ids = cli_list(url, out)
         out["cli_list_right"] = cli_ids == expected
     return out
+
+
+def cli_list(url: str, out: dict[str, Any]) -> list[str]:
+    """Time ``substantial runs list --limit 50`` in a new process, and Python's start-up alone.
+
+    Puts ``cli_list_ms`` and ``cli_startup_ms`` in ``out``; returns the ids listed.
+    """
+    cmd = [sys.executable, "-m", "substantial.cli", "runs", "list", "--backend", url]
+    t0 = time.perf_counter()
+    proc = subprocess.run([*cmd, "--limit", "50", "--json"], capture_output=True, cwd=ROOT)
+    out["cli_list_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import substantial.cli"], check=True, cwd=ROOT)
+    out["cli_startup_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+    return [r["run_id"] for r in orjson.loads(proc.stdout)] if proc.returncode == 0 else []
 
 
 async def w5(s: Sitting) -> dict[str, Any]:
