@@ -74,6 +74,9 @@ class Workers:
 
     def spawn(self) -> subprocess.Popen[bytes]:
         idle = self.rng.choice(["0.2", "1", "60"])  # some runs leave memory while they wait
+        # A short lease: idle runs held in memory are parked (handed back, lease left to
+        # lapse) and taken again when they wake, often, and some by another worker.
+        ttl = self.rng.choice(["0.9", "30"])
         return spawn_worker(
             self.url,
             self.ledger,
@@ -81,6 +84,8 @@ class Workers:
             str(CONCURRENCY),
             "--idle-timeout",
             idle,
+            "--lease-ttl",
+            ttl,
             target=TARGET,
         )
 
