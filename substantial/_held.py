@@ -1,9 +1,9 @@
 """The runs a worker holds, and their leases: renewed while busy, left to lapse while idle.
 
-A busy run's lease is renewed every ``lease_ttl / 3``. An idle one (it waits for a
-timer or an event, nothing of it runs) is handed back to the due index at its wake-up
-time before its lease would need renewing, and the lease is left to lapse: on S3 each
-renewal is a request, and a run may sleep for long. The workflow stays in memory; when
+A busy run's lease is renewed every ``lease_ttl / 3``. An idle one that waits for a
+timer (or its deadline), nothing of it running, is handed back to the due index at its
+wake-up time before its lease would need renewing, and the lease is left to lapse: on
+S3 each renewal is a request, and a run may sleep for long. The workflow stays in memory; when
 it wakes, the worker takes the lease again (:func:`retake`) and carries on, unless
 another worker took the run meanwhile, in which case this one drops it unwritten.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from substantial import _clock
@@ -20,7 +21,7 @@ from substantial._handback import hand_back
 from substantial._live import Driver
 from substantial.backends.base import Backend, RunInfo
 
-__all__ = ["LiveRun", "lease_end", "park", "retake"]
+__all__ = ["LiveRun", "lease_end", "park", "retake", "sort_held"]
 
 logger = logging.getLogger("substantial.worker")
 
@@ -52,6 +53,23 @@ class LiveRun:
     def parked(self) -> bool:
         """The idle run is in the due index and its lease left to lapse, since its last wake."""
         return self.driver is not None and self.parked_wakes == self.driver.wakes
+
+
+def sort_held(runs: Iterable[LiveRun]) -> tuple[list[LiveRun], list[LiveRun]]:
+    """Split held runs into those whose lease is renewed and the idle ones that may park.
+
+    A run that waits for events alone keeps its lease (until ``idle_timeout``): handing
+    it back takes it out of the due index, and a kill before the inbox is read again
+    would strand an event that came meanwhile (docs/RELIABILITY.md, "Known window").
+    One that waits for a timer is handed back due at that time: at worst it wakes then.
+    """
+    renewed: list[LiveRun] = []
+    idle: list[LiveRun] = []
+    for run in runs:
+        driver = run.driver
+        parks = driver is not None and driver.idle and driver.wakes_at() is not None
+        (idle if parks else renewed).append(run)
+    return renewed, idle
 
 
 def lease_end(taken_at: float, ttl: float) -> float:

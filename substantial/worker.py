@@ -23,7 +23,7 @@ from substantial import _clock, queues, telemetry
 from substantial._durations import seconds
 from substantial._effects import RunEffects
 from substantial._handback import hand_back
-from substantial._held import LiveRun, lease_end, park, retake
+from substantial._held import LiveRun, lease_end, park, retake, sort_held
 from substantial._live import Driver
 from substantial._outcome import Outcome, end_of, finish_run, snapshot_of, start_successor
 from substantial._peers import Peers
@@ -238,10 +238,8 @@ class Worker:
             self._skip_until = {k: v for k, v in self._skip_until.items() if v > now}
             self._peers.forget(now)
             self._skipped_at = {k: v for k, v in self._skipped_at.items() if k in self._skip_until}
-            # An idle run's lease is left to lapse once the run is back in the due index
-            # (on S3 a renewal is a request): it is taken again when the run wakes.
-            lives = [r for r in self.runs.values() if r.driver is None or not r.driver.idle]
-            idle = [r for r in self.runs.values() if r.driver is not None and r.driver.idle]
+            # An idle run's lease is left to lapse once it is back in the due index (_held).
+            lives, idle = sort_held(self.runs.values())
             to_park = [r for r in idle if not r.parked and r.lease_until <= now + period]
             parked = await asyncio.gather(
                 *(park(self.backend, r, self.poll_interval) for r in to_park),
