@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import fcntl
 import os
@@ -367,19 +368,14 @@ class FSBackend(Backend):
             nonlocal listing
             if listing is None:
                 try:
-                    listing = sorted(os.listdir(self._runs))
-                except FileNotFoundError:
-                    listing = []
+                    # Kept across calls while runs/ is unchanged: a paged scan of n runs
+                    # lists the directory once, not once per page.
+                    listing = self._index.listing(self._runs) or []
                 except OSError as exc:
                     raise self._unavailable(exc, "list runs") from exc
-            page: list[tuple[str, bytes | None]] = []
-            for run_id in listing:
-                if cursor is not None and run_id <= cursor:
-                    continue
-                page.append((run_id, meta(run_id)))
-                if len(page) >= n:
-                    return page, True
-            return page, False
+            start = 0 if cursor is None else bisect.bisect_right(listing, cursor)
+            page = [(run_id, meta(run_id)) for run_id in listing[start : start + n]]
+            return page, start + n < len(listing)
 
         async def fetch_ids(wanted: list[str]) -> Page:
             return [(r, meta(r)) for r in wanted], False

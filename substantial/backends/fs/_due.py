@@ -69,7 +69,7 @@ class DueIndex:
         self._runs = runs
         self._due = due
         self._owner = owner  # whose warnings these are
-        #: Directories' sorted listings, by the mtime each was listed at (see _listing).
+        #: Directories' sorted listings, by the mtime each was listed at (see listing).
         self._listings: dict[str, tuple[int, list[str]]] = {}
 
     def _pointer(self, run_id: str) -> str:
@@ -134,7 +134,7 @@ class DueIndex:
             if self._files.fsync:
                 sync_dir(os.path.dirname(pointer))
 
-    def _listing(self, directory: str) -> list[str] | None:
+    def listing(self, directory: str) -> list[str] | None:
         """Return ``directory``'s names sorted, or None if it is gone.
 
         With a million runs waiting, due/ and the hour bucket that holds the next
@@ -163,12 +163,12 @@ class DueIndex:
 
     def _buckets(self) -> list[str]:
         """Return the bucket names in order."""
-        return [b for b in self._listing(self._due) or () if b.isascii() and b.isdigit()]
+        return [b for b in self.listing(self._due) or () if b.isascii() and b.isdigit()]
 
     def _scan_bucket(self, bucket: str, now_bucket: int) -> list[str] | None:
         """List one bucket's entries in key order; drop it if it is a past, empty bucket."""
         directory = f"{self._due}/{bucket}"
-        names = self._listing(directory)
+        names = self.listing(directory)
         if names == [] and int(bucket) < now_bucket:
             # A schedule racing with this finds the bucket gone and recreates it.
             with contextlib.suppress(OSError):
