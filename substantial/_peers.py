@@ -40,8 +40,13 @@ class Peers:
         self.deferred: dict[str, float] = {}
 
     def saw(self, holder: str, now: float) -> None:
-        """Note ``holder`` holding a run (an unreadable lease's owner ``?`` is nobody)."""
-        if holder != self.owner and holder != "?":
+        """Note ``holder`` holding a run, if it is another worker.
+
+        Workers name themselves ``host/pid/ticks/w<hex>`` (``make_owner("w")``); a
+        resume, delete or prune holding a run for a moment is no peer to share with,
+        nor is an unreadable lease's owner ``?``.
+        """
+        if holder != self.owner and holder.rpartition("/")[2].startswith("w"):
             self.seen[holder] = now
 
     def split(self, wanted: list[Candidate], now: float) -> tuple[list[Candidate], list[Candidate]]:

@@ -7,6 +7,7 @@ import asyncio
 from substantial import Conductor, Context, workflow
 from substantial._peers import DEFER, WINDOW, Peers
 from substantial._runs import claim_order
+from substantial.backends.base import make_owner
 from substantial.backends.memory import MemoryBackend
 
 DUE = [(f"run-{i:03d}", 1_000.5) for i in range(100)]
@@ -83,11 +84,16 @@ def test_a_run_left_to_a_peer_is_looked_at_after_the_pause() -> None:
     assert peers.split(DUE, 10.0 + WINDOW + 1) == (DUE, [])
 
 
-def test_an_unreadable_lease_owner_is_no_peer() -> None:
-    peers = Peers("w-a")
+def test_an_unreadable_lease_owner_or_a_repair_is_no_peer() -> None:
+    me = make_owner("w")
+    peers = Peers(me)
     peers.saw("?", 1.0)
-    peers.saw("w-a", 1.0)
+    peers.saw(me, 1.0)
+    for tag in ("resume-", "delete-", "prune-", "retention-"):
+        peers.saw(make_owner(tag), 1.0)
     assert peers.split(DUE, 1.0) == (DUE, [])
+    peers.saw(make_owner("w"), 1.0)  # another worker
+    assert peers.split(DUE, 1.0) != (DUE, [])
 
 
 @workflow()
