@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 
-__all__ = ["DEFER", "WINDOW", "Peers"]
+__all__ = ["DEFER", "WINDOW", "Peers", "claim_order"]
 
 #: How long a run another worker goes first for is left to it.
 DEFER = 0.05
@@ -26,7 +26,23 @@ Candidate = tuple[str, float]
 
 
 def _score(owner: str, run_id: str) -> bytes:
+    # A keyed hash: crc32 salted with the owner ranks runs alike for every owner.
     return hashlib.blake2b(run_id.encode(), digest_size=8, key=owner.encode()[:64]).digest()
+
+
+def claim_order(owner: str, candidates: list[Candidate], room: int) -> list[Candidate]:
+    """Choose which of the due ``candidates`` (in due order) a worker with ``room`` tries.
+
+    With room for them all it tries them all. Otherwise workers that all saw the same
+    due list must not all race for the same first runs: each ranks runs due in the same
+    second by a hash of its own name and the run's, so they spread over the list, while
+    a run due in an earlier second still goes first (no run waits behind newer ones).
+    """
+    if len(candidates) <= room:
+        return candidates
+    if room <= 0:
+        return []
+    return sorted(candidates, key=lambda c: (int(c[1]), _score(owner, c[0])))[:room]
 
 
 class Peers:

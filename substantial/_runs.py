@@ -9,7 +9,6 @@ every run begins the same way. Workers take leases through
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from typing import Any
 
@@ -27,7 +26,6 @@ from substantial.records import Record, StartRecord, decode_entry, encode_entry
 __all__ = [
     "HOLD_TTL",
     "check_protocol",
-    "claim_order",
     "create_run",
     "existing_start",
     "hold",
@@ -137,28 +135,6 @@ def same_start(a: dict[str, Any], b: StartRecord) -> bool:
         and a.get("kwargs") == b["kwargs"]
         and a.get("parent") == b.get("parent")
     )
-
-
-def claim_order(
-    owner: str, candidates: list[tuple[str, float]], room: int
-) -> list[tuple[str, float]]:
-    """Choose which of the due ``candidates`` (in due order) a worker with ``room`` tries.
-
-    With room for them all it tries them all. Otherwise workers that all saw the same
-    due list must not all race for the same first runs: each ranks runs due in the same
-    second by a hash of its own name and the run's, so they spread over the list, while
-    a run due in an earlier second still goes first (no run waits behind newer ones).
-    """
-    if len(candidates) <= room:
-        return candidates
-    if room <= 0:
-        return []
-    salt = owner.encode()[:64]  # a keyed hash: crc32's rankings under two salts correlate
-
-    def rank(c: tuple[str, float]) -> tuple[int, bytes]:
-        return int(c[1]), hashlib.blake2b(c[0].encode(), digest_size=8, key=salt).digest()
-
-    return sorted(candidates, key=rank)[:room]
 
 
 def check_protocol(run_id: str, first: list[Record]) -> None:

@@ -26,9 +26,9 @@ from substantial._handback import hand_back
 from substantial._held import LiveRun, lease_end, park, retake, sort_held
 from substantial._live import Driver
 from substantial._outcome import Outcome, end_of, finish_run, snapshot_of, start_successor
-from substantial._peers import Peers
+from substantial._peers import Peers, claim_order
 from substantial._repair import effective
-from substantial._runs import check_protocol, claim_order, take_lease
+from substantial._runs import check_protocol, take_lease
 from substantial._steps import Pace
 from substantial.backends.base import Backend, Lease, RunInfo, make_owner
 from substantial.context import Context

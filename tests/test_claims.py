@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from substantial import Conductor, Context, workflow
-from substantial._peers import DEFER, WINDOW, Peers
-from substantial._runs import claim_order
+from substantial._peers import DEFER, WINDOW, Peers, claim_order
 from substantial.backends.base import make_owner
 from substantial.backends.memory import MemoryBackend
 
