@@ -107,9 +107,12 @@ class Driver(LogWriter):
 
     def wakes_at(self) -> float | None:
         """When the idle run next needs a worker by itself (a timer, its deadline), if ever."""
-        until = self.x.next_wakeup()
+        return self.or_deadline(self.x.next_wakeup())
+
+    def or_deadline(self, until: float | None) -> float | None:
+        """Return ``until``, or the run's deadline if that comes first (or ``until`` is None)."""
         if self.deadline is not None and not self.x.timed_out:
-            until = self.deadline if until is None else min(until, self.deadline)
+            return self.deadline if until is None else min(until, self.deadline)
         return until
 
     @property

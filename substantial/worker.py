@@ -476,10 +476,7 @@ class Worker:
     # -- waiting, eviction and shutdown -------------------------------------------
 
     async def _reschedule(self, run_id: str, driver: Driver) -> None:
-        x = driver.x
-        until = driver.handback_at
-        if driver.deadline is not None and not x.timed_out:
-            until = driver.deadline if until is None else min(until, driver.deadline)
+        until = driver.or_deadline(driver.handback_at)
         await hand_back(self.backend, run_id, until, max(self.poll_interval, OUTAGE_RETRY_FIRST))
 
     async def _shutdown(self) -> None:
