@@ -191,8 +191,7 @@ class Worker:
         )
         for (run_id, at), lease in zip(look, leases, strict=True):
             if isinstance(lease, Lease) and lease.owner != self.owner and lease.expires_at > now:
-                self._peers.saw(lease.owner, now)
-                self._skip_until[run_id] = min(lease.expires_at, now + self.lease_ttl)
+                self._held_elsewhere(run_id, lease, now)
                 self._skipped_at[run_id] = at
             else:
                 mine.append((run_id, at))  # free, or unreadable: the take decides
@@ -202,11 +201,14 @@ class Worker:
         lease = await take_lease(self.backend, run_id, self.owner, self.lease_ttl)
         if lease is not None and lease.owner == self.owner:
             return True
-        now = _clock.now()  # held elsewhere: skip it until it expires
+        self._held_elsewhere(run_id, lease, _clock.now())
+        return False
+
+    def _held_elsewhere(self, run_id: str, lease: Lease | None, now: float) -> None:
+        """Skip a run another worker holds until its lease expires; note that worker."""
         self._skip_until[run_id] = min(lease.expires_at if lease else now + 1, now + self.lease_ttl)
         if lease is not None:
             self._peers.saw(lease.owner, now)
-        return False
 
     def _set_aside(self, run_id: str, exc: BaseException | str, seconds: float = 60.0) -> None:
         if run_id not in self._noted:
