@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 from substantial.backends._types import RunInfo
 from substantial.errors import InvalidArgument
@@ -86,30 +86,19 @@ async def scan_recent(
 ) -> list[RunInfo]:
     """Answer ``list_recent`` by paging ``list_runs`` over the whole store: O(n) reads.
 
-    Keeps the newest ``limit`` runs seen in a heap, so memory stays
-    ``O(limit)`` however large the store.
+    Keeps only the newest ``limit`` runs seen (:func:`keep_newest` over them and
+    each page), so memory stays ``O(limit + page)`` however large the store.
     """
     if limit <= 0:
         return []
-    newest: list[tuple[Cursor, RunInfo]] = []  # a min-heap: the oldest kept run on top
+    newest: list[RunInfo] = []
     after: str | None = None
     while True:
         found = await list_runs(status=status, workflow=workflow, limit=SCAN_PAGE, after=after)
-        for info in found:
-            key = sort_key(info)
-            if before is not None and not key < before:
-                continue
-            # Run ids are unique, so keys never tie and RunInfos are never compared.
-            if len(newest) < limit:
-                heapq.heappush(newest, (key, info))
-            elif key > newest[0][0]:
-                heapq.heapreplace(newest, (key, info))
+        # The filters were the store's to apply; only the cursor and the count are left.
+        newest = keep_newest(
+            [*newest, *found], status=None, workflow=None, limit=limit, before=before
+        )
         if len(found) < SCAN_PAGE:
-            break
+            return newest
         after = found[-1].run_id
-    newest.sort(key=_first, reverse=True)
-    return [info for _, info in newest]
-
-
-def _first(item: tuple[Cursor, Any]) -> Cursor:
-    return item[0]
