@@ -342,9 +342,7 @@ class FSBackend(Backend):
         one more file); this reads each ``meta.json`` once per call.
         """
         try:
-            names = os.listdir(self._runs)
-        except FileNotFoundError:
-            names = []
+            names = self._index.listing(self._runs) or []  # the one list_runs keeps too
         except OSError as exc:
             raise self._unavailable(exc, "list runs") from exc
         metas = ((run_id, self._meta(run_id)) for run_id in names)

@@ -139,8 +139,9 @@ class DueIndex:
 
         With a million runs waiting, due/ and the hour bucket that holds the next
         due time (tens of thousands of keys) would be listed and sorted at every
-        poll. A listing is kept while the directory's mtime is the one it was
-        listed at: any name added or removed, by any process, changes it.
+        poll, and runs/ at every page of a listing. A listing is kept while the
+        directory's mtime is the one it was listed at: any name added or removed,
+        by any process, changes it.
         """
         try:
             mtime = os.stat(directory).st_mtime_ns
