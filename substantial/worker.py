@@ -81,12 +81,9 @@ class Worker:
         self.on_ended = on_ended or (lambda _run_id: None)
         self.queue_ready = queue_ready  # stores a queue a child is started into
         self.owner = make_owner("w")
-        for name, count, least in (
-            ("concurrency", concurrency, 1),
-            ("step_threads", step_threads, 0),
-        ):
-            if not isinstance(count, int) or isinstance(count, bool) or count < least:
-                raise InvalidArgument(f"{name}= takes a whole number >= {least}, got {count!r}")
+        for name, n, least in (("concurrency", concurrency, 1), ("step_threads", step_threads, 0)):
+            if not isinstance(n, int) or isinstance(n, bool) or n < least:
+                raise InvalidArgument(f"{name}= takes a whole number >= {least}, got {n!r}")
         self.concurrency = concurrency
         # A NaN or infinite lease would be stored unreadable, a NaN poll would spin: refuse them.
         self.lease_ttl = seconds(lease_ttl, "lease_ttl=", positive=True)
@@ -99,6 +96,8 @@ class Worker:
         #: The due time of each run skipped because its lease was held: due anew, it is tried.
         self._skipped_at: dict[str, float] = {}
         self._next_due: float | None = None
+        #: The last poll left due runs for want of room: a run that ends polls again.
+        self._short = False
         self._peers = Peers(self.owner)
         self._noted: set[str] = set()
         #: Consecutive failed tries per run, for its backoff; cleared by a try that works.
@@ -162,9 +161,10 @@ class Worker:
                         live.driver.poke()
             elif self._skip_until.get(run_id, 0.0) <= now or self._skipped_at.get(run_id, at) != at:
                 wanted.append((run_id, at))
-        wanted = claim_order(
-            self.owner, await self._first_choices(wanted, now), self.concurrency - len(self.runs)
-        )
+        room = self.concurrency - len(self.runs)
+        wanted = await self._first_choices(wanted, now)
+        self._short = len(wanted) > room or (due.next_at is not None and due.next_at <= now)
+        wanted = claim_order(self.owner, wanted, room)
         # Side by side: the leases of one poll share a commit (or overlap their round trips).
         taken = await asyncio.gather(*(self._take(r) for r, _ in wanted), return_exceptions=True)
         pairs = sorted(zip(wanted, taken, strict=True), key=lambda pair: pair[1] is not True)
@@ -307,6 +307,9 @@ class Worker:
             if release:
                 with contextlib.suppress(BackendError):
                     await self.backend.release_lease(run_id, self.owner)
+            if self._short:
+                self._short = False
+                self.backend.waker.notify()
 
     def _backoff(self, run_id: str, first: float = RUN_RETRY_FIRST) -> float:
         """Return how long to leave a run whose try just failed: doubling, capped, jittered.

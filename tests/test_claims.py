@@ -134,3 +134,19 @@ async def test_four_workers_on_one_store_do_not_all_race_for_each_new_run() -> N
         await asyncio.gather(*agents, return_exceptions=True)
         for c in conductors:
             await c.close()
+
+
+async def test_a_backlog_larger_than_the_worker_drains_without_waiting_for_the_poll() -> None:
+    # 60 runs due at once, room for 5: each run that ends frees room, and the worker
+    # polls again then, not a poll interval later (12 rounds of 60 s before).
+    store = MemoryBackend()
+    conductor = Conductor(store)
+    conductor.register(ten_saves)
+    runs = [await conductor.start(ten_saves) for _ in range(60)]
+    agent = conductor.run(poll_interval=60.0, concurrency=5)
+    try:
+        assert [await r.result(timeout=30) for r in runs] == [10] * 60
+    finally:
+        agent.cancel()
+        await asyncio.gather(agent, return_exceptions=True)
+        await conductor.close()
