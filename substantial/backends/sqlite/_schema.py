@@ -82,9 +82,12 @@ COMMIT;
 
 # Only at 0 or right after an existing entry: a gap is refused like a taken position
 # (no row), and the caller tells the two apart.
+# A position past the first free one becomes NULL, which the NOT NULL key refuses and
+# OR IGNORE skips, like a taken one. The check sits in VALUES: as INSERT ... SELECT from
+# the same table, SQLite would first copy the row through a temporary table.
 APPEND = (
-    "INSERT OR IGNORE INTO log (run_id, position, entry) SELECT ?1, ?2, ?3 "
-    "WHERE ?2 = 0 OR EXISTS (SELECT 1 FROM log WHERE run_id = ?1 AND position = ?2 - 1)"
+    "INSERT OR IGNORE INTO log (run_id, position, entry) VALUES (?1, CASE WHEN ?2 = 0 OR "
+    "EXISTS (SELECT 1 FROM log WHERE run_id = ?1 AND position = ?2 - 1) THEN ?2 END, ?3)"
 )
 HAS_ENTRY = "SELECT 1 FROM log WHERE run_id = ? AND position = ?"
 POST = "INSERT OR IGNORE INTO inbox (run_id, event_id, data, posted_at) VALUES (?, ?, ?, ?)"
