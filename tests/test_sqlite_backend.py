@@ -393,3 +393,24 @@ async def test_filters_list_newest_first_by_either_plan(
     ]
     both = await backend.list_recent(status="active", workflow="w1", before=(1010.0, ""))
     assert [r.run_id for r in both] == ["r07", "r05", "r01"]
+
+
+async def test_checkpoints_run_off_the_event_loop_and_stop_with_the_backend(db_path: Path) -> None:
+    backend = SQLiteBackend(db_path)
+    await backend.append("r", 0, entry(0))
+    base = db_path.stat().st_size
+    # Below the commits' own checkpoint (BACKSTOP_PAGES): only the thread copies these
+    # pages from the log into the database file.
+    for i in range(1, 300):
+        await backend.append("r", i, entry("x" * 200))
+    checkpoints = backend._checkpoints
+    deadline = time.monotonic() + 20
+    while checkpoints.passes == 0 or db_path.stat().st_size <= base:
+        assert time.monotonic() < deadline, "no checkpoint was run after the writes"
+        await asyncio.sleep(0.02)
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000  # its own default
+    thread = checkpoints._thread
+    assert thread is not None and thread.is_alive()
+    await backend.close()
+    assert not thread.is_alive()

@@ -37,6 +37,7 @@ from substantial.backends.base import (
     validate_id,
 )
 from substantial.backends.sqlite._batch import GroupCommit
+from substantial.backends.sqlite._checkpoint import Checkpointer
 from substantial.backends.sqlite._schema import (
     ACQUIRE,
     APPEND,
@@ -86,12 +87,15 @@ class SQLiteBackend(Backend):
         self._closed = False
         self._wake = WakeChannel(f"{self.path}.wake", self.waker)
         self._writer = WriterLock(self.path, timeout)
+        sync = "FULL" if self.durability == "fsync" else "NORMAL"
+        self._checkpoints = Checkpointer(self.path, sync, timeout)
         self._batch = GroupCommit(
             lambda: self._db,
             self._unavailable,
             self._closed_error,
             self._wake.broadcast,
             self._writer,
+            self._checkpoints.committed,
         )
 
     @classmethod
@@ -476,6 +480,7 @@ class SQLiteBackend(Backend):
         self._closed = True
         self._wake.close()
         self._writer.close()
+        self._checkpoints.close()
         if self._db is not None:
             self._db.close()
             self._db = None

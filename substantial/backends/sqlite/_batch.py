@@ -46,9 +46,11 @@ class GroupCommit:
         closed: Callable[[], BackendUnavailable],
         wake: Callable[[], None],
         lock: WriterLock | None = None,
+        committed: Callable[[], None] = lambda: None,
     ) -> None:
         self._connection = connection
         self._lock = lock
+        self._committed = committed
         self._unavailable = unavailable
         self._closed = closed
         self._wake = wake
@@ -98,6 +100,7 @@ class GroupCommit:
         self.wake_after_commit = False
         try:
             outcomes = self._commit(batch)
+            self._committed()
         except (sqlite3.Error, OSError) as exc:
             outcomes = [(False, self._unavailable(exc, "commit writes")) for _ in batch]
         except BackendUnavailable as exc:
