@@ -414,3 +414,9 @@ async def test_checkpoints_run_off_the_event_loop_and_stop_with_the_backend(db_p
     assert thread is not None and thread.is_alive()
     await backend.close()
     assert not thread.is_alive()
+    # With fsync every commit syncs the log; SQLite checkpoints as by default there.
+    synced = SQLiteBackend(db_path.with_name("fsync.db"), durability="fsync")
+    await synced.append("r", 0, entry(0))
+    assert synced._checkpoints._thread is None
+    assert synced._connect().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    await synced.close()

@@ -87,15 +87,14 @@ class SQLiteBackend(Backend):
         self._closed = False
         self._wake = WakeChannel(f"{self.path}.wake", self.waker)
         self._writer = WriterLock(self.path, timeout)
-        sync = "FULL" if self.durability == "fsync" else "NORMAL"
-        self._checkpoints = Checkpointer(self.path, sync, timeout)
+        self._checkpoints = Checkpointer(self.path, timeout)  # durability="process" only
         self._batch = GroupCommit(
             lambda: self._db,
             self._unavailable,
             self._closed_error,
             self._wake.broadcast,
             self._writer,
-            self._checkpoints.committed,
+            self._checkpoints.committed if self.durability == "process" else lambda: None,
         )
 
     @classmethod

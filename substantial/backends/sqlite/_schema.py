@@ -135,9 +135,10 @@ def setup(db: sqlite3.Connection, path: Path, durability: Durability, timeout: f
         )
     sync = "FULL" if durability == "fsync" else "NORMAL"
     db.execute(f"PRAGMA synchronous = {sync}")
-    # Checkpoints are the backend's thread's (_checkpoint.py); a commit checkpoints
-    # only when the log has grown far past SQLite's default of 1,000 pages.
-    db.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")
+    if durability == "process":
+        # Checkpoints are the backend's thread's (_checkpoint.py); a commit checkpoints
+        # only when the log has grown far past SQLite's default of 1,000 pages.
+        db.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         raise ProtocolMismatch(
