@@ -15,13 +15,15 @@ import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from substantial import _clock
 from substantial._handback import hand_back
 from substantial._live import Driver
 from substantial.backends.base import Backend, RunInfo
+from substantial.errors import BackendError, BackendUnavailable
 
-__all__ = ["LiveRun", "lease_end", "park", "retake", "sort_held"]
+__all__ = ["Holder", "LiveRun", "keep_leases", "lease_end", "park", "retake", "sort_held"]
 
 logger = logging.getLogger("substantial.worker")
 
@@ -70,6 +72,60 @@ def sort_held(runs: Iterable[LiveRun]) -> tuple[list[LiveRun], list[LiveRun]]:
         parks = driver is not None and driver.idle and driver.wakes_at() is not None
         (idle if parks else renewed).append(run)
     return renewed, idle
+
+
+class Holder(Protocol):
+    """The worker, as :func:`keep_leases` sees it."""
+
+    owner: str
+    lease_ttl: float
+    poll_interval: float
+    runs: dict[str, LiveRun]
+
+
+async def keep_leases(backend: Backend, holder: Holder, period: float, now: float) -> None:
+    """Renew the leases of the runs held, or park the idle ones, for the next ``period``.
+
+    A run whose renewal or hand-back fails is logged and left to the next round; it
+    never stops the others' renewals.
+    """
+    lives, idle = sort_held(holder.runs.values())
+    to_park = [r for r in idle if not r.parked and r.lease_until <= now + period]
+    parked = await asyncio.gather(
+        *(park(backend, r, holder.poll_interval) for r in to_park), return_exceptions=True
+    )
+    for live, done in zip(to_park, parked, strict=True):
+        if done is not True:
+            lives.append(live)  # it keeps its lease meanwhile
+            _unexpected(live, done, "hand back")
+    # Side by side: one after the other, a slow store let the last leases expire first.
+    renewals = await asyncio.gather(
+        *(backend.acquire_lease(r.run_id, holder.owner, holder.lease_ttl) for r in lives),
+        return_exceptions=True,
+    )
+    down = [e for e in renewals if isinstance(e, BackendUnavailable)]
+    if down:
+        logger.warning("could not renew %d lease(s): %s", len(down), down[0])
+    for live, held in zip(lives, renewals, strict=True):
+        if isinstance(held, BaseException):
+            _unexpected(live, held, "renew the lease of")
+        elif held:
+            live.held_until(lease_end(now, holder.lease_ttl))
+        elif live.driver is not None:
+            logger.warning("lost the lease of run %s; dropping it", live.run_id)
+            live.lost = True
+            live.driver.stop(lost=True)
+
+
+def _unexpected(live: LiveRun, outcome: object, action: str) -> None:
+    if not isinstance(outcome, BaseException) or isinstance(outcome, BackendUnavailable):
+        return  # an outage is reported once per round, not once per run
+    if not isinstance(outcome, Exception):
+        raise outcome  # cancelled: the worker is stopping
+    if isinstance(outcome, BackendError):
+        logger.warning("could not %s run %s: %s", action, live.run_id, outcome)
+    else:
+        logger.error("could not %s run %s", action, live.run_id, exc_info=outcome)
 
 
 def lease_end(taken_at: float, ttl: float) -> float:

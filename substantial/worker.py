@@ -23,7 +23,7 @@ from substantial import _clock, queues, telemetry
 from substantial._durations import seconds
 from substantial._effects import RunEffects
 from substantial._handback import hand_back
-from substantial._held import LiveRun, lease_end, park, retake, sort_held
+from substantial._held import LiveRun, keep_leases, lease_end, retake
 from substantial._live import Driver
 from substantial._outcome import Outcome, end_of, finish_run, snapshot_of, start_successor
 from substantial._peers import Peers, claim_order
@@ -232,7 +232,7 @@ class Worker:
         return max(wait, 0.001)
 
     async def _housekeeping(self) -> None:
-        """Renew leases and forget stale skips."""
+        """Renew leases and forget stale skips; a failure is logged, never the end of it."""
         period = max(0.05, self.lease_ttl / 3)
         while True:
             await asyncio.sleep(period)
@@ -240,35 +240,11 @@ class Worker:
             self._skip_until = {k: v for k, v in self._skip_until.items() if v > now}
             self._peers.forget(now)
             self._skipped_at = {k: v for k, v in self._skipped_at.items() if k in self._skip_until}
-            # An idle run's lease is left to lapse once it is back in the due index (_held).
-            lives, idle = sort_held(self.runs.values())
-            to_park = [r for r in idle if not r.parked and r.lease_until <= now + period]
-            parked = await asyncio.gather(
-                *(park(self.backend, r, self.poll_interval) for r in to_park),
-                return_exceptions=True,
-            )
-            lives += [r for r, done in zip(to_park, parked, strict=True) if done is not True]
-            # Side by side: one after the other, a slow store let the last leases expire first.
-            renewals = await asyncio.gather(
-                *(self.backend.acquire_lease(r.run_id, self.owner, self.lease_ttl) for r in lives),
-                return_exceptions=True,
-            )
-            down = [e for e in renewals if isinstance(e, BackendUnavailable)]
-            if down:
-                logger.warning("could not renew %d lease(s): %s", len(down), down[0])
-            for live, held in zip(lives, renewals, strict=True):
-                if isinstance(held, BackendError):
-                    if not isinstance(held, BackendUnavailable):
-                        logger.warning("could not renew lease of %s: %s", live.run_id, held)
-                    continue
-                if isinstance(held, BaseException):
-                    raise held
-                if held:
-                    live.held_until(lease_end(now, self.lease_ttl))
-                elif live.driver is not None:
-                    logger.warning("lost the lease of run %s; dropping it", live.run_id)
-                    live.lost = True
-                    live.driver.stop(lost=True)
+            try:
+                await keep_leases(self.backend, self, period, now)
+            except Exception:
+                # Ended, this task would renew no lease again while the worker runs on.
+                logger.exception("keeping leases failed; trying again in %.2fs", period)
 
     # -- one run ---------------------------------------------------------------
 

@@ -70,3 +70,39 @@ async def test_a_run_taken_while_parked_is_dropped_not_run_twice() -> None:
         await store.release_lease(run.run_id, "thief")
         assert await run.result(timeout=30) == 1
     assert hits == [1]
+
+
+class FlakyRenewals(Counting):
+    """Renewing one run's lease fails once with a bug (not a store error)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broke = False
+
+    async def lease(self, run_id, owner=None, ttl=0.0, *, take_from=None):  # type: ignore[no-untyped-def]
+        if owner is not None and ttl > 0 and self.lease_writes[run_id] == 1 and not self.broke:
+            self.broke = True
+            self.lease_writes[run_id] += 1
+            raise RuntimeError("a bug in one renewal")
+        return await super().lease(run_id, owner, ttl, take_from=take_from)
+
+
+@workflow()
+async def busy(c: Context) -> int:
+    return await c.save(slow_step)
+
+
+async def slow_step() -> int:
+    await asyncio.sleep(1.5)
+    return 7
+
+
+async def test_a_renewal_that_raises_does_not_end_the_renewals() -> None:
+    store = FlakyRenewals()
+    # Busy for 1.5 s at a lease of 0.3 s: its lease must be renewed all along. Before,
+    # the renewing task ended at the first unexpected error, and the lease lapsed.
+    async with running(busy, backend=store, lease_ttl=0.3, idle_timeout=60) as c:
+        run = await c.start(busy)
+        assert await run.result(timeout=30) == 7
+    assert store.broke
+    assert store.lease_writes[run.run_id] >= 6, store.lease_writes
