@@ -159,10 +159,13 @@ class Statements:
                 "AND position >= $2::bigint ORDER BY position"
             ),
             # Many runs' logs from a position each (coalesced reads); $1 runs, $2 starts.
+            # LATERAL walks the primary key once per run: as a plain join the planner
+            # hashes the few keys and scans the whole log, a cost growing with the store.
             "read_logs": (
                 "SELECT q.i, l.position, l.entry FROM unnest($1::text[], $2::bigint[]) "
-                f"WITH ORDINALITY AS q(r, s, i) JOIN {log} l "
-                "ON l.run_id = q.r AND l.position >= q.s ORDER BY q.i, l.position"
+                "WITH ORDINALITY AS q(r, s, i) CROSS JOIN LATERAL "
+                f"(SELECT position, entry FROM {log} WHERE run_id = q.r "
+                "AND position >= q.s ORDER BY position) l ORDER BY q.i, l.position"
             ),
             "read_inboxes": (
                 f"SELECT run_id, event_id, data, posted_at FROM {inbox} "
