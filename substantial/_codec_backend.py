@@ -134,6 +134,10 @@ class CodecBackend(Backend):
             event = NewEvent(event.event_id, self._event_in(event.data))
         return await self.inner.set_due(run_id, at, event=event)
 
+    async def unschedule_idle(self, run_id: str) -> bool:
+        """Unschedule unless an event waits, as the store does."""
+        return await self.inner.unschedule_idle(run_id)
+
     async def due(self, now: float, limit: int = 100) -> DueRuns:
         """List due runs, as the store does."""
         return await self.inner.due(now, limit)

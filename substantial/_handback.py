@@ -20,6 +20,12 @@ async def hand_back(backend: Backend, run_id: str, until: float | None, cap: flo
 
 
 async def _hand_back(backend: Backend, run_id: str, until: float | None) -> None:
+    if until is None and backend.capabilities.unschedule_idle:
+        # In one step the store unschedules the run only if no event waits: an event
+        # posted meanwhile is seen, or makes the run due again after.
+        if not await backend.unschedule_idle(run_id):
+            await backend.schedule(run_id, _clock.now())
+        return
     if until is None and await backend.read_inbox(run_id):
         # An event already waits: keep the run due rather than unschedule it and
         # re-schedule after, which a crash in between would leave out of the index.

@@ -57,19 +57,26 @@ class LiveRun:
         return self.driver is not None and self.parked_wakes == self.driver.wakes
 
 
-def sort_held(runs: Iterable[LiveRun]) -> tuple[list[LiveRun], list[LiveRun]]:
+def sort_held(
+    runs: Iterable[LiveRun], events_only: bool = False
+) -> tuple[list[LiveRun], list[LiveRun]]:
     """Split held runs into those whose lease is renewed and the idle ones that may park.
 
-    A run that waits for events alone keeps its lease (until ``idle_timeout``): handing
-    it back takes it out of the due index, and a kill before the inbox is read again
-    would strand an event that came meanwhile (docs/RELIABILITY.md, "Known window").
     One that waits for a timer is handed back due at that time: at worst it wakes then.
+    One that waits for events alone parks only with ``events_only``, where the store
+    unschedules it only if its inbox is empty, in one step
+    (``capabilities.unschedule_idle``). Elsewhere it keeps its lease (until
+    ``idle_timeout``): handing it back takes it out of the due index, and a kill before
+    the inbox is read again would strand an event that came meanwhile
+    (docs/RELIABILITY.md, "Known window").
     """
     renewed: list[LiveRun] = []
     idle: list[LiveRun] = []
     for run in runs:
         driver = run.driver
-        parks = driver is not None and driver.idle and driver.wakes_at() is not None
+        parks = (
+            driver is not None and driver.idle and (events_only or driver.wakes_at() is not None)
+        )
         (idle if parks else renewed).append(run)
     return renewed, idle
 
@@ -89,7 +96,7 @@ async def keep_leases(backend: Backend, holder: Holder, period: float, now: floa
     A run whose renewal or hand-back fails is logged and left to the next round; it
     never stops the others' renewals.
     """
-    lives, idle = sort_held(holder.runs.values())
+    lives, idle = sort_held(holder.runs.values(), backend.capabilities.unschedule_idle)
     to_park = [r for r in idle if not r.parked and r.lease_until <= now + period]
     parked = await asyncio.gather(
         *(park(backend, r, holder.poll_interval) for r in to_park), return_exceptions=True

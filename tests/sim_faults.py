@@ -51,7 +51,16 @@ OK, ERROR, DELAY, LOST, CRASH_BEFORE, CRASH_AFTER = (
 )
 #: Calls that change the store's data (runs, logs, inboxes, due index, metadata).
 WRITES = frozenset(
-    {"append", "post_event", "ack_events", "schedule", "unschedule", "put_run", "set_due"}
+    {
+        "append",
+        "post_event",
+        "ack_events",
+        "schedule",
+        "unschedule",
+        "unschedule_idle",
+        "put_run",
+        "set_due",
+    }
 )
 #: Calls that change a lease.
 LEASES = frozenset({"acquire_lease", "release_lease"})
@@ -252,8 +261,9 @@ def _forward(name: str) -> Callable[..., Any]:
     return method
 
 
-# Every primitive the contract declares, whatever it is called when this is imported.
-for _name in Backend.__abstractmethods__:
+# Every primitive the contract declares, whatever it is called when this is imported, and
+# the optional ones the engine calls when the store declares them.
+for _name in (*Backend.__abstractmethods__, "unschedule_idle"):
     setattr(FaultyBackend, _name, _forward(_name))
 FaultyBackend.__abstractmethods__ = frozenset()
 

@@ -11,9 +11,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from pathlib import Path
+
+import pytest
 
 from substantial import Context, workflow
 from substantial.backends.memory import MemoryBackend
+from substantial.backends.sqlite import SQLiteBackend
 from substantial.testing import log_records, running
 
 hits: list[int] = []
@@ -106,3 +110,43 @@ async def test_a_renewal_that_raises_does_not_end_the_renewals() -> None:
         assert await run.result(timeout=30) == 7
     assert store.broke
     assert store.lease_writes[run.run_id] >= 6, store.lease_writes
+
+
+@workflow()
+async def wait_for_go(c: Context) -> str:
+    await c.save(lambda: "before")
+    return str(await c.receive("go"))
+
+
+class CountingSQLite(SQLiteBackend):
+    """A SQLite store that counts lease writes by run."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.lease_writes: Counter[str] = Counter()
+
+    async def lease(self, run_id, owner=None, ttl=0.0, *, take_from=None):  # type: ignore[no-untyped-def]
+        if owner is not None:
+            self.lease_writes[run_id] += 1
+        return await super().lease(run_id, owner, ttl, take_from=take_from)
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_a_run_waiting_for_an_event_alone_parks_where_the_store_unschedules_it_safely(
+    kind: str, tmp_path: Path
+) -> None:
+    store = Counting() if kind == "memory" else CountingSQLite(tmp_path / "s.db")
+    assert store.capabilities.unschedule_idle
+    async with running(wait_for_go, backend=store, lease_ttl=0.6, idle_timeout=60) as c:
+        run = await c.start(wait_for_go)
+        await asyncio.sleep(3.0)
+        # Out of the due index, its lease left to lapse, its workflow still in memory.
+        assert run.run_id not in {r for r, _ in await store.due(time.time() + 3600, 100)}
+        assert await store.get_lease(run.run_id) is None or (
+            (await store.get_lease(run.run_id)).expires_at <= time.time()  # type: ignore[union-attr]
+        )
+        await run.send("go", "now")
+        assert await run.result(timeout=30) == "now"
+    # Taken, maybe renewed once, taken again on the event, released; renewed all along,
+    # about 15.
+    assert store.lease_writes[run.run_id] <= 5, store.lease_writes

@@ -341,6 +341,10 @@ class Capabilities:
     ``list_recent``: :meth:`Backend.list_recent` answers from an index in
     creation order, a page at a cost independent of the number of runs;
     without it, the contract's fallback reads every run's metadata (O(n)).
+    ``unschedule_idle``: :meth:`Backend.unschedule_idle` takes a run out of
+    the due index only if no event waits in its inbox, in one atomic step;
+    without it, a worker handing back a run that waits for events alone
+    re-reads the inbox after unscheduling it (docs/RELIABILITY.md).
     """
 
     wake_ups: bool = False
@@ -349,6 +353,7 @@ class Capabilities:
     server_time: bool = False
     delete: bool = False
     list_recent: bool = False
+    unschedule_idle: bool = False
 
 
 def encode_json(obj: Any) -> bytes:

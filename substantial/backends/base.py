@@ -206,6 +206,22 @@ class Backend(abc.ABC):
             "Backend.delete(run_id) and declare Capabilities(delete=True), or keep the runs"
         )
 
+    async def unschedule_idle(self, run_id: str) -> bool:
+        """Take the run out of the due index unless an event waits in its inbox, atomically.
+
+        Return True if the run is not due now (taken out, or not in the
+        index), False if an event waits: then nothing was changed. An event
+        posted concurrently either is seen (False) or comes after, and its
+        ``set_due`` makes the run due again: none is left in the inbox of a
+        run out of the index. Declared by ``capabilities.unschedule_idle``;
+        this default raises :class:`Unsupported`.
+        """
+        raise Unsupported(
+            f"the {self.name!r} backend ({type(self).__name__}) cannot unschedule a run only "
+            "if its inbox is empty in one step: implement Backend.unschedule_idle(run_id) and "
+            "declare Capabilities(unschedule_idle=True), or read the inbox after unscheduling"
+        )
+
     async def list_recent(
         self,
         *,

@@ -44,7 +44,7 @@ class MemoryBackend(Backend):
     """Keep everything in dictionaries of this process."""
 
     name = "memory"
-    capabilities = Capabilities(wake_ups=True, shared=False, delete=True)
+    capabilities = Capabilities(wake_ups=True, shared=False, delete=True, unschedule_idle=True)
 
     def __init__(self) -> None:
         super().__init__()
@@ -107,6 +107,14 @@ class MemoryBackend(Backend):
             if at <= time.time():
                 self.waker.notify()
         return stored
+
+    async def unschedule_idle(self, run_id: str) -> bool:
+        """Take the run out of the due list if its inbox is empty (one step: no await)."""
+        validate_id("run id", run_id)
+        if self.inboxes.get(run_id):
+            return False
+        self._remove_due(run_id)
+        return True
 
     def _remove_due(self, run_id: str) -> None:
         old = self._due_at.pop(run_id, None)

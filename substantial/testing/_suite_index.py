@@ -12,7 +12,7 @@ import time
 import pytest
 
 from substantial.backends.base import Backend, NewEvent
-from substantial.errors import InvalidArgument
+from substantial.errors import InvalidArgument, Unsupported
 from substantial.testing._support import Opener
 
 __all__ = ["DueTests", "InboxTests"]
@@ -139,6 +139,45 @@ class DueTests:
         assert event.data == b"1"
         with pytest.raises(InvalidArgument, match="give a time"):
             await backend.set_due("r", None, event=NewEvent("e2", b"3"))
+
+    async def test_unschedule_idle_takes_a_run_out_only_if_no_event_waits(
+        self, backend: Backend
+    ) -> None:
+        """``unschedule_idle``: out of the index with an empty inbox; untouched with an event."""
+        if not backend.capabilities.unschedule_idle:
+            with pytest.raises(Unsupported, match="unschedule_idle"):
+                await backend.unschedule_idle("r")
+            return
+        now = time.time()
+        await backend.set_due("r", now - 1)
+        assert await backend.unschedule_idle("r") is True
+        assert await backend.due(now + 1000) == []
+        assert await backend.unschedule_idle("r") is True  # not in the index: still not due
+        assert await backend.unschedule_idle("never-scheduled") is True
+        await backend.set_due("r", now - 2, event=NewEvent("e", b"1"))
+        assert await backend.unschedule_idle("r") is False
+        assert list(await backend.due(now)) == [("r", pytest.approx(now - 2, abs=0.01))]
+        await backend.read_inbox("r", ack=["e"])
+        assert await backend.unschedule_idle("r") is True
+        assert await backend.due(now + 1000) == []
+
+    async def test_unschedule_idle_racing_posts_never_leaves_an_event_unscheduled(
+        self, open_client: Opener
+    ) -> None:
+        """Whatever the order, a run with an event in its inbox ends up in the due index."""
+        worker, sender = await open_client(), await open_client()
+        if not worker.capabilities.unschedule_idle:
+            return
+        for i in range(40):
+            run_id = f"race{i}"
+            await worker.set_due(run_id, time.time() - 1)
+            # Each side's call may land first; both stores are one and the same.
+            await asyncio.gather(
+                worker.unschedule_idle(run_id), _post(sender, run_id, f"e{i}", b"1")
+            )
+            assert await worker.read_inbox(run_id)
+            due = {r for r, _ in await worker.due(time.time() + 1, 1000)}
+            assert run_id in due, f"round {i}: an event waits in the inbox of an unscheduled run"
 
     async def test_the_due_index_at_scale_answers_only_due_runs(self, backend: Backend) -> None:
         """Hundreds of runs due later do not show up now."""

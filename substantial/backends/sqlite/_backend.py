@@ -70,7 +70,9 @@ class SQLiteBackend(Backend):
     """
 
     name = "sqlite"
-    capabilities = Capabilities(wake_ups=True, group_commit=True, delete=True, list_recent=True)
+    capabilities = Capabilities(
+        wake_ups=True, group_commit=True, delete=True, list_recent=True, unschedule_idle=True
+    )
 
     def __init__(
         self,
@@ -252,6 +254,18 @@ class SQLiteBackend(Backend):
             return stored
 
         return await self._write(write, single=event is None)
+
+    async def unschedule_idle(self, run_id: str) -> bool:
+        """Delete the run's ``due`` row unless its inbox has a row: one transaction."""
+        validate_id("run id", run_id)
+
+        def write(db: sqlite3.Connection) -> bool:
+            if db.execute("SELECT 1 FROM inbox WHERE run_id = ? LIMIT 1", (run_id,)).fetchone():
+                return False
+            db.execute("DELETE FROM due WHERE run_id = ?", (run_id,))
+            return True
+
+        return await self._write(write)
 
     async def due(self, now: float, limit: int = 100) -> DueRuns:
         """Walk the ``(at, run_id)`` index: the runs due by ``now``, and the one after them."""
