@@ -12,10 +12,12 @@ import asyncio
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from substantial import Context, workflow
+from substantial.backends.fs import FSBackend
 from substantial.backends.memory import MemoryBackend
 from substantial.backends.sqlite import SQLiteBackend
 from substantial.testing import log_records, running
@@ -30,17 +32,21 @@ async def nap_then_step(c: Context, seconds: float) -> int:
     return await c.save(lambda: hits.append(1) or len(hits))
 
 
-class Counting(MemoryBackend):
-    """A memory store that counts lease writes by run."""
+class LeaseCounts:
+    """Counts lease writes by run, in front of any store."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
         self.lease_writes: Counter[str] = Counter()
 
     async def lease(self, run_id, owner=None, ttl=0.0, *, take_from=None):  # type: ignore[no-untyped-def]
         if owner is not None:
             self.lease_writes[run_id] += 1
-        return await super().lease(run_id, owner, ttl, take_from=take_from)
+        return await super().lease(run_id, owner, ttl, take_from=take_from)  # type: ignore[misc]
+
+
+class Counting(LeaseCounts, MemoryBackend):
+    """A memory store that counts lease writes by run."""
 
 
 async def test_a_sleeping_run_costs_no_lease_renewals() -> None:
@@ -118,24 +124,20 @@ async def wait_for_go(c: Context) -> str:
     return str(await c.receive("go"))
 
 
-class CountingSQLite(SQLiteBackend):
+class CountingSQLite(LeaseCounts, SQLiteBackend):
     """A SQLite store that counts lease writes by run."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.lease_writes: Counter[str] = Counter()
 
-    async def lease(self, run_id, owner=None, ttl=0.0, *, take_from=None):  # type: ignore[no-untyped-def]
-        if owner is not None:
-            self.lease_writes[run_id] += 1
-        return await super().lease(run_id, owner, ttl, take_from=take_from)
+class CountingFS(LeaseCounts, FSBackend):
+    """A directory store that counts lease writes by run."""
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "fs"])
 async def test_a_run_waiting_for_an_event_alone_parks_where_the_store_unschedules_it_safely(
     kind: str, tmp_path: Path
 ) -> None:
-    store = Counting() if kind == "memory" else CountingSQLite(tmp_path / "s.db")
+    stores = {"memory": Counting, "sqlite": CountingSQLite, "fs": CountingFS}
+    store = stores[kind]() if kind == "memory" else stores[kind](tmp_path / "s")
     assert store.capabilities.unschedule_idle
     async with running(wait_for_go, backend=store, lease_ttl=0.6, idle_timeout=60) as c:
         run = await c.start(wait_for_go)

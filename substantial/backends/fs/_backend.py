@@ -75,7 +75,7 @@ class FSBackend(Backend):
     """
 
     name = "fs"
-    capabilities = Capabilities(wake_ups=True, delete=True)
+    capabilities = Capabilities(wake_ups=True, delete=True, unschedule_idle=True)
 
     def __init__(self, path: str | os.PathLike[str], *, durability: Durability = "process") -> None:
         super().__init__()
@@ -232,6 +232,22 @@ class FSBackend(Backend):
         if at_us <= key_us(time.time()):
             self._wake.broadcast()
         return stored
+
+    async def unschedule_idle(self, run_id: str) -> bool:
+        """Remove the run's due key unless its inbox holds an event, under the run's lock."""
+        validate_id("run id", run_id)
+        inbox = f"{self._runs}/{run_id}/inbox"
+
+        def waiting() -> bool:
+            try:
+                return any(not name.startswith(".") for name in os.listdir(inbox))
+            except FileNotFoundError:
+                return False
+
+        try:
+            return self._index.clear_unless(run_id, waiting)
+        except OSError as exc:
+            raise self._unavailable(exc, f"unschedule run {run_id!r}") from exc
 
     async def due(self, now: float, limit: int = 100) -> DueRuns:
         """List the buckets up to now (and on to the next live key) in time order."""

@@ -13,6 +13,7 @@ import fcntl
 import math
 import os
 import time
+from collections.abc import Callable
 
 from substantial.backends import _hostile
 from substantial.backends.fs._files import Files, sync_dir, tmp_name
@@ -133,6 +134,29 @@ class DueIndex:
             self._drop(old)
             if self._files.fsync:
                 sync_dir(os.path.dirname(pointer))
+
+    def clear_unless(self, run_id: str, waiting: Callable[[], bool]) -> bool:
+        """Remove the run's pointer and due key unless ``waiting()``; False if it was.
+
+        ``waiting`` is asked under the run's lock, which a post's schedule takes
+        after its event is published: an event published before the question is
+        seen, one published after is scheduled after the removal.
+        """
+        pointer = self._pointer(run_id)
+        if _read_pointer(pointer) is None:
+            # Not due: nothing to remove, and no directory to create for nothing. A
+            # post racing with this schedules the run itself once its event is there.
+            return not waiting()
+        with self._files.locked(f"{self._runs}/{run_id}"):
+            if waiting():
+                return False
+            old = _read_pointer(pointer)
+            if old is not None:
+                os.unlink(pointer)
+                self._drop(old)
+                if self._files.fsync:
+                    sync_dir(os.path.dirname(pointer))
+        return True
 
     def listing(self, directory: str) -> list[str] | None:
         """Return ``directory``'s names sorted, or None if it is gone.
