@@ -12,6 +12,7 @@ import dataclasses
 import math
 from typing import Any
 
+import orjson
 import pytest
 
 from substantial import (
@@ -219,3 +220,20 @@ async def test_a_return_value_with_nan_fails_the_run_instead_of_completing_with_
         run = await conductor.start(returns_nan)
         with pytest.raises(WorkflowFailed, match="is nan"):
             await run.result(timeout=20)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_record_with_a_non_finite_time_is_refused_not_stored_as_null(bad: float) -> None:
+    for record in (
+        {"k": "sleep", "c": 0, "until": bad},
+        {"k": "step", "c": 1, "name": "s", "value": None, "t": bad},
+    ):
+        with pytest.raises(SerializationError, match="finite numbers only"):
+            encode_entry([{"k": "step", "c": 0, "name": "ok", "value": 1}, record])
+
+
+def test_a_record_value_with_non_string_keys_is_still_encoded() -> None:
+    # Values normally arrive with string keys (as_stored); one that does not is encoded as
+    # as_stored would have: its keys become strings.
+    entry = encode_entry([{"k": "step", "c": 0, "name": "s", "value": {1: "a", "b": 2}}])
+    assert orjson.loads(entry) == [{"k": "step", "c": 0, "name": "s", "value": {"1": "a", "b": 2}}]
