@@ -357,19 +357,40 @@ class RedisBackend(Backend):
 
     # -- run metadata -----------------------------------------------------
 
+    async def start_run(self, info: RunInfo, entry: bytes, due_at: float) -> bool | None:
+        """Write a new run's entry at 0, metadata, index and due entry in one script.
+
+        Single server only (the keys are in several slots); on a cluster this
+        returns None and the run is created through the contract's methods.
+        """
+        if self._cluster:
+            return None
+        at = check_due(info.run_id, due_at, None)
+        run_id, shard = info.run_id, shard_of(info.run_id)
+        keys = [self._key(run_id, k) for k in ("log", "append", "meta")]
+        keys += [self._due_keys[shard], *self._index_keys(shard)]
+        created, status = score(info.created_at), Listing.status_arg(info.status)
+        token = os.urandom(8).hex()  # as append's: a retried call finds its own write
+        args = [bytes(entry), token, info.to_bytes(), run_id, created, status, repr(at)]
+        async with self._health.io("start_run"):
+            return bool(await self._script("start_run", keys, [*args, self._channel]))
+
     async def put_run(self, info: RunInfo) -> None:
         """Add the run to its runs shard, then SET its metadata.
 
-        The index entries (id order and creation time, one script) go first:
-        an entry whose metadata is missing is skipped by the listings, so a
-        crash between the two is harmless.
+        The index entries (id order and creation time) go first: an entry
+        whose metadata is missing is skipped by the listings, so a crash
+        between the two is harmless. On a single server both are one script.
         """
         key = self._key(info.run_id, "meta")
+        index_keys = self._index_keys(shard_of(info.run_id))
         index_args = [info.run_id, score(info.created_at), Listing.status_arg(info.status)]
         async with self._health.io("put_run"):
+            if not self._cluster:
+                await self._script("put_run", [key, *index_keys], [info.to_bytes(), *index_args])
+                return
             await self._in_order(
-                self._eval("index_run", self._index_keys(shard_of(info.run_id)), index_args),
-                ("SET", key, info.to_bytes()),
+                self._eval("index_run", index_keys, index_args), ("SET", key, info.to_bytes())
             )
 
     async def list_runs(

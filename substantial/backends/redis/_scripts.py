@@ -1,8 +1,9 @@
 """The Lua scripts of the redis backend: each per-run operation is one atomic script.
 
 A script touches only keys of one run (one hash tag, one cluster slot), or
-one runs shard and its creation index (one slot too), except ``DUE`` and
-``HEAD``, which read every due shard and run on a single server only.
+one runs shard and its creation index (one slot too), except ``DUE``,
+``PUT_RUN`` and ``START_RUN``, which touch keys of several slots and run on a
+single server only.
 """
 
 from __future__ import annotations
@@ -121,21 +122,60 @@ return {due, following}
 # The runs shard (score 0: members in id order), its creation index (score:
 # created_at) and the creation index of each status share a slot, and change
 # together: the first two always hold the same runs, and a run is in the set of
-# its status alone. KEYS: runs shard, creation index, the status sets (STATUS_SETS
-# order). ARGV: run id, created at, the position in KEYS of its status's set.
-_INDEX_RUN = """
-redis.call('ZADD', KEYS[1], 0, ARGV[1])
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-local mine = tonumber(ARGV[3])
-for i = 3, #KEYS do
-  if i == mine then
-    redis.call('ZADD', KEYS[i], ARGV[2], ARGV[1])
-  else
-    redis.call('ZREM', KEYS[i], ARGV[1])
+# its status alone. index(first, ...) takes them from KEYS[first]: the runs shard,
+# the creation index, the status sets (STATUS_SETS order); mine is the position of
+# the run's status set among them (from 1; 0: none).
+_INDEX = """
+local function index(first, id, created, mine)
+  redis.call('ZADD', KEYS[first], 0, id)
+  redis.call('ZADD', KEYS[first + 1], created, id)
+  for i = first + 2, #KEYS do
+    if i - first + 1 == mine then
+      redis.call('ZADD', KEYS[i], created, id)
+    else
+      redis.call('ZREM', KEYS[i], id)
+    end
   end
 end
+"""
+
+# KEYS: the index keys (above). ARGV: run id, created at, the position of its status's set.
+_INDEX_RUN = _INDEX + "index(1, ARGV[1], ARGV[2], tonumber(ARGV[3]))\nreturn 1\n"
+
+# Single server only (the metadata and the index are in different slots; a
+# cluster sends INDEX_RUN, then SET). KEYS: meta, then the index keys. ARGV:
+# metadata, run id, created at, the position of its status's set.
+_PUT_RUN = (
+    _INDEX
+    + """
+index(2, ARGV[2], ARGV[3], tonumber(ARGV[4]))
+redis.call('SET', KEYS[1], ARGV[1])
 return 1
 """
+)
+
+# Single server only: a new run's entry at 0, metadata, index and due entry in one
+# step, then the wake-up. KEYS: log, last-append token, meta, due shard, then the
+# index keys. ARGV: entry, token, metadata, run id, created at, the position of its
+# status's set, due at, wake channel. Returns 1 (created, or this very call was),
+# 0 (position 0 taken: nothing written).
+_START_RUN = (
+    _INDEX
+    + """
+local mark = '0:' .. ARGV[2]
+if redis.call('LLEN', KEYS[1]) > 0 then
+  if redis.call('GET', KEYS[2]) == mark then return 1 end
+  return 0
+end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], mark)
+index(5, ARGV[4], ARGV[5], tonumber(ARGV[6]))
+redis.call('SET', KEYS[3], ARGV[3])
+redis.call('ZADD', KEYS[4], ARGV[7], ARGV[4])
+redis.call('PUBLISH', ARGV[8], ARGV[7])
+return 1
+"""
+)
 
 # KEYS: as INDEX_RUN. ARGV: run id. Returns the entries removed.
 _UNINDEX_RUN = """
@@ -156,6 +196,8 @@ return redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1])
 
 SCRIPTS = {
     "index_run": _INDEX_RUN,
+    "put_run": _PUT_RUN,
+    "start_run": _START_RUN,
     "unindex_run": _UNINDEX_RUN,
     "reindex_run": _REINDEX_RUN,
     "append": _APPEND,
