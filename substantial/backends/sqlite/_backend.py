@@ -38,8 +38,10 @@ from substantial.backends.base import (
 )
 from substantial.backends.sqlite._batch import GroupCommit
 from substantial.backends.sqlite._checkpoint import Checkpointer
+from substantial.backends.sqlite._errors import unavailable
 from substantial.backends.sqlite._schema import (
     ACQUIRE,
+    ACQUIRE_UNREADABLE,
     APPEND,
     GET_LEASE,
     HAS_ENTRY,
@@ -47,6 +49,7 @@ from substantial.backends.sqlite._schema import (
     PROBE,
     PUT_RUN,
     RELEASE,
+    RELEASE_UNREADABLE,
     SCHEDULE,
     probe_query,
     recent_query,
@@ -113,32 +116,7 @@ class SQLiteBackend(Backend):
 
     def _unavailable(self, exc: sqlite3.Error | OSError, action: str) -> BackendUnavailable:
         """Translate a driver or OS error into the one error callers handle, saying what to do."""
-        code = getattr(exc, "sqlite_errorname", "") or ""
-        path = self.path
-        if code.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-            advice = (
-                f"another process held {path} locked for more than {self.timeout}s; retry, or "
-                "pass a larger timeout= if long transactions are expected"
-            )
-        elif code.startswith("SQLITE_FULL"):
-            advice = f"the disk holding {path} is full; free space"
-        elif code.startswith("SQLITE_READONLY") or isinstance(exc, PermissionError):
-            advice = (
-                f"{path} is read-only to this process; give its user write access to the file, "
-                "its -wal and -shm files and their directory"
-            )
-        elif code.startswith("SQLITE_CANTOPEN") or isinstance(exc, OSError):
-            advice = f"cannot open {path}; check that its directory exists and is writable"
-        elif code.startswith("SQLITE_IOERR"):
-            advice = f"the disk holding {path} reported an I/O error; check it (dmesg)"
-        elif code.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
-            advice = (
-                f"{path} is not a valid database (corrupt, or another kind of file); restore it "
-                "from a backup or point the backend at another path"
-            )
-        else:
-            advice = f"check that {path} is a reachable, writable SQLite database"
-        return BackendUnavailable(f"cannot {action}: {exc}; {advice}, then retry")
+        return unavailable(self.path, self.timeout, exc, action)
 
     def _connect(self) -> sqlite3.Connection:
         if self._db is not None:
@@ -333,16 +311,24 @@ class SQLiteBackend(Backend):
 
         def write(db: sqlite3.Connection) -> Lease | None:
             now = time.time()
-            old = db.execute(GET_LEASE, (run_id,)).fetchone()
+            mine = Lease(run_id, owner, now + ttl) if ttl > 0 else None
             if ttl > 0:
                 cur = db.execute(ACQUIRE, (run_id, owner, now + ttl, now, take_from))
             else:
                 cur = db.execute(RELEASE, (run_id, owner, now, take_from))
-            if cur.rowcount != 1:
-                return None if old is None else self._check_lease(run_id, old, "left it")
-            if old is not None:
-                self._check_lease(run_id, old, "replaced it")  # warns if it was unreadable
-            return Lease(run_id, owner, now + ttl) if ttl > 0 else None
+            if cur.rowcount == 1:
+                return mine
+            old = db.execute(GET_LEASE, (run_id,)).fetchone()
+            if old is None:
+                return None
+            lease = self._check_lease(run_id, old, "replacing it")  # warns if unreadable
+            if not _hostile.is_unreadable(lease):
+                return lease  # held by another
+            if ttl > 0:
+                db.execute(ACQUIRE_UNREADABLE, (run_id, owner, now + ttl))
+            else:
+                db.execute(RELEASE_UNREADABLE, (run_id,))
+            return mine
 
         return await self._write(write)
 

@@ -12,6 +12,7 @@ from substantial.errors import BackendUnavailable, ProtocolMismatch
 
 __all__ = [
     "ACQUIRE",
+    "ACQUIRE_UNREADABLE",
     "APPEND",
     "CREATED",
     "GET_LEASE",
@@ -21,6 +22,7 @@ __all__ = [
     "PUT_RUN",
     "RECENT_INDEX",
     "RELEASE",
+    "RELEASE_UNREADABLE",
     "SCHEDULE",
     "SCHEMA_VERSION",
     "probe_query",
@@ -103,16 +105,20 @@ _UNREADABLE = (
     "(typeof(leases.owner) != 'text' OR leases.owner = '' "
     "OR typeof(leases.expires_at) NOT IN ('real', 'integer') OR abs(leases.expires_at) > 1e308)"
 )
-ACQUIRE = f"""
+# A take (or a release) is one statement where it succeeds; only where it fails is the row
+# read, and an unreadable one taken (or removed) by the second statement of each pair.
+_TAKE = """
 INSERT INTO leases (run_id, owner, expires_at) VALUES (?1, ?2, ?3)
 ON CONFLICT (run_id) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at
-WHERE leases.expires_at <= ?4 OR leases.owner = ?2 OR leases.owner = ?5 OR {_UNREADABLE}
-"""
+WHERE """
+ACQUIRE = _TAKE + "leases.expires_at <= ?4 OR leases.owner = ?2 OR leases.owner = ?5"
+ACQUIRE_UNREADABLE = _TAKE + _UNREADABLE
 # Giving the lease up (a take with no time left): where a take would succeed.
 RELEASE = (
     "DELETE FROM leases WHERE run_id = ?1 AND (leases.expires_at <= ?3 OR leases.owner = ?2 "
-    f"OR leases.owner = ?4 OR {_UNREADABLE})"
+    "OR leases.owner = ?4)"
 )
+RELEASE_UNREADABLE = f"DELETE FROM leases WHERE run_id = ?1 AND {_UNREADABLE}"
 
 
 def setup(db: sqlite3.Connection, path: Path, durability: Durability, timeout: float) -> None:
