@@ -23,7 +23,7 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +32,14 @@ from redis.asyncio.client import Pipeline, Redis
 
 from substantial import Conductor, Context, workflow
 from substantial.backends.redis import RedisBackend
+from substantial.backends.redis._trip import Command, RoundTrip
 from substantial.testing import running
 from tests.redis_server import RedisServer
 
 trips: collections.Counter[str] = collections.Counter()
 _execute_command = Redis.execute_command
 _execute_pipeline = Pipeline.execute
+_send_round_trip = RoundTrip.send
 
 
 async def _counted_command(self: Redis, *args: Any, **options: Any) -> Any:
@@ -51,6 +53,13 @@ async def _counted_pipeline(self: Pipeline, raise_on_error: bool = True) -> Any:
     trips["round_trips"] += 1
     trips["commands"] += len(self.command_stack)
     return await _execute_pipeline(self, raise_on_error)
+
+
+async def _counted_round_trip(self: RoundTrip, commands: Sequence[Command]) -> list[Any]:
+    # The backend's own pipelines (single server): one write, one round trip.
+    trips["round_trips"] += 1
+    trips["commands"] += len(commands)
+    return await _send_round_trip(self, commands)
 
 
 @workflow()
@@ -156,6 +165,7 @@ async def main_async(args: argparse.Namespace) -> None:
     server.start()
     Redis.execute_command = _counted_command  # type: ignore[method-assign]
     Pipeline.execute = _counted_pipeline  # type: ignore[method-assign]
+    RoundTrip.send = _counted_round_trip  # type: ignore[method-assign]
     raw = redis.asyncio.Redis.from_url(server.url)
     try:
 
@@ -196,6 +206,7 @@ async def main_async(args: argparse.Namespace) -> None:
     finally:
         Redis.execute_command = _execute_command  # type: ignore[method-assign]
         Pipeline.execute = _execute_pipeline  # type: ignore[method-assign]
+        RoundTrip.send = _send_round_trip  # type: ignore[method-assign]
         await raw.aclose()
         server.stop()
         shutil.rmtree(directory, ignore_errors=True)

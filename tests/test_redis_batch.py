@@ -10,8 +10,10 @@ by its token when redis-py sends the pipeline again).
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -20,7 +22,7 @@ from substantial.backends.redis import RedisBackend
 from substantial.backends.redis._pipe import MAX_IN_FLIGHT
 from substantial.errors import BackendError, BackendUnavailable, InvalidArgument, PositionTaken
 from substantial.records import encode_entry
-from tests.backend_redis import RedisHarness
+from tests.backend_redis import RedisHarness, start_server
 from tests.redis_server import RedisServer
 
 
@@ -349,3 +351,30 @@ def test_a_backend_outlives_a_loop_that_ended_with_commands_queued(
     for k in range(MAX_IN_FLIGHT):  # each may leave a round trip that never came back
         asyncio.run(first(k))
     asyncio.run(second())
+
+
+async def test_each_round_trip_keeps_its_timeout_and_a_timed_out_one_leaves_no_reply_behind(
+    tmp_path: Path,
+) -> None:
+    server = start_server(tmp_path)
+    backend = RedisBackend(server.url, prefix="h", socket_timeout=0.2, retries=0)
+    assert server.proc is not None
+    try:
+        await backend.append("r", 0, entry(0))
+        for round_ in range(2):  # a second hang times out too: the timeout was put back
+            server.proc.send_signal(signal.SIGSTOP)  # accepts connections, never answers
+            try:
+                t0 = time.monotonic()
+                calls = backend.read_log("r"), backend.lease("r")
+                results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+                assert all(isinstance(r, BackendUnavailable) for r in results), results
+                assert time.monotonic() - t0 < 3
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            # The replies the server sends late are never read as later commands' replies.
+            await backend.append("r", round_ + 1, entry(round_ + 1))
+            assert await backend.read_log("r") == [entry(i) for i in range(round_ + 2)]
+            assert await backend.lease("r") is None
+    finally:
+        await backend.close()
+        server.stop()

@@ -5,16 +5,18 @@ metadata writes, issued by tasks woken together, are sent as one pipeline
 (on a cluster, one pipeline per node, sent side by side) instead of one
 round trip each. Each command keeps its own outcome: a reply that is an
 error (a refused append, a wrong key type) fails only the command that got
-it. When the connection drops, redis-py sends the whole pipeline again; every
-command the backend pipelines may run twice (an append is recognised by its
-token, the rest are idempotent), and if the retries fail every command of
-the batch fails with the same error. At most :data:`MAX_IN_FLIGHT` round
-trips are in flight at once; commands issued meanwhile join the next batch.
+it. When the connection drops, the whole pipeline is sent again (redis-py's
+retry policy, ``_trip.py``); every command the backend pipelines may run
+twice (an append is recognised by its token, the rest are idempotent), and
+if the retries fail every command of the batch fails with the same error.
+At most :data:`MAX_IN_FLIGHT` round trips are in flight at once; commands
+issued meanwhile join the next batch.
 
-Why a round trip is worth saving: on a 2-core machine redis-py spends
-80-150 us of CPU on one command sent alone (the socket write and read, the
-connection pool, the timeouts), the server 10-25 us; in a pipeline of a
-hundred, each command costs the client 25-40 us (packing and parsing).
+Why a round trip is worth saving: on a loaded 2-core machine the client
+spends 80-130 us of CPU on one command sent alone (the socket write and
+read, the connection pool), the server 10-25 us; in a pipeline of sixty,
+each command costs the client 8-12 us (packing and parsing), see
+bench/bench_redis_pipe.py.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from substantial.backends.redis._errors import Client
+from substantial.backends.redis._trip import Command, RoundTrip
 
 __all__ = ["MAX_IN_FLIGHT", "Command", "Pipe"]
 
@@ -31,9 +34,6 @@ __all__ = ["MAX_IN_FLIGHT", "Command", "Pipe"]
 #: wait in the next batch, which grows instead of taking more connections (a
 #: cluster node refuses a client past its connection limit).
 MAX_IN_FLIGHT = 4
-
-#: One Redis command as redis-py's ``execute_command`` takes it.
-Command = tuple[Any, ...]
 
 
 class _Item:
@@ -57,6 +57,7 @@ class Pipe:
         self, client: Client, *, enabled: bool = True, max_in_flight: int = MAX_IN_FLIGHT
     ) -> None:
         self._client = client
+        self._trip = RoundTrip(client)
         self.enabled = enabled
         self._max_in_flight = max_in_flight
         self._in_flight = 0
@@ -73,9 +74,12 @@ class Pipe:
         if self._alone(loop):
             self._in_flight += 1
             try:
-                return await self._client.execute_command(*command)
+                (reply,) = await self._trip.send((command,))
             finally:
                 self._landed()
+            if isinstance(reply, BaseException):
+                raise reply
+            return reply
         replies = await self._queue(loop, (command,))
         if isinstance(replies[0], BaseException):
             raise replies[0]
@@ -94,10 +98,7 @@ class Pipe:
         if self._alone(loop):
             self._in_flight += 1
             try:
-                pipe = self._client.pipeline(transaction=False)
-                for command in commands:
-                    pipe.execute_command(*command)
-                replies = list(await pipe.execute(raise_on_error=False))
+                replies = await self._trip.send(commands)
             finally:
                 self._landed()
         else:
@@ -168,18 +169,8 @@ class Pipe:
         if not live:
             return
         try:
-            if len(live) == 1 and len(live[0].commands) == 1:
-                try:
-                    replies: list[Any] = [await self._client.execute_command(*live[0].commands[0])]
-                except Exception as exc:  # the caller raises it, in its own context
-                    replies = [exc]
-            else:
-                pipe = self._client.pipeline(transaction=False)
-                for item in live:
-                    for command in item.commands:
-                        pipe.execute_command(*command)
-                # A reply that is an error comes back in its place: it fails one command.
-                replies = list(await pipe.execute(raise_on_error=False))
+            # A reply that is an error comes back in its place: it fails one command.
+            replies = await self._trip.send([c for item in live for c in item.commands])
         except BaseException as exc:
             for item in live:
                 if item.fut.done():
