@@ -162,8 +162,10 @@ class Worker:
             elif self._skip_until.get(run_id, 0.0) <= now or self._skipped_at.get(run_id, at) != at:
                 wanted.append((run_id, at))
         room = self.concurrency - len(self.runs)
-        wanted = await self._first_choices(wanted, now)
+        wanted = await self._first_choices(wanted, now) if wanted else wanted
         self._short = len(wanted) > room or (due.next_at is not None and due.next_at <= now)
+        if not wanted:
+            return  # woken for runs held here (an event): they are poked, nothing to take
         wanted = claim_order(self.owner, wanted, room)
         # Side by side: the leases of one poll share a commit (or overlap their round trips).
         taken = await asyncio.gather(*(self._take(r) for r, _ in wanted), return_exceptions=True)
