@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from types import TracebackType
 
 from redis import exceptions as rx
 from redis.asyncio import Redis, RedisCluster
 
-from substantial.backends._common import release_with_loop, reraise_lost_cancel
+from substantial.backends._common import release_with_loop
 from substantial.errors import BackendError, BackendUnavailable
 
 __all__ = ["Client", "Health", "log"]
@@ -51,41 +51,44 @@ class Health:
         self._init_lock = asyncio.Lock()
         self._down_since: float | None = None
 
-    @contextlib.asynccontextmanager
-    async def io(self, what: str) -> AsyncIterator[None]:
+    def io(self, what: str) -> _IO:
         """Translate driver errors into the Substantial tree (the one place that does).
 
-        Also re-raise a cancellation that the driver swallowed (see
-        :func:`reraise_lost_cancel`): a cancelled worker must stop.
+        Use as ``async with health.io("append"): ...``. Also re-raise a
+        cancellation that the driver swallowed (see
+        :func:`~substantial.backends._common.reraise_lost_cancel`): a
+        cancelled worker must stop.
         """
-        with reraise_lost_cancel():
-            try:
-                if self._guard is None:
-                    # Released when this loop shuts down if nobody closes the backend first.
-                    self._guard = await release_with_loop(self._released)
-                if not self._initialized:
-                    await self.initialize()
-                yield
-            except _DENIED as exc:
-                raise BackendError(
-                    f"Redis at {self.where} refused {what}: {exc}. Check the user and password "
-                    "in the URL and that the ACL allows this key prefix"
-                ) from exc
-            except rx.OutOfMemoryError as exc:
-                raise BackendError(
-                    f"Redis at {self.where} is out of memory ({what}): raise maxmemory; "
-                    "keep maxmemory-policy noeviction, evicting keys would lose runs"
-                ) from exc
-            except _UNAVAILABLE as exc:
-                self.note_down(exc)
-                raise BackendUnavailable(
-                    f"Redis at {self.where} is unavailable ({what}): {type(exc).__name__}: "
-                    f"{exc}. Nothing was written, or the call can be retried as it is"
-                ) from exc
-            except (rx.RedisError, rx.RedisClusterException) as exc:
-                raise BackendError(f"Redis at {self.where} rejected {what}: {exc}") from exc
-            if self._down_since is not None:
-                self.note_up()
+        return _IO(self, what)
+
+    async def _prepare(self) -> None:
+        if self._guard is None:
+            # Released when this loop shuts down if nobody closes the backend first.
+            self._guard = await release_with_loop(self._released)
+        if not self._initialized:
+            await self.initialize()
+
+    def _translate(self, exc: Exception, what: str) -> Exception | None:
+        """Return the Substantial error for a driver error, or None to let it through."""
+        if isinstance(exc, _DENIED):
+            return BackendError(
+                f"Redis at {self.where} refused {what}: {exc}. Check the user and password "
+                "in the URL and that the ACL allows this key prefix"
+            )
+        if isinstance(exc, rx.OutOfMemoryError):
+            return BackendError(
+                f"Redis at {self.where} is out of memory ({what}): raise maxmemory; "
+                "keep maxmemory-policy noeviction, evicting keys would lose runs"
+            )
+        if isinstance(exc, _UNAVAILABLE):
+            self.note_down(exc)
+            return BackendUnavailable(
+                f"Redis at {self.where} is unavailable ({what}): {type(exc).__name__}: "
+                f"{exc}. Nothing was written, or the call can be retried as it is"
+            )
+        if isinstance(exc, (rx.RedisError, rx.RedisClusterException)):
+            return BackendError(f"Redis at {self.where} rejected {what}: {exc}")
+        return None
 
     async def _released(self) -> None:
         self._guard = None
@@ -127,3 +130,43 @@ class Health:
                 time.monotonic() - self._down_since,
             )
             self._down_since = None
+
+
+class _IO:
+    """The context :meth:`Health.io` returns: a class, not a generator, as it wraps every call."""
+
+    __slots__ = ("_cancels", "_health", "_task", "_what")
+
+    def __init__(self, health: Health, what: str) -> None:
+        self._health = health
+        self._what = what
+
+    async def __aenter__(self) -> None:
+        # As reraise_lost_cancel: the task's cancel count before the call.
+        self._task = task = asyncio.current_task()
+        self._cancels = task.cancelling() if task is not None else 0
+        health = self._health
+        if health._guard is None or not health._initialized:
+            try:
+                await health._prepare()
+            except Exception as exc:
+                mapped = health._translate(exc, self._what)
+                if mapped is None:
+                    raise
+                raise mapped from exc
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        health = self._health
+        if exc is None:
+            task = self._task
+            if task is not None and task.cancelling() > self._cancels:
+                raise asyncio.CancelledError  # a cancel the driver swallowed
+            if health._down_since is not None:
+                health.note_up()
+            return
+        if isinstance(exc, Exception):
+            mapped = health._translate(exc, self._what)
+            if mapped is not None:
+                raise mapped from exc
