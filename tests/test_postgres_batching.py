@@ -281,6 +281,34 @@ async def test_more_calls_than_connections_take_turns_on_kept_connections(
     assert await backend.read_log("r") == [entry(0), entry(1)]
 
 
+async def test_coalesced_reads_keep_one_plan_instead_of_planning_each_call(
+    store: PostgresHarness,
+) -> None:
+    backend = await open_backend(store)
+    for run_id in ("a", "b"):
+        assert await store_run(backend, info(run_id), entry("start"), time.time())
+    for _ in range(10):
+        # Two runs' reads of one iteration: the statements taking arrays of runs.
+        assert len(await asyncio.gather(backend.read_log("a"), backend.read_log("b"))) == 2
+        assert await backend.list_runs(ids=["a", "b"]) != []
+    # One connection served them all (the last used is taken again): its prepared
+    # statements tell how often each was planned for its arguments (custom) and how
+    # often it ran its one generic plan.
+    rows = await backend._run(
+        "read plans",
+        lambda c: c.fetch(
+            "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements"
+        ),
+    )
+    plans = {r[0]: (r[1], r[2]) for r in rows if "_log" in r[0] or "_runs" in r[0]}
+    read_logs, get_runs = backend._sql["read_logs"], backend._sql["get_runs"]
+    assert set(plans) >= {read_logs, get_runs}
+    for sql in (read_logs, get_runs):
+        generic, custom = plans[sql]
+        # The server tries five custom plans before it weighs the generic one.
+        assert custom <= 5 and generic >= 5, (sql, plans[sql])
+
+
 async def test_reads_of_one_iteration_each_get_their_own_rows(store: PostgresHarness) -> None:
     backend = await open_backend(store)
     for run_id, n in (("a", 3), ("b", 1)):
