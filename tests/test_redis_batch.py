@@ -394,3 +394,26 @@ def test_commands_are_packed_as_redis_py_packs_them() -> None:
         ("LRANGE", "{p:r}:log", 0, -1),
     ]
     assert b"".join(_pack(conn, commands)) == b"".join(conn.pack_commands(commands))
+
+
+async def test_a_backend_on_the_callers_client_gives_its_connections_back_on_close(
+    store: RedisHarness,
+) -> None:
+    import redis.asyncio
+
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        store.server.url, max_connections=MAX_IN_FLIGHT, timeout=0.5
+    )
+    client = redis.asyncio.Redis.from_pool(pool)
+    try:
+        backend = RedisBackend(client, prefix=store.prefix)
+        # A burst keeps every round trip in flight: the connections stay with the
+        # backend between round trips, and go back to the caller's pool on close.
+        await asyncio.gather(*(backend.append(f"r{i}", 0, entry(i)) for i in range(100)))
+        await backend.close()
+        taken = [await pool.get_connection() for _ in range(MAX_IN_FLIGHT)]
+        for conn in taken:
+            await pool.release(conn)
+        assert await client.ping()
+    finally:
+        await client.aclose()

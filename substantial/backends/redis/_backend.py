@@ -455,6 +455,7 @@ class RedisBackend(Backend):
     async def _release(self) -> None:
         """Close the connections; a later call (in another loop, say) opens new ones."""
         await self._listener.stop()
+        await self._pipe.release()
         if self._owns_client:
             await self._client.aclose()
 

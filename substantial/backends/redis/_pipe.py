@@ -206,6 +206,10 @@ class Pipe:
     async def _load(self, source: Any) -> str:
         return str(await self._client.script_load(source))
 
+    async def release(self) -> None:
+        """Give the connections kept between round trips back to the client's pool."""
+        await self._trip.release()
+
     async def drain(self) -> None:
         """Wait until every batch that has left is settled."""
         while self._batch is not None or self._flushes:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from redis import exceptions as rx
 from redis.asyncio import Redis, RedisCluster
@@ -39,8 +39,14 @@ class RoundTrip:
 
     def __init__(self, client: Client) -> None:
         self._client = client
+        self._cluster = isinstance(client, RedisCluster)
         #: Each command name's reply callback (None: the reply as parsed), looked up once.
         self._callbacks: dict[Any, Callable[..., Any] | None] = {}
+        #: Connections taken from the pool and kept between round trips (at most as
+        #: many as were ever in flight at once): checking one out of redis-py's
+        #: pool and back costs a lock, a condition and a timer each time.
+        self._kept: list[AbstractConnection] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def send(self, commands: Sequence[Command]) -> list[Any]:
         """Run the commands in this order in one round trip; an error reply is returned in place.
@@ -49,8 +55,8 @@ class RoundTrip:
         connection, as redis-py's retry policy says (every command the
         backend sends may run twice); when the retries are spent it raises.
         """
-        client = self._client
-        if isinstance(client, RedisCluster):
+        if self._cluster:  # isinstance once: RedisCluster's is a slow Protocol check
+            client = cast(RedisCluster, self._client)
             if len(commands) == 1:
                 try:
                     return [await client.execute_command(*commands[0])]
@@ -60,15 +66,31 @@ class RoundTrip:
             for command in commands:
                 pipe.execute_command(*command)
             return list(await pipe.execute(raise_on_error=False))
-        pool = client.connection_pool
-        conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        pool = cast(Redis, self._client).connection_pool
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            # Connections opened in a loop that ended go back to the pool, as redis-py's own.
+            await self.release()
+            self._loop = loop
+        if self._kept:
+            conn = self._kept.pop()
+        else:
+            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
             replies: list[Any] = await conn.retry.call_with_retry(
                 lambda: self._exchange(conn, commands), lambda _: conn.disconnect()
             )
-            return replies
-        finally:
-            await pool.release(conn)
+        except BaseException:
+            await pool.release(conn)  # the pool reconnects it, or drops it, as it does its own
+            raise
+        self._kept.append(conn)  # every reply read: clean for the next round trip
+        return replies
+
+    async def release(self) -> None:
+        """Give the connections kept between round trips back to the client's pool."""
+        kept, self._kept = self._kept, []
+        for conn in kept:
+            await cast(Redis, self._client).connection_pool.release(conn)
 
     async def _exchange(self, conn: AbstractConnection, commands: Sequence[Command]) -> list[Any]:
         # The connection is ours until released: its own per-call timeouts (a task
@@ -100,9 +122,7 @@ class RoundTrip:
         try:
             return self._callbacks[name]
         except KeyError:
-            client = self._client
-            assert isinstance(client, Redis)
-            found = client.response_callbacks.get(name)
+            found = cast(Redis, self._client).response_callbacks.get(name)
             self._callbacks[name] = found
             return found
 
