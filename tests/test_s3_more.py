@@ -273,3 +273,33 @@ def test_a_backend_never_closed_prints_nothing_at_exit(h: S3Harness) -> None:
         timeout=120,
     )
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "42\n", "")
+
+
+# -- unscheduling a run that waits for events ------------------------------------------
+
+
+async def test_a_schedule_that_loses_its_cas_to_unschedule_idle_still_takes_effect(
+    h: S3Harness,
+) -> None:
+    # A post stores its event, then schedules; the schedule read the pointer before a
+    # worker's unschedule_idle moved it (that worker saw no event yet). Giving up, as a
+    # schedule that loses to another schedule does, would leave the event unscheduled.
+    b = open_s3(h)
+    await b.set_due("r", time.time() - 1)
+    stale = await b._due.read_pointer("r")
+    assert stale is not None and stale.name is not None
+    assert await b.unschedule_idle("r") is True
+    assert await b.due(time.time() + 3600) == []
+    real = b._due.read_pointer
+    reads = 0
+
+    async def first_read_is_stale(run_id: str) -> Any:
+        nonlocal reads
+        reads += 1
+        return stale if reads == 1 else await real(run_id)
+
+    b._due.read_pointer = first_read_is_stale  # type: ignore[method-assign]
+    await b.set_due("r", time.time() - 1)
+    b._due.read_pointer = real  # type: ignore[method-assign]
+    assert reads == 2  # the CAS on the stale pointer failed, and was tried again
+    assert [r for r, _ in await open_s3(h).due(time.time() + 1)] == ["r"]

@@ -84,7 +84,7 @@ class S3Backend(Backend):
     """
 
     name = "s3"
-    capabilities = Capabilities(delete=True)
+    capabilities = Capabilities(delete=True, unschedule_idle=True)
 
     def __init__(
         self,
@@ -356,6 +356,16 @@ class S3Backend(Backend):
         else:
             await self._due.schedule(run_id, at)
         return stored
+
+    async def unschedule_idle(self, run_id: str) -> bool:
+        """Point the run's due pointer at no key unless its inbox lists an event (a CAS)."""
+        validate_id("run id", run_id)
+        prefix = self._inbox_prefix(run_id)
+
+        async def waiting() -> bool:
+            return bool((await self._objects.list_page(prefix, max_keys=1))[0])
+
+        return await self._due.unschedule_idle(run_id, waiting)
 
     async def due(self, now: float, limit: int = 100) -> DueRuns:
         """List the due index up to ``now`` and keep the keys their run's pointer names."""

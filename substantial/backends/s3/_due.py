@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import orjson
@@ -142,9 +143,10 @@ class DueIndex:
 
         Each move of the pointer is one successful compare-and-swap, and the
         writer that made it deletes the key it replaced, so concurrent
-        schedules leave exactly one key. A schedule that loses the CAS was
-        overlapped by one that won: it takes effect just before the winner
-        (which replaces it), deletes its own key, and returns. A crash in
+        schedules leave exactly one key. A schedule that loses the CAS to
+        another schedule takes effect just before the winner (which replaces
+        it), deletes its own key, and returns; one that loses it to an
+        unschedule (the pointer names no key now) tries again after it. A crash in
         between leaves an extra key that no pointer names: due() skips it and
         deletes it once it is older than ORPHAN_GRACE.
         """
@@ -154,12 +156,17 @@ class DueIndex:
         body = orjson.dumps({"key": name, "at": at})
         started = time.monotonic()
         old, _ = await asyncio.gather(self.read_pointer(run_id), self._objects.put(key, b""))
-        won = await self._objects.put_if(
-            self.pointer_key(run_id), body, if_match=old.etag if old else None
-        )
-        if won is None:
-            await self._objects.delete(key)
-            return
+        pointer = self.pointer_key(run_id)
+        won = await self._objects.put_if(pointer, body, if_match=old.etag if old else None)
+        while won is None:
+            # Lost the CAS. To another schedule: it takes effect after ours, which stands
+            # replaced. To an unschedule (the pointer now names no key, or is gone): ours
+            # comes after it and must take effect, or a post's event would wait unscheduled.
+            old = await self.read_pointer(run_id)
+            if old is not None and old.name is not None:
+                await self._objects.delete(key)
+                return
+            won = await self._objects.put_if(pointer, body, if_match=old.etag if old else None)
         if time.monotonic() - started > ORPHAN_GRACE / 2:
             # So slow that another worker may have collected our key as an orphan: put it back.
             await self._objects.put(key, b"")
@@ -173,6 +180,30 @@ class DueIndex:
         if old_key is not None and old_key != key:
             await self._objects.delete(old_key)
         self._note_local_schedule(at)
+
+    async def unschedule_idle(self, run_id: str, waiting: Callable[[], Awaitable[bool]]) -> bool:
+        """Point the run at no due key unless ``waiting()``: a CAS on its pointer.
+
+        A post stores its event, then schedules. An event stored before
+        ``waiting()`` is seen (False). One stored after comes with a schedule
+        whose CAS meets this one: first, and this CAS fails (False); second, and
+        it finds the pointer naming no key and tries again (:meth:`schedule`).
+        The pointer stays, naming no key (a delete could not be conditional on
+        every server), with a fresh write id so that its ETag is new.
+        """
+        old = await self.read_pointer(run_id)
+        if await waiting():
+            return False
+        if old is None or old.name is None:
+            return True
+        body = orjson.dumps({"key": None, "at": 0.0, "wid": new_wid()})
+        if await self._objects.put_if(self.pointer_key(run_id), body, if_match=old.etag) is None:
+            return False  # moved meanwhile, by a schedule (maybe a post's)
+        old_key = f"{self._due_prefix}{old.name}"
+        for backend in self._local_peers():
+            backend._valid.pop(old_key, None)
+        await self._objects.delete(old_key)
+        return True
 
     async def unschedule(self, run_id: str) -> None:
         """Delete the run's pointer and the due key it names."""
