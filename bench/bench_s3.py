@@ -249,24 +249,33 @@ async def idle(floor: float, seconds: float = 20.0) -> None:
     )
 
 
-async def parked(floor: float, seconds: float = 20.0, ttl: float = 6.0) -> None:
-    """Requests while one run sleeps ``seconds`` in a worker's memory (``lease_ttl`` ttl)."""
-    from bench.bench_engine import naps
+async def parked(floor: float, seconds: float = 20.0, ttl: float = 6.0, on: str = "timer") -> None:
+    """Requests while one run waits ``seconds`` in a worker's memory (``lease_ttl`` ttl).
+
+    ``on="timer"``: it sleeps; ``on="event"``: it waits for an event, sent at the end.
+    """
+    from bench.bench_engine import naps, pings
 
     conductor = await _conductor(f"parked-{uuid.uuid4().hex[:8]}")
     conductor.register(naps)
+    conductor.register(pings)
     agent = conductor.run(lease_ttl=ttl, idle_timeout=3 * seconds)
-    run = await conductor.start(naps, {"n": 1, "seconds": seconds})
-    await asyncio.sleep(1.0)  # taken, the sleep recorded
+    if on == "timer":
+        run = await conductor.start(naps, {"n": 1, "seconds": seconds})
+    else:
+        run = await conductor.start(pings, {"n": 1})
+    await asyncio.sleep(1.0)  # taken, the wait recorded
     before = Counter(conductor.backend.requests)
     await asyncio.sleep(seconds - 1.5)  # up to just before it wakes
     spent = Counter(conductor.backend.requests) - before
+    if on == "event":
+        await run.send("ping", time.time())
     ok = await run.result(timeout=seconds + 60) == 1
     agent.cancel()
     await agent
     await conductor.close()
     emit(
-        workload="parked",
+        workload="parked" if on == "timer" else "parked-event",
         backend="s3",
         n=1,
         seconds=seconds - 1.5,
@@ -276,12 +285,13 @@ async def parked(floor: float, seconds: float = 20.0, ttl: float = 6.0) -> None:
         ok=ok,
         requests_while_parked=dict(spent),
         lease_ttl=ttl,
-        note="requests while one run sleeps in a worker's memory, its sleep recorded "
-        "(a renewal every lease_ttl/3 would be one PUT each)",
+        note=f"requests while one run waits for {'a timer' if on == 'timer' else 'an event'} "
+        "in a worker's memory, its wait "
+        "recorded (a renewal every lease_ttl/3 would be one PUT each)",
     )
 
 
-S3_ONLY = ("floor", "contention", "idle", "parked")
+S3_ONLY = ("floor", "contention", "idle", "parked", "parked-event")
 
 
 async def main_async(args: argparse.Namespace, workloads: list[str]) -> None:
@@ -307,6 +317,8 @@ async def main_async(args: argparse.Namespace, workloads: list[str]) -> None:
         await idle(floor)
     if "parked" in workloads:
         await parked(floor)
+    if "parked-event" in workloads:
+        await parked(floor, on="event")
 
 
 def main() -> None:
