@@ -22,6 +22,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from pathlib import Path
 
 __all__ = ["BACKSTOP_PAGES", "PAUSE", "Checkpointer"]
@@ -32,6 +33,19 @@ logger = logging.getLogger("substantial.backends.sqlite")
 PAUSE = 0.05
 #: The log length (pages) at which a commit still checkpoints by itself.
 BACKSTOP_PAGES = 10_000
+
+
+#: Every checkpointer of this process: a forked child starts its own thread when it commits.
+_ALL: weakref.WeakSet[Checkpointer] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    for checkpointer in list(_ALL):
+        checkpointer._thread = None
+        checkpointer._noted = False
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class Checkpointer:
@@ -48,14 +62,15 @@ class Checkpointer:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._pid = 0
+        _ALL.add(self)
 
     def committed(self) -> None:
         """Note a commit; the thread checkpoints within ``PAUSE``."""
-        if self._noted and self._pid == os.getpid():
+        if self._noted:
             return
         thread = self._thread
-        if thread is None or self._pid != os.getpid() or not thread.is_alive():
-            # First commit, or a forked child: threads do not survive fork.
+        if thread is None or not thread.is_alive():
+            # The first commit, or one in a forked child (threads do not survive fork).
             self._pid = os.getpid()
             self._stopping = False
             self._wake = threading.Event()

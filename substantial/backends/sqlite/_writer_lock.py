@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import os
 import time
+import weakref
 from pathlib import Path
 
 __all__ = ["WriterLock"]
@@ -24,6 +25,18 @@ __all__ = ["WriterLock"]
 #: The first and the longest pause between tries while another process writes.
 FIRST_PAUSE = 0.00002
 LONGEST_PAUSE = 0.0005
+
+
+#: Every lock of this process, forgotten (not closed) in a forked child.
+_LOCKS: weakref.WeakSet[WriterLock] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    for lock in list(_LOCKS):
+        lock._fd = None
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class WriterLock:
@@ -34,11 +47,12 @@ class WriterLock:
         self.timeout = timeout
         self._fd: int | None = None
         self._pid = 0
+        _LOCKS.add(self)
 
     def _file(self) -> int | None:
         # flock belongs to the open file: a forked child must open its own, or parent and
-        # child would both "hold" one lock.
-        if self._fd is None or self._pid != os.getpid():
+        # child would both "hold" one lock (the fork hook above clears the child's fd).
+        if self._fd is None:
             try:
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except OSError:
@@ -72,8 +86,11 @@ class WriterLock:
     def release(self) -> None:
         """Let the next writer in."""
         if self._fd is not None:
-            with contextlib.suppress(OSError):
+            # Not contextlib.suppress: an object per write on the hot path.
+            try:  # noqa: SIM105
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
+            except OSError:
+                pass  # the lock went with the file
 
     def close(self) -> None:
         """Close the lock file (the lock goes with it)."""
