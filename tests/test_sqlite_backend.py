@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import shutil
 import sqlite3
 import subprocess
@@ -420,3 +421,14 @@ async def test_checkpoints_run_off_the_event_loop_and_stop_with_the_backend(db_p
     assert synced._checkpoints._thread is None
     assert synced._connect().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
     await synced.close()
+
+
+async def test_a_backend_dropped_unclosed_ends_its_checkpoint_thread(db_path: Path) -> None:
+    backend = SQLiteBackend(db_path)
+    await backend.append("r", 0, entry(0))
+    thread = backend._checkpoints._thread
+    assert thread is not None and thread.is_alive()
+    del backend
+    gc.collect()
+    thread.join(10)
+    assert not thread.is_alive()

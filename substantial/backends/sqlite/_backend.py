@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -93,6 +94,7 @@ class SQLiteBackend(Backend):
         self._wake = WakeChannel(f"{self.path}.wake", self.waker)
         self._writer = WriterLock(self.path, timeout)
         self._checkpoints = Checkpointer(self.path, timeout)  # durability="process" only
+        weakref.finalize(self, self._checkpoints.stop)  # a backend dropped unclosed
         self._batch = GroupCommit(
             lambda: self._db,
             self._unavailable,

@@ -81,13 +81,17 @@ class Checkpointer:
         self._noted = True
         self._wake.set()
 
+    def stop(self) -> None:
+        """Ask the thread to end, without waiting (a backend dropped unclosed calls this)."""
+        self._stopping = True
+        self._wake.set()
+
     def close(self) -> None:
         """Stop the thread once a checkpoint under way ends."""
         thread, self._thread = self._thread, None
         if thread is None or self._pid != os.getpid():
             return
-        self._stopping = True
-        self._wake.set()
+        self.stop()
         thread.join(self.timeout)
 
     def _run(self) -> None:
