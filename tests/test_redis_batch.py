@@ -410,7 +410,12 @@ async def test_a_backend_on_the_callers_client_gives_its_connections_back_on_clo
         # A burst keeps every round trip in flight: the connections stay with the
         # backend between round trips, and go back to the caller's pool on close.
         await asyncio.gather(*(backend.append(f"r{i}", 0, entry(i)) for i in range(100)))
+        # Closed with round trips in flight: those come back to the pool when they land.
+        flying = [asyncio.create_task(backend.append(f"r{i}", 1, entry(i))) for i in range(100)]
+        for _ in range(3):
+            await asyncio.sleep(0)
         await backend.close()
+        await asyncio.gather(*flying)
         taken = [await pool.get_connection() for _ in range(MAX_IN_FLIGHT)]
         for conn in taken:
             await pool.release(conn)

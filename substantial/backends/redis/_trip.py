@@ -47,6 +47,8 @@ class RoundTrip:
         #: pool and back costs a lock, a condition and a timer each time.
         self._kept: list[AbstractConnection] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Counts releases: a round trip in flight during one gives its connection back.
+        self._releases = 0
 
     async def send(self, commands: Sequence[Command]) -> list[Any]:
         """Run the commands in this order in one round trip; an error reply is returned in place.
@@ -72,6 +74,7 @@ class RoundTrip:
             # Connections opened in a loop that ended go back to the pool, as redis-py's own.
             await self.release()
             self._loop = loop
+        releases = self._releases
         if self._kept:
             conn = self._kept.pop()
         else:
@@ -83,12 +86,16 @@ class RoundTrip:
         except BaseException:
             await pool.release(conn)  # the pool reconnects it, or drops it, as it does its own
             raise
-        self._kept.append(conn)  # every reply read: clean for the next round trip
+        if releases == self._releases:
+            self._kept.append(conn)  # every reply read: clean for the next round trip
+        else:
+            await pool.release(conn)  # released (closed) while it was in flight
         return replies
 
     async def release(self) -> None:
         """Give the connections kept between round trips back to the client's pool."""
         kept, self._kept = self._kept, []
+        self._releases += 1
         for conn in kept:
             await cast(Redis, self._client).connection_pool.release(conn)
 
