@@ -478,3 +478,46 @@ def test_ui_refuses_to_listen_beyond_loopback_without_a_token() -> None:
     assert "pass --token with a secret, or bind to 127.0.0.1" in result.output
     result = CliRunner().invoke(main, ["ui", "--token", "short", "--backend", "memory://"])
     assert result.exit_code == 2 and "at least 8 characters" in result.output
+
+
+async def test_newest_first_pages_follow_a_cursor_not_an_offset(
+    serve: Callable[..., str], browser: Browser, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'many.db'}"
+    conductor = Conductor(url)
+    conductor.register(child_flow)
+    ids = [f"r{i:03d}" for i in range(120)]
+    for run_id in ids:  # created one after the other: the newest is r119
+        await conductor.start(child_flow, run_id=run_id)
+    await conductor.close()
+    newest_first = list(reversed(ids))
+    base = serve(url)
+    status, body = http("GET", base + "/api/runs?limit=50")
+    assert status == 200 and [r["run_id"] for r in body["runs"]] == newest_first[:50]
+    cursor = body["next_before"]
+    assert cursor[1] == "r070"
+    status, body = http("GET", f"{base}/api/runs?limit=50&before={cursor[0]},{cursor[1]}")
+    assert [r["run_id"] for r in body["runs"]] == newest_first[50:100]
+    assert http("GET", base + "/api/runs?before=soon,r1")[0] == 400
+
+    page, problems = await new_page(browser)
+    await page.goto(base + "/")
+    await page.wait_for_selector('tr[data-run="r119"]')
+    shown: list[str] = []
+    rows = page.locator("table.runs tbody tr")
+    for _ in range(3):
+        count = await rows.count()
+        page_ids = [await rows.nth(i).get_attribute("data-run") or "" for i in range(count)]
+        shown += page_ids
+        if not await page.locator("#next").count():
+            break
+        await page.click("#next")
+        await expect(rows.first).not_to_have_attribute("data-run", page_ids[0], timeout=20_000)
+    assert shown == newest_first
+    assert "101-120 runs" in await page.inner_text(".pager")
+    assert "before=" in page.url
+    await page.click("#previous")
+    await expect(page.locator("table.runs tbody tr").first).to_have_attribute(
+        "data-run", "r069", timeout=20_000
+    )
+    assert problems == []

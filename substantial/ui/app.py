@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from substantial._holders import held_runs, holders_json
 from substantial.backends import from_url, redact_url
-from substantial.backends.base import Backend
+from substantial.backends.base import Backend, validate_id
 from substantial.conductor import Conductor
 from substantial.errors import InvalidArgument, RunNotFound, SubstantialError
 from substantial.search import RunQuery, find_runs, parse_time, run_json
@@ -173,8 +173,18 @@ def _query(request: Request) -> RunQuery:
         sort=sort,
         descending=(sort in ("created", "updated")) != (q.get("reverse") == "1"),
         limit=min(int(q.get("limit") or 50), 500),
-        offset=int(q.get("offset") or 0),
+        offset=int(q.get("offset") or 0) if not q.get("before") else 0,
+        before=_cursor(q["before"]) if q.get("before") else None,
     )
+
+
+def _cursor(text: str) -> tuple[float, str]:
+    """Read ``<created_at>,<run id>``, the last run of the previous page newest first."""
+    created, _, run_id = text.partition(",")
+    try:
+        return float(created), validate_id("run id", run_id)
+    except ValueError as exc:
+        raise InvalidArgument(f"before must be <created_at>,<run id>, got {text!r}") from exc
 
 
 def create_app(config: UIConfig) -> ASGIApp:
@@ -218,6 +228,7 @@ def create_app(config: UIConfig) -> ASGIApp:
             return _error(400, str(exc))
         except SubstantialError as exc:
             return _error(503, str(exc))
+        newest = query.sort == "created" and query.descending
         return _json(
             {
                 "runs": [run_json(info) for info in page.runs],
@@ -226,6 +237,13 @@ def create_app(config: UIConfig) -> ASGIApp:
                 "truncated": page.truncated,
                 "offset": query.offset,
                 "limit": query.limit,
+                # Newest first, the next page starts after this run without reading the ones
+                # before it (an offset would read them all again).
+                "next_before": (
+                    [page.runs[-1].created_at, page.runs[-1].run_id]
+                    if newest and len(page.runs) == query.limit
+                    else None
+                ),
                 "now": time.time(),
             }
         )

@@ -144,7 +144,8 @@ function listView() {
   const refresh = async () => {
     const query = new URLSearchParams();
     for (const key of LIST_FILTERS) if (params.get(key)) query.set(key, params.get(key));
-    query.set("offset", String(offset));
+    if (params.get("before")) query.set("before", params.get("before"));
+    else query.set("offset", String(offset));
     query.set("limit", "50");
     try {
       renderRuns(results, await api("/api/runs?" + query.toString()), params);
@@ -180,17 +181,37 @@ function renderRuns(target, data, params) {
     el("thead", {}, el("tr", {}, ["run", "workflow", "status", "started", "took", "parent", "result / error / note"]
       .map((h) => el("th", {}, h)))),
     el("tbody", {}, rows));
-  const first = data.offset + 1;
-  const last = data.offset + data.runs.length;
+  // Newest first the next page is asked for by a cursor (the last run shown), which costs a
+  // page of reads however deep; "at" only numbers the rows.
+  const skipped = params.get("before") ? Number(params.get("at") || 0) : data.offset;
+  const first = skipped + 1;
+  const last = skipped + data.runs.length;
   const page = (offset) => {
     const next = new URLSearchParams(params);
+    next.delete("before");
+    next.delete("at");
     next.set("offset", String(Math.max(0, offset)));
     return "#/?" + next.toString();
   };
-  const pager = el("p", { class: "pager" },
-    data.offset > 0 ? el("a", { href: page(data.offset - data.limit) }, "← previous") : "",
-    ` ${first}-${last} of ${data.total}${data.truncated ? "+" : ""} runs `,
-    last < data.total ? el("a", { href: page(last) }, "next →") : "");
+  const after = () => {
+    const next = new URLSearchParams(params);
+    next.delete("offset");
+    next.set("before", data.next_before.join(","));
+    next.set("at", String(last));
+    return "#/?" + next.toString();
+  };
+  let previous = "";
+  if (params.get("before")) {
+    previous = el("a", { href: "#", id: "previous" }, "← previous");
+    previous.addEventListener("click", (event) => { event.preventDefault(); history.back(); });
+  } else if (data.offset > 0) {
+    previous = el("a", { href: page(data.offset - data.limit) }, "← previous");
+  }
+  let more = "";
+  if (data.next_before) more = el("a", { href: after(), id: "next" }, "next →");
+  else if (!params.get("before") && last < data.total) more = el("a", { href: page(last), id: "next" }, "next →");
+  const total = params.get("before") ? "" : ` of ${data.total}${data.truncated ? "+" : ""}`;
+  const pager = el("p", { class: "pager" }, previous, ` ${first}-${last}${total} runs `, more);
   target.replaceChildren(table, pager);
 }
 
