@@ -10,6 +10,7 @@ by its token when redis-py sends the pipeline again).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -375,6 +376,36 @@ async def test_each_round_trip_keeps_its_timeout_and_a_timed_out_one_leaves_no_r
             await backend.append("r", round_ + 1, entry(round_ + 1))
             assert await backend.read_log("r") == [entry(i) for i in range(round_ + 2)]
             assert await backend.lease("r") is None
+    finally:
+        await backend.close()
+        server.stop()
+
+
+async def test_a_caller_cancelled_mid_exchange_leaves_no_reply_behind(tmp_path: Path) -> None:
+    server = start_server(tmp_path)
+    backend = RedisBackend(server.url, prefix="c", socket_timeout=5, retries=0)
+    assert server.proc is not None
+    try:
+        await backend.append("r", 0, entry(0))
+        for round_ in range(2):
+            server.proc.send_signal(signal.SIGSTOP)  # the command goes out, no reply comes
+            try:
+                reading = asyncio.ensure_future(backend.read_log("r"))
+                await asyncio.sleep(0.2)
+                reading.cancel()  # a caller's own timeout, or a shutdown
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reading
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            await asyncio.sleep(0.3)  # the late reply arrives
+            # No connection the pool would hand out holds it: the next user of such a
+            # connection would read it as the reply to its own command.
+            pool = backend._client.connection_pool
+            for conn in pool._available_connections:  # type: ignore[attr-defined]
+                assert not (conn.is_connected and await conn.can_read())
+            assert await backend.lease("r") is None
+            await backend.append("r", round_ + 1, entry(round_ + 1))
+            assert await backend.read_log("r") == [entry(i) for i in range(round_ + 2)]
     finally:
         await backend.close()
         server.stop()

@@ -84,7 +84,11 @@ class RoundTrip:
                 lambda: self._exchange(conn, commands), lambda _: conn.disconnect()
             )
         except BaseException:
-            await pool.release(conn)  # the pool reconnects it, or drops it, as it does its own
+            # Failed or cancelled half-way (a caller's timeout, a shutdown), replies may
+            # still be on their way: on this connection the next command would read them as
+            # its own. Closed, the pool opens it afresh for the next user.
+            await conn.disconnect(nowait=True)
+            await pool.release(conn)
             raise
         if releases == self._releases:
             self._kept.append(conn)  # every reply read: clean for the next round trip
