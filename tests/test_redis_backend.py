@@ -541,3 +541,19 @@ async def test_a_cancelled_call_is_never_swallowed(store: RedisHarness) -> None:
         done, _ = await asyncio.wait({task}, timeout=5)
         assert done, "the task kept running after cancel()"
         assert task.cancelled()
+
+
+async def test_unschedule_idle_leaves_a_run_with_an_unreadable_inbox_due(
+    store: RedisHarness,
+) -> None:
+    backend = await store.open()
+    assert isinstance(backend, RedisBackend) and backend.capabilities.unschedule_idle
+    await backend.set_due("odd", time.time() - 1)
+    raw = store.raw()
+    try:
+        # Not a stream: whether an event waits there is the reader's to report.
+        await raw.set(f"{{{store.prefix}:odd}}:inbox", b"garbage")
+    finally:
+        await raw.aclose()
+    assert await backend.unschedule_idle("odd") is False
+    assert [r for r, _ in await backend.due(time.time())] == ["odd"]

@@ -109,6 +109,8 @@ class RedisBackend(Backend):
         self._pipe = Pipe(self._client, enabled=group_commit)
         if group_commit:
             self.capabilities = dataclasses.replace(self.capabilities, group_commit=True)
+        if not self._cluster:  # one script over the run's inbox and a due shard: one server
+            self.capabilities = dataclasses.replace(self.capabilities, unschedule_idle=True)
         self._channel = f"{{{prefix}:wake}}"
         self._due_keys = [f"{{{prefix}:due:{k}}}" for k in range(SHARDS)]
         self._runs_keys = [f"{{{prefix}:runs:{k}}}" for k in range(SHARDS)]
@@ -263,6 +265,15 @@ class RedisBackend(Backend):
         async with self._health.io("set_due"):
             replies = await self._in_order(*commands)
         return event is not None and bool(replies[0])
+
+    async def unschedule_idle(self, run_id: str) -> bool:
+        """Remove the run's due entry unless its inbox stream holds an event: one script."""
+        validate_id("run id", run_id)
+        if self._cluster:
+            return await super().unschedule_idle(run_id)  # Unsupported: keys on two nodes
+        keys = [self._inbox_keys(run_id)[0], self._due_keys[shard_of(run_id)]]
+        async with self._health.io("unschedule_idle"):
+            return bool(await self._script("unschedule_idle", keys, [run_id]))
 
     async def due(self, now: float, limit: int = 100) -> DueRuns:
         """Merge the heads of every due shard: ZRANGEBYSCORE -inf..now LIMIT ``limit``, each."""

@@ -194,6 +194,16 @@ if mine > 0 then redis.call('ZADD', KEYS[mine], 'NX', ARGV[2], ARGV[1]) end
 return redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1])
 """
 
+# KEYS: inbox stream, due shard (a single server: two slots). ARGV: run id. Takes the
+# run out of the due index unless an event waits: 1 if so (or it was not in it), 0 if
+# not (an inbox key of another type counts as waiting: the reader reports it).
+_UNSCHEDULE_IDLE = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'none' and (kind ~= 'stream' or redis.call('XLEN', KEYS[1]) > 0) then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
 SCRIPTS = {
     "index_run": _INDEX_RUN,
     "put_run": _PUT_RUN,
@@ -205,4 +215,5 @@ SCRIPTS = {
     "ack_read": _ACK_READ,
     "lease": _LEASE_OP,
     "due": _DUE,
+    "unschedule_idle": _UNSCHEDULE_IDLE,
 }
