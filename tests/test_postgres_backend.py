@@ -361,3 +361,33 @@ async def test_a_store_made_before_the_creation_index_gets_it_and_lists_from_it(
         assert "Sort" not in plan, plan
     finally:
         await conn.close()
+
+
+async def test_unschedule_idle_waits_for_a_post_that_holds_the_due_row(
+    store: PostgresHarness,
+) -> None:
+    backend = await store.open()
+    assert isinstance(backend, PostgresBackend)
+    await backend.set_due("r", time.time() - 1)
+    raw = await store.raw()
+    try:
+        # A post in flight, as the write function does it: the event, then the due row,
+        # not yet committed. An inbox read now would not see the event.
+        post = raw.transaction()
+        await post.start()
+        await raw.execute(
+            f"INSERT INTO {store.table('inbox')} (run_id, event_id, data, posted_at) "
+            "VALUES ('r', 'e', '\\x7b7d'::bytea, 0)"
+        )
+        await raw.execute(f"UPDATE {store.table('due')} SET at = 1 WHERE run_id = 'r'")
+        unscheduling = asyncio.ensure_future(backend.unschedule_idle("r"))
+        await asyncio.sleep(0.3)
+        assert not unscheduling.done()  # waits on the due row the post holds
+        await post.commit()
+        assert await asyncio.wait_for(unscheduling, 10) is False  # then sees its event
+    finally:
+        await raw.close()
+    assert [r for r, _ in await backend.due(time.time())] == ["r"]
+    await backend.read_inbox("r", ack=["e"])
+    assert await backend.unschedule_idle("r") is True
+    assert await backend.due(time.time() + 3600) == []

@@ -55,7 +55,7 @@ from substantial.backends.postgres._schema import (
     UNSCHEDULE,
     Statements,
 )
-from substantial.backends.postgres._writes import Op, Outcome, WriteBatcher
+from substantial.backends.postgres._writes import Op, Outcome, WriteBatcher, unschedule_idle
 from substantial.errors import (
     BackendUnavailable,
     InvalidArgument,
@@ -90,7 +90,12 @@ class PostgresBackend(Backend):
 
     name = "postgres"
     capabilities = Capabilities(
-        wake_ups=True, group_commit=True, server_time=True, delete=True, list_recent=True
+        wake_ups=True,
+        group_commit=True,
+        server_time=True,
+        delete=True,
+        list_recent=True,
+        unschedule_idle=True,
     )
 
     def __init__(
@@ -297,6 +302,12 @@ class PostgresBackend(Backend):
         await self._write(Op(UNSCHEDULE, run_id) if at is None else Op(SCHEDULE, run_id, num1=at))
         return False
 
+    async def unschedule_idle(self, run_id: str) -> bool:
+        """Delete the run's due row unless an event waits: the row locked, then the inbox read."""
+        validate_id("run id", run_id)
+        action = f"unschedule run {run_id!r}"
+        return await self._run(action, lambda c: unschedule_idle(c, self._sql, run_id))
+
     async def due(self, now: float, limit: int = 100) -> DueRuns:
         """Walk the ``(at, run_id)`` index: the runs due by ``now``, and the one after them."""
         await self._start_listening()
@@ -435,13 +446,7 @@ class PostgresBackend(Backend):
     async def delete(self, run_id: str) -> bool:
         """Delete the run's rows from every table in one statement: all go, or none."""
         validate_id("run id", run_id)
-        tables = ("due", "leases", "inbox", "log", "runs")
-        parts = [
-            f"d{i} AS (DELETE FROM {self._sql.table(t)} WHERE run_id = $1::text RETURNING 1)"
-            for i, t in enumerate(tables)
-        ]
-        count = " + ".join(f"(SELECT count(*) FROM d{i})" for i in range(len(tables)))
-        sql = f"WITH {', '.join(parts)} SELECT {count}"
+        sql = self._sql["delete_run"]
         found = await self._run(f"delete run {run_id!r}", lambda c: c.fetchval(sql, run_id))
         return bool(found)
 

@@ -206,6 +206,11 @@ class Statements:
             # The runs due by $2 (up to $1) and the first one after them, not a page of the
             # runs waiting: with a million of them, each poll would read a thousand. NaN sorts
             # after every number, so a bad time is met as the one after.
+            # unschedule_idle: the due row locked first, so the inbox read after it (a new
+            # snapshot, READ COMMITTED) sees the event of any post that held the row.
+            "lock_due": f"SELECT 1 FROM {due} WHERE run_id = $1 FOR UPDATE",
+            "inbox_waits": f"SELECT EXISTS (SELECT 1 FROM {inbox} WHERE run_id = $1)",
+            "drop_due": f"DELETE FROM {due} WHERE run_id = $1",
             "due_head": (
                 f"SELECT run_id, at FROM ((SELECT run_id, at FROM {due} WHERE at <= $2::float8 "
                 f"ORDER BY at, run_id LIMIT $1::int) UNION ALL (SELECT run_id, at FROM {due} "
@@ -262,6 +267,14 @@ class Statements:
                 f"SELECT run_id, info FROM {runs} WHERE run_id = ANY((SELECT $1::text[])::text[])"
             ),
             # Writes of many runs in one transaction (group commit, see _writes.py).
+            # One statement, so a run's rows all go or none (returns how many went).
+            "delete_run": "WITH "
+            + ", ".join(
+                f"d{i} AS (DELETE FROM {t(name)} WHERE run_id = $1::text RETURNING 1)"
+                for i, name in enumerate(("due", "leases", "inbox", "log", "runs"))
+            )
+            + " SELECT "
+            + " + ".join(f"(SELECT count(*) FROM d{i})" for i in range(5)),
             "write_many": (
                 f"SELECT o_state, o_owner, o_new, o_old FROM {self.function}($1::int[], "
                 "$2::text[], $3::bigint[], $4::text[], $5::text[], $6::bytea[], $7::float8[], "

@@ -41,7 +41,7 @@ from substantial.backends.postgres._schema import (
 )
 from substantial.errors import BackendError
 
-__all__ = ["Op", "Outcome", "WriteBatcher"]
+__all__ = ["Op", "Outcome", "WriteBatcher", "unschedule_idle"]
 
 T = TypeVar("T")
 Conn = Any  # asyncpg.Connection: asyncpg ships no type information
@@ -266,3 +266,19 @@ class WriteBatcher:
 
 def _fail(items: list[tuple[Op, asyncio.Future[Outcome]]], exc: BaseException) -> None:
     fail_each((fut for _, fut in items), exc)
+
+
+async def unschedule_idle(conn: Conn, sql: Statements, run_id: str) -> bool:
+    """Delete the run's due row unless an event waits: one transaction, the row locked first.
+
+    A post inserts its event and upserts the due row in one transaction. If it
+    holds the row, the lock waits for its commit, and the inbox read after the
+    lock (a new snapshot) sees its event. If it comes after the lock, its upsert
+    waits for this commit and inserts the row anew.
+    """
+    async with conn.transaction():
+        await conn.fetch(sql["lock_due"], run_id)
+        if await conn.fetchval(sql["inbox_waits"], run_id):
+            return False
+        await conn.execute(sql["drop_due"], run_id)
+        return True
