@@ -427,7 +427,11 @@ async def test_a_backend_dropped_unclosed_ends_its_checkpoint_thread(db_path: Pa
     backend = SQLiteBackend(db_path)
     await backend.append("r", 0, entry(0))
     thread = backend._checkpoints._thread
-    assert thread is not None and thread.is_alive()
+    assert thread is not None
+    deadline = time.monotonic() + 10
+    while not thread.is_alive():  # started a moment after the first commit
+        assert time.monotonic() < deadline, "the checkpoint thread never started"
+        await asyncio.sleep(0.01)
     del backend
     gc.collect()
     thread.join(10)

@@ -17,6 +17,7 @@ them slowed commits down instead (W2 about 15% lower).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sqlite3
@@ -69,17 +70,27 @@ class Checkpointer:
         if self._noted:
             return
         thread = self._thread
-        if thread is None or not thread.is_alive():
-            # The first commit, or one in a forked child (threads do not survive fork).
+        if thread is None or (thread.ident is not None and not thread.is_alive()):
+            # The first commit, one in a forked child (threads do not survive fork), or
+            # the thread died: a new one, started a moment later, off this commit's path.
+            # Thread.start() waits until the new thread runs, which on a busy machine
+            # held up a new worker's first step by a millisecond and more.
             self._pid = os.getpid()
             self._stopping = False
             self._wake = threading.Event()
-            self._thread = threading.Thread(
+            thread = self._thread = threading.Thread(
                 target=self._run, name=f"substantial-checkpoint {self.path.name}", daemon=True
             )
-            self._thread.start()
+            try:
+                asyncio.get_running_loop().call_later(PAUSE, self._start, thread)
+            except RuntimeError:  # no loop to wait on: now, then
+                self._start(thread)
         self._noted = True
         self._wake.set()
+
+    def _start(self, thread: threading.Thread) -> None:
+        if self._thread is thread and not self._stopping and self._pid == os.getpid():
+            thread.start()
 
     def stop(self) -> None:
         """Ask the thread to end, without waiting (a backend dropped unclosed calls this)."""
@@ -89,10 +100,9 @@ class Checkpointer:
     def close(self) -> None:
         """Stop the thread once a checkpoint under way ends."""
         thread, self._thread = self._thread, None
-        if thread is None or self._pid != os.getpid():
-            return
         self.stop()
-        thread.join(self.timeout)
+        if thread is not None and thread.ident is not None and self._pid == os.getpid():
+            thread.join(self.timeout)
 
     def _run(self) -> None:
         db: sqlite3.Connection | None = None
