@@ -141,7 +141,7 @@ async def test_a_run_waiting_for_an_event_alone_parks_where_the_store_unschedule
     assert store.capabilities.unschedule_idle
     async with running(wait_for_go, backend=store, lease_ttl=0.6, idle_timeout=60) as c:
         run = await c.start(wait_for_go)
-        await asyncio.sleep(3.0)
+        await asyncio.sleep(2.0)
         # Out of the due index, its lease left to lapse, its workflow still in memory.
         assert run.run_id not in {r for r, _ in await store.due(time.time() + 3600, 100)}
         assert await store.get_lease(run.run_id) is None or (
@@ -150,5 +150,5 @@ async def test_a_run_waiting_for_an_event_alone_parks_where_the_store_unschedule
         await run.send("go", "now")
         assert await run.result(timeout=30) == "now"
     # Taken, maybe renewed once, taken again on the event, released; renewed all along,
-    # about 15.
+    # about 10.
     assert store.lease_writes[run.run_id] <= 5, store.lease_writes
