@@ -32,6 +32,10 @@ logger = logging.getLogger("substantial.backends.sqlite")
 
 #: How long after a commit the thread checkpoints: the writes of that while share one.
 PAUSE = 0.05
+#: Fewer commits than this since the last checkpoint wait for more, up to ``LINGER``
+#: seconds: a trickle of commits (an event now and then) is not worth two syncs each.
+MIN_COMMITS = 64
+LINGER = 1.0
 #: The log length (pages) at which a commit still checkpoints by itself.
 BACKSTOP_PAGES = 10_000
 
@@ -56,6 +60,7 @@ class Checkpointer:
         self.path = path
         self.timeout = timeout
         self.passes = 0  # checkpoints run, for tests and diagnostics
+        self.commits = 0  # commits noted
         self._wake = threading.Event()
         # Read without a lock by the writer: a stale True only merges its commit into the
         # checkpoint about to run (the thread clears the event before it resets the flag).
@@ -66,7 +71,8 @@ class Checkpointer:
         _ALL.add(self)
 
     def committed(self) -> None:
-        """Note a commit; the thread checkpoints within ``PAUSE``."""
+        """Note a commit; the thread checkpoints within ``PAUSE`` (``LINGER`` for a few)."""
+        self.commits += 1
         if self._noted:
             return
         thread = self._thread
@@ -107,9 +113,10 @@ class Checkpointer:
     def _run(self) -> None:
         db: sqlite3.Connection | None = None
         wake = self._wake
+        done, last = 0, time.monotonic()
         try:
             while True:
-                wake.wait()
+                wake.wait(LINGER if self.commits > done else None)
                 if self._stopping:
                     return
                 time.sleep(PAUSE)
@@ -117,6 +124,9 @@ class Checkpointer:
                 self._noted = False
                 if self._stopping:
                     return
+                if self.commits - done < MIN_COMMITS and time.monotonic() - last < LINGER:
+                    continue  # a trickle: wait for more, or for LINGER to pass
+                done, last = self.commits, time.monotonic()
                 try:
                     if db is None:
                         db = sqlite3.connect(self.path, isolation_level=None, timeout=0)
