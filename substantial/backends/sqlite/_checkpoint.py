@@ -23,8 +23,9 @@ import os
 import sqlite3
 import threading
 import time
-import weakref
 from pathlib import Path
+
+from substantial.backends.sqlite._fork import reset_in_child
 
 __all__ = ["BACKSTOP_PAGES", "PAUSE", "Checkpointer"]
 
@@ -38,19 +39,6 @@ MIN_COMMITS = 64
 LINGER = 1.0
 #: The log length (pages) at which a commit still checkpoints by itself.
 BACKSTOP_PAGES = 10_000
-
-
-#: Every checkpointer of this process: a forked child starts its own thread when it commits.
-_ALL: weakref.WeakSet[Checkpointer] = weakref.WeakSet()
-
-
-def _forget_in_child() -> None:
-    for checkpointer in list(_ALL):
-        checkpointer._thread = None
-        checkpointer._noted = False
-
-
-os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class Checkpointer:
@@ -68,7 +56,12 @@ class Checkpointer:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._pid = 0
-        _ALL.add(self)
+        reset_in_child(self)
+
+    def after_fork(self) -> None:
+        """In a forked child, no thread (none survives fork): the next commit starts one."""
+        self._thread = None
+        self._noted = False
 
     def committed(self) -> None:
         """Note a commit; the thread checkpoints within ``PAUSE`` (``LINGER`` for a few)."""

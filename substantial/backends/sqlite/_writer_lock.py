@@ -17,26 +17,15 @@ import contextlib
 import fcntl
 import os
 import time
-import weakref
 from pathlib import Path
+
+from substantial.backends.sqlite._fork import reset_in_child
 
 __all__ = ["WriterLock"]
 
 #: The first and the longest pause between tries while another process writes.
 FIRST_PAUSE = 0.00002
 LONGEST_PAUSE = 0.0005
-
-
-#: Every lock of this process, forgotten (not closed) in a forked child.
-_LOCKS: weakref.WeakSet[WriterLock] = weakref.WeakSet()
-
-
-def _forget_in_child() -> None:
-    for lock in list(_LOCKS):
-        lock._fd = None
-
-
-os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class WriterLock:
@@ -47,11 +36,15 @@ class WriterLock:
         self.timeout = timeout
         self._fd: int | None = None
         self._pid = 0
-        _LOCKS.add(self)
+        reset_in_child(self)
+
+    def after_fork(self) -> None:
+        """Forget the parent's file in a forked child (closing it would drop the parent's lock)."""
+        self._fd = None
 
     def _file(self) -> int | None:
         # flock belongs to the open file: a forked child must open its own, or parent and
-        # child would both "hold" one lock (the fork hook above clears the child's fd).
+        # child would both "hold" one lock (after_fork clears the child's fd).
         if self._fd is None:
             try:
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
