@@ -557,3 +557,20 @@ async def test_unschedule_idle_leaves_a_run_with_an_unreadable_inbox_due(
         await raw.aclose()
     assert await backend.unschedule_idle("odd") is False
     assert [r for r, _ in await backend.due(time.time())] == ["odd"]
+
+
+async def test_an_append_sent_again_after_a_later_one_still_finds_its_own_write(
+    store: RedisHarness,
+) -> None:
+    # A pipeline sent again after its connection dropped: the first call's append to 0
+    # landed, then another writer's append to 1 replaced the last-append mark. The
+    # first call, sent again, must not read its own write as another's.
+    backend = await store.open()
+    assert isinstance(backend, RedisBackend)
+    keys = [backend._key("r", "log"), backend._key("r", "append")]
+    mine, theirs = entry("mine"), entry("theirs")
+    assert await backend._script("append", keys, [0, mine, "token-a"]) == 1
+    assert await backend._script("append", keys, [1, theirs, "token-b"]) == 1
+    assert await backend._script("append", keys, [0, mine, "token-a"]) == 1  # sent again
+    assert await backend._script("append", keys, [0, theirs, "token-c"]) == 0  # another's
+    assert await backend.read_log("r") == [mine, theirs]
