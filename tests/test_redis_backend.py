@@ -11,6 +11,7 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio
@@ -559,18 +560,29 @@ async def test_unschedule_idle_leaves_a_run_with_an_unreadable_inbox_due(
     assert [r for r, _ in await backend.due(time.time())] == ["odd"]
 
 
-async def test_an_append_sent_again_after_a_later_one_still_finds_its_own_write(
+async def test_an_append_sent_again_after_later_ones_finds_its_own_write(
     store: RedisHarness,
 ) -> None:
-    # A pipeline sent again after its connection dropped: the first call's append to 0
-    # landed, then another writer's append to 1 replaced the last-append mark. The
-    # first call, sent again, must not read its own write as another's.
+    # A pipeline sent again after its connection dropped: this call's append to 0 had
+    # landed, and later appends of the run replaced the last-append mark, so the script
+    # answers "taken". The backend knows the round trip was sent again, and reads.
     backend = await store.open()
     assert isinstance(backend, RedisBackend)
-    keys = [backend._key("r", "log"), backend._key("r", "append")]
     mine, theirs = entry("mine"), entry("theirs")
-    assert await backend._script("append", keys, [0, mine, "token-a"]) == 1
-    assert await backend._script("append", keys, [1, theirs, "token-b"]) == 1
-    assert await backend._script("append", keys, [0, mine, "token-a"]) == 1  # sent again
-    assert await backend._script("append", keys, [0, theirs, "token-c"]) == 0  # another's
+    await backend.append("r", 0, mine)
+    await backend.append("r", 1, theirs)
+    trip, real = backend._pipe._trip, backend._script
+
+    async def sent_again(name: str, keys: Any, args: Any) -> Any:
+        reply = await real(name, keys, args)
+        trip.resends += 1
+        return reply
+
+    backend._script = sent_again  # type: ignore[method-assign]
+    await backend.append("r", 0, mine)  # its own write: no PositionTaken
+    with pytest.raises(PositionTaken):
+        await backend.append("r", 0, theirs)  # another's bytes: taken, sent again or not
+    backend._script = real  # type: ignore[method-assign]
+    with pytest.raises(PositionTaken):
+        await backend.append("r", 0, mine)  # a new call, even with the same bytes, loses
     assert await backend.read_log("r") == [mine, theirs]

@@ -207,8 +207,13 @@ class RedisBackend(Backend):
         # A call retried by the driver after its reply was lost must not fail
         # against its own write: the token tells the script it was ours.
         token = os.urandom(8).hex()
+        entry, resends = bytes(entry), self._pipe.resends
         async with self._health.io("append"):
-            result = await self._script("append", keys, [position, bytes(entry), token])
+            result = await self._script("append", keys, [position, entry, token])
+            # Sent again meanwhile, after later appends of the run replaced the mark: its
+            # "taken" may answer its own first send. Its bytes there say it was.
+            if result == 0 and self._pipe.resends != resends:
+                result = int(await self._pipe.call("LINDEX", keys[0], position) == entry)
         if result == 0:
             raise PositionTaken(run_id, position)
         if result == -1:

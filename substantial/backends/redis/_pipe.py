@@ -68,6 +68,11 @@ class Pipe:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loading: dict[str, asyncio.Task[Any]] = {}
 
+    @property
+    def resends(self) -> int:
+        """Round trips sent again after their connection dropped (not counted on a cluster)."""
+        return self._trip.resends
+
     async def call(self, *command: Any) -> Any:
         """Send one command with the others of this iteration; return its reply or raise."""
         loop = asyncio.get_running_loop()

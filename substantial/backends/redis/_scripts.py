@@ -12,8 +12,6 @@ __all__ = ["SCRIPTS"]
 
 # KEYS: log, last-append token. ARGV: position, entry, token.
 # Returns 1 (stored, or this very call was already stored), 0 (taken), -1 (gap).
-# A call sent again (its connection dropped before the reply) finds its own write by
-# the token, or, once a later append has replaced the token, by the entry itself.
 _APPEND = """
 local n = redis.call('LLEN', KEYS[1])
 local pos = tonumber(ARGV[1])
@@ -25,7 +23,6 @@ if n == pos then
 end
 if n > pos then
   if redis.call('GET', KEYS[2]) == mark then return 1 end
-  if redis.call('LINDEX', KEYS[1], pos) == ARGV[2] then return 1 end
   return 0
 end
 return -1

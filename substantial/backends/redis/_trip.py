@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 from redis import exceptions as rx
@@ -49,6 +49,10 @@ class RoundTrip:
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Counts releases: a round trip in flight during one gives its connection back.
         self._releases = 0
+        #: Round trips sent again after their connection dropped: a write among them may
+        #: have landed the first time, and its reply now says so ambiguously (an append's
+        #: "taken" may be its own first send).
+        self.resends = 0
 
     async def send(self, commands: Sequence[Command]) -> list[Any]:
         """Run the commands in this order in one round trip; an error reply is returned in place.
@@ -79,10 +83,19 @@ class RoundTrip:
             conn = self._kept.pop()
         else:
             conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        tries = 0
+
+        def exchange() -> Awaitable[list[Any]]:
+            nonlocal tries
+            tries += 1
+            return self._exchange(conn, commands)
+
         try:
             replies: list[Any] = await conn.retry.call_with_retry(
-                lambda: self._exchange(conn, commands), lambda _: conn.disconnect()
+                exchange, lambda _: conn.disconnect()
             )
+            if tries > 1:
+                self.resends += 1  # before any caller sees these replies
         except BaseException:
             # Failed or cancelled half-way (a caller's timeout, a shutdown), replies may
             # still be on their way: on this connection the next command would read them as
