@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,9 +18,9 @@ from substantial._cli_common import ago, plain, safe, short_json, status_text
 from substantial._cli_show import show_command, watch_command
 from substantial.backends.base import TERMINAL_STATUSES, Backend, RunInfo
 from substantial.conductor import Conductor
-from substantial.errors import InvalidArgument, SubstantialError
+from substantial.errors import SubstantialError
 from substantial.records import Record, decode_entry
-from substantial.search import Page, RunQuery, find_runs, parse_time, run_json
+from substantial.search import Page, RunQuery, find_runs, parse_cursor, parse_time, run_json
 from substantial.timeline import format_duration, pretty_name
 
 __all__ = ["runs"]
@@ -162,7 +161,7 @@ def list_command(
             limit=limit,
             offset=offset,
             scan_limit=scan_limit,
-            before=None if before is None else _cursor(before),
+            before=None if before is None else parse_cursor(before),
         )
     except SubstantialError as exc:
         raise click.UsageError(common.one_line(str(exc))) from exc
@@ -195,20 +194,6 @@ def list_command(
     if page.truncated and page.scanned >= scan_limit:
         footer += f"; stopped after reading {page.scanned} runs (raise --scan-limit)"
     out.print(Text(footer, style="dim"))
-
-
-def _cursor(text: str) -> tuple[float, str]:
-    """Read ``--before TIME,RUN``: a run's created_at (epoch seconds, as printed) and id."""
-    at, _, run_id = text.partition(",")
-    try:
-        if run_id and math.isfinite(float(at)):
-            return float(at), run_id
-    except ValueError:
-        pass
-    raise InvalidArgument(
-        f"--before {text!r}: give the created_at and run id of the last run of the "
-        "previous page, e.g. --before 1733140000.123456,run-42"
-    )
 
 
 def summary(record: Record) -> str:

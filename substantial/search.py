@@ -40,6 +40,7 @@ it) and then only those runs' metadata.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 from collections.abc import Callable
@@ -60,6 +61,7 @@ __all__ = [
     "check",
     "find_runs",
     "matches",
+    "parse_cursor",
     "parse_time",
     "run_json",
     "search",
@@ -231,6 +233,23 @@ def parse_time(text: str | float, *, now: float | None = None, what: str = "a ti
             f"{what}: cannot read {raw!r} as a time; use ISO 8601 (2025-01-31 or "
             "2025-01-31T12:00:00Z), epoch seconds, or an age such as 90s, 15m, 2h, 3d"
         ) from None
+
+
+def parse_cursor(text: str, what: str = "--before ") -> tuple[float, str]:
+    """Read a newest-first cursor written ``TIME,RUN``: a run's created_at and its id.
+
+    ``what`` is how the cursor is given (``"--before "``, ``"before="``), for the error.
+    """
+    at, _, run_id = text.partition(",")
+    try:
+        if run_id and math.isfinite(float(at)):
+            return float(at), run_id
+    except ValueError:
+        pass
+    raise InvalidArgument(
+        f"{what.strip()} {text!r}: give the created_at and run id of the last run of the "
+        f"previous page, e.g. {what}1733140000.123456,run-42"
+    )
 
 
 def _pushdown(expr: Expr | None) -> dict[str, str]:

@@ -37,10 +37,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from substantial._holders import held_runs, holders_json
 from substantial.backends import from_url, redact_url
-from substantial.backends.base import Backend, validate_id
+from substantial.backends.base import Backend
 from substantial.conductor import Conductor
 from substantial.errors import InvalidArgument, RunNotFound, SubstantialError
-from substantial.search import RunQuery, find_runs, parse_time, run_json
+from substantial.search import RunQuery, find_runs, parse_cursor, parse_time, run_json
 from substantial.timeline import load
 
 __all__ = ["UIConfig", "create_app", "serve"]
@@ -174,17 +174,8 @@ def _query(request: Request) -> RunQuery:
         descending=(sort in ("created", "updated")) != (q.get("reverse") == "1"),
         limit=min(int(q.get("limit") or 50), 500),
         offset=int(q.get("offset") or 0) if not q.get("before") else 0,
-        before=_cursor(q["before"]) if q.get("before") else None,
+        before=parse_cursor(q["before"], "before=") if q.get("before") else None,
     )
-
-
-def _cursor(text: str) -> tuple[float, str]:
-    """Read ``<created_at>,<run id>``, the last run of the previous page newest first."""
-    created, _, run_id = text.partition(",")
-    try:
-        return float(created), validate_id("run id", run_id)
-    except ValueError as exc:
-        raise InvalidArgument(f"before must be <created_at>,<run id>, got {text!r}") from exc
 
 
 def create_app(config: UIConfig) -> ASGIApp:
