@@ -3,9 +3,11 @@
 A busy run's lease is renewed every ``lease_ttl / 3``. An idle one that waits for a
 timer (or its deadline), nothing of it running, is handed back to the due index at its
 wake-up time before its lease would need renewing, and the lease is left to lapse: on
-S3 each renewal is a request, and a run may sleep for long. The workflow stays in memory; when
-it wakes, the worker takes the lease again (:func:`retake`) and carries on, unless
-another worker took the run meanwhile, in which case this one drops it unwritten.
+S3 each renewal is a request, and a run may sleep for long. One that waits for events
+alone does the same on a store that unschedules it safely (:func:`sort_held`). The
+workflow stays in memory; when it wakes, the worker takes the lease again
+(:func:`retake`) and carries on, unless another worker took the run meanwhile, in
+which case this one drops it unwritten.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ def unavailable(
 ) -> BackendUnavailable:
     """Translate a driver or OS error into the one error callers handle, saying what to do."""
     code = getattr(exc, "sqlite_errorname", "") or ""
-
     if code.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
         advice = (
             f"another process held {path} locked for more than {timeout}s; retry, or "
