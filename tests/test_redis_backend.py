@@ -37,9 +37,9 @@ def entry(value: object) -> bytes:
     return encode_entry([{"k": "step", "c": 0, "name": "s", "value": value}])
 
 
-def info(run_id: str, workflow: str = "wf") -> RunInfo:
+def info(run_id: str, workflow: str = "wf", status: str = "active") -> RunInfo:
     now = time.time()
-    return RunInfo(run_id, workflow, "active", now, now)
+    return RunInfo(run_id, workflow, status, now, now)
 
 
 async def listening(backend: RedisBackend) -> None:

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from substantial.backends.base import RunInfo
 from substantial.backends.redis import RedisBackend
-from substantial.records import decode_entry, encode_entry
+from substantial.records import decode_entry
 from tests.backend_redis import RedisHarness
+from tests.test_redis_backend import entry, info
 
 
 @pytest.fixture
@@ -19,15 +19,6 @@ async def store(redis_harness: RedisHarness) -> AsyncIterator[RedisHarness]:
     """Yield a fresh prefix on the session server; close its backends and drop its keys after."""
     yield redis_harness
     await redis_harness.aclose()
-
-
-def entry(value: object) -> bytes:
-    return encode_entry([{"k": "step", "c": 0, "name": "s", "value": value}])
-
-
-def info(run_id: str, workflow: str = "wf", status: str = "active") -> RunInfo:
-    now = time.time()
-    return RunInfo(run_id, workflow, status, now, now)
 
 
 async def write_calls(store: RedisHarness, backend: RedisBackend, write: object) -> dict[str, int]:
