@@ -75,20 +75,8 @@ class Pipe:
 
     async def call(self, *command: Any) -> Any:
         """Send one command with the others of this iteration; return its reply or raise."""
-        loop = asyncio.get_running_loop()
-        if self._alone(loop):
-            self._in_flight += 1
-            try:
-                (reply,) = await self._trip.send((command,))
-            finally:
-                self._landed()
-            if isinstance(reply, BaseException):
-                raise reply
-            return reply
-        replies = await self._queue(loop, (command,))
-        if isinstance(replies[0], BaseException):
-            raise replies[0]
-        return replies[0]
+        (reply,) = await self.group((command,))
+        return reply
 
     async def group(self, commands: Sequence[Command], *, raise_on_error: bool = True) -> list[Any]:
         """Send the commands together, with the others of this iteration; return their replies.
